@@ -1,0 +1,33 @@
+# `make test` and `make demo` work on a fresh machine: the first use builds a
+# project-local virtual environment in .venv with one resolver run.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest agrifm_pipeline_tests
+
+demo: $(STAMP)
+	$(PY) -m agrifm_pipeline.cli demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check agrifm_pipeline agrifm_pipeline_tests bench
+	$(VENV)/bin/ruff format --check agrifm_pipeline agrifm_pipeline_tests bench
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) bench/bench_encoder.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,431 @@
+"""AgriFM Sentinel-2 encoder: a modified Video Swin Transformer.
+
+Our own implementation, written to load the official ``AgriFM.pth`` tensors and
+reproduce the official outputs (proven by the reference fixtures in the tests).
+
+Layout of the network (time first, as AgriFM feeds it)::
+
+    x (N, T, 10, H, W)
+      -> PatchEmbed3D        Conv3d, kernel = stride = patch (pt, ph, pw)  -> (N, D, H', W', E)
+      -> Stage 0..2          windowed attention blocks, then PatchMerging (frames averaged in
+                              pairs, 2x2 spatial phases concatenated, 4C -> 2C)
+      -> Stage 3             windowed attention blocks, no merging
+      -> LayerNorm(8E)
+      -> fold time into channels: channel = c * D_last + d             -> (N, 8E * D_last, h, w)
+
+Everything runs channels-last, ``(B, D, H, W, C)``, between the patch embed and
+the final fold, so no layout permutes happen inside a stage.
+
+Behaviours of the official code that the released weights were trained with and
+that are reproduced on purpose (see the facts sheet):
+
+* the relative-position index is built once for the full (8, 7, 7) window and
+  sliced ``[:N, :N]`` when a feature map is smaller than the window;
+* padded tokens (after ``norm1``) take part in attention unmasked;
+* the shift mask uses -100, not -inf;
+* PatchMerging averages an odd or single remaining frame with a zero frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agrifm_pipeline.errors import CheckpointError
+from agrifm_pipeline.model.config import EncoderConfig
+from agrifm_pipeline.model.layout import to_upstream_layout
+
+Size3 = tuple[int, int, int]
+
+SHIFT_MASK_VALUE = -100.0
+
+
+def effective_window(size: Size3, window: Size3, shift: Size3) -> tuple[Size3, Size3]:
+    """Window and shift actually used on a feature map of ``size`` (D, H, W).
+
+    An axis no longer than the window is covered whole and not shifted
+    (``<=``: a temporal size of exactly 8 gets no temporal shift).
+    """
+    win = tuple(s if s <= w else w for s, w in zip(size, window, strict=True))
+    sft = tuple(0 if s <= w else h for s, w, h in zip(size, window, shift, strict=True))
+    return win, sft  # type: ignore[return-value]
+
+
+def relative_position_index(window: Size3) -> torch.Tensor:
+    """Pairwise index into the position-bias table for a full window: (N, N) int64."""
+    wd, wh, ww = window
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(wd), torch.arange(wh), torch.arange(ww), indexing="ij")
+    ).flatten(1)  # (3, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 3)
+    rel = rel + torch.tensor([wd - 1, wh - 1, ww - 1])
+    strides = torch.tensor([(2 * wh - 1) * (2 * ww - 1), 2 * ww - 1, 1])
+    return (rel * strides).sum(-1)  # (N, N)
+
+
+def window_partition(x: torch.Tensor, window: Size3) -> torch.Tensor:
+    """(B, D, H, W, C) -> (B, nW, N, C) with N = wd * wh * ww, windows in (d, h, w) order."""
+    b, d, h, w, c = x.shape
+    wd, wh, ww = window
+    x = x.view(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, d', h', w', wd, wh, ww, C)
+    return x.reshape(b, -1, wd * wh * ww, c)
+
+
+def window_reverse(windows: torch.Tensor, window: Size3, size: Size3) -> torch.Tensor:
+    """(B, nW, N, C) -> (B, D, H, W, C); inverse of :func:`window_partition`."""
+    b, _, _, c = windows.shape
+    d, h, w = size
+    wd, wh, ww = window
+    x = windows.view(b, d // wd, h // wh, w // ww, wd, wh, ww, c)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7)  # (B, d', wd, h', wh, w', ww, C)
+    return x.reshape(b, d, h, w, c)
+
+
+def shift_window_mask(padded: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
+    """Additive mask (nW, N, N) that keeps a shifted window's regions apart."""
+    labels = torch.zeros((1, *padded, 1), device=device)
+    region = 0
+    spans = [
+        ((0, p - w), (p - w, p - s), (p - s, p)) for p, w, s in zip(padded, window, shift, strict=True)
+    ]
+    for d0, d1 in spans[0]:
+        for h0, h1 in spans[1]:
+            for w0, w1 in spans[2]:
+                labels[:, d0:d1, h0:h1, w0:w1, :] = region
+                region += 1
+    win_labels = window_partition(labels, window)[0, :, :, 0]  # (nW, N)
+    differ = win_labels[:, None, :] != win_labels[:, :, None]  # (nW, N, N)
+    return torch.zeros(differ.shape, device=device).masked_fill(differ, SHIFT_MASK_VALUE)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention3D(nn.Module):
+    """Multi-head self-attention inside 3-D windows with a relative-position bias."""
+
+    def __init__(self, dim: int, num_heads: int, window: Size3, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window = window
+        wd, wh, ww = window
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads)
+        )
+        # A fixed function of the window; not part of the state dict.
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self._bias_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def position_bias(self, n: int) -> torch.Tensor:
+        """(nH, n, n) bias for an effective window of ``n`` tokens.
+
+        The index is the full window's, sliced ``[:n, :n]`` as upstream does.
+        """
+        index = self.relative_position_index[:n, :n].reshape(-1)
+        bias = self.relative_position_bias_table[index].view(n, n, self.num_heads)
+        return bias.permute(2, 0, 1)  # (nH, n, n)
+
+    def attention_bias(
+        self, n: int, mask: torch.Tensor | None, mask_key: Any, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Position bias plus shift mask, (1 or nW, nH, n, n), cached while weights are frozen.
+
+        ``mask_key`` identifies the mask (padded size, window, shift); the table's
+        version counter invalidates the cache when weights are loaded in place.
+        """
+        table = self.relative_position_bias_table
+        cacheable = not (torch.is_grad_enabled() and table.requires_grad)
+        key = (n, mask_key, dtype, table.device, table._version)
+        if cacheable and key in self._bias_cache:
+            return self._bias_cache[key]
+        bias = self.position_bias(n).unsqueeze(0)  # (1, nH, n, n)
+        if mask is not None:
+            bias = bias + mask.unsqueeze(1)  # (nW, nH, n, n)
+        bias = bias.to(dtype)
+        if cacheable:
+            if len(self._bias_cache) > 8:
+                self._bias_cache.clear()
+            self._bias_cache[key] = bias
+        return bias
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_key: Any = None
+    ) -> torch.Tensor:
+        """x: (B, nW, N, C); mask: (nW, N, N) additive or None. Returns (B, nW, N, C)."""
+        b, nw, n, c = x.shape
+        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, nH, N, hd)
+        bias = self.attention_bias(n, mask, mask_key, q.dtype)  # (1|nW, nH, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nW, nH, N, hd)
+        out = out.transpose(2, 3).reshape(b, nw, n, c)
+        return self.proj(out)
+
+
+class SwinBlock3D(nn.Module):
+    """Pre-norm block: (shifted) window attention, then MLP, each with a residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: Size3,
+        shift: Size3,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.shift = shift
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = WindowAttention3D(dim, num_heads, window, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(
+        self, x: torch.Tensor, window: Size3, shift: Size3, mask: torch.Tensor | None, mask_key: Any
+    ) -> torch.Tensor:
+        """x: (B, D, H, W, C) -> same shape. ``window``/``shift`` are the effective ones."""
+        b, d, h, w, c = x.shape
+        y = self.norm1(x)
+        pads = [(-s) % win for s, win in zip((d, h, w), window, strict=True)]
+        if any(pads):
+            # Zero tokens after the norm, attended to like any other (as upstream).
+            y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+        padded: Size3 = (d + pads[0], h + pads[1], w + pads[2])
+        shifted = any(shift)
+        if shifted:
+            y = torch.roll(y, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        y = window_reverse(
+            self.attn(window_partition(y, window), *((mask, mask_key) if shifted else (None, None))),
+            window,
+            padded,
+        )  # (B, Dp, Hp, Wp, C)
+        if shifted:
+            y = torch.roll(y, shifts=shift, dims=(1, 2, 3))
+        if any(pads):
+            y = y[:, :d, :h, :w, :]
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging3D(nn.Module):
+    """Halve time (frame mean) and space (2x2 phases concatenated), then 4C -> 2C."""
+
+    def __init__(self, dim: int, eps: float, mean_frame_down: bool = True) -> None:
+        super().__init__()
+        self.mean_frame_down = mean_frame_down
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W, C) -> (B, ceil(D/2), ceil(H/2), ceil(W/2), 2C)."""
+        _, d, h, w, _ = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        if self.mean_frame_down:
+            if d % 2:
+                # An odd last frame is averaged with a zero frame (upstream behaviour).
+                x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, 1))
+            x = (x[:, 0::2] + x[:, 1::2]) / 2  # (B, D/2, H, W, C)
+        else:
+            x = x[:, 0::2]
+        x = torch.cat(
+            [x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=-1
+        )  # (B, D/2, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage3D(nn.Module):
+    """Blocks alternating plain and shifted windows, then optional merging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, cfg: EncoderConfig, downsample: bool) -> None:
+        super().__init__()
+        self.window: Size3 = cfg.window_size
+        self.shift: Size3 = tuple(s // 2 for s in cfg.window_size)  # type: ignore[assignment]
+        self.blocks = nn.ModuleList(
+            SwinBlock3D(
+                dim,
+                num_heads,
+                cfg.window_size,
+                (0, 0, 0) if i % 2 == 0 else self.shift,
+                cfg.mlp_ratio,
+                cfg.qkv_bias,
+                cfg.layer_norm_eps,
+            )
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging3D(dim, cfg.layer_norm_eps, cfg.mean_frame_down) if downsample else None
+        self._mask_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def shift_mask(
+        self, size: Size3, device: torch.device
+    ) -> tuple[Size3, Size3, torch.Tensor | None, Any]:
+        """Effective window and shift for ``size``, the shift mask and a key naming it."""
+        window, shift = effective_window(size, self.window, self.shift)
+        if not any(shift):
+            return window, shift, None, None
+        padded = tuple(-(-s // w) * w for s, w in zip(size, window, strict=True))
+        key = (padded, window, shift, device)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            if len(self._mask_cache) > 8:
+                self._mask_cache.clear()
+            mask = self._mask_cache[key] = shift_window_mask(padded, window, shift, device)  # type: ignore[arg-type]
+        return window, shift, mask, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W, C) -> blocks -> merged (B, D', H', W', C') or unchanged shape."""
+        _, d, h, w, _ = x.shape
+        window, shift, mask, mask_key = self.shift_mask((d, h, w), x.device)
+        for i, block in enumerate(self.blocks):
+            if i % 2 == 1:
+                x = block(x, window, shift, mask, mask_key)
+            else:
+                x = block(x, window, (0, 0, 0), None, None)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class PatchEmbed3D(nn.Module):
+    """Non-overlapping 3-D patches; input zero-padded at the end of W, H, then T."""
+
+    def __init__(self, patch: Size3, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, C, H, W) -> (N, E, D, H', W')."""
+        x = x.transpose(1, 2)  # (N, C, T, H, W)
+        _, _, t, h, w = x.shape
+        pt, ph, pw = self.patch
+        pads = ((-w) % pw, (-h) % ph, (-t) % pt)
+        if any(pads):
+            x = F.pad(x, (0, pads[0], 0, pads[1], 0, pads[2]))
+        return self.proj(x)
+
+
+def fold_time(x: torch.Tensor) -> torch.Tensor:
+    """(B, D, H, W, C) -> (B, C * D, H, W) with channel index c * D + d."""
+    b, d, h, w, c = x.shape
+    return x.permute(0, 4, 1, 2, 3).reshape(b, c * d, h, w)
+
+
+class AgriFMEncoder(nn.Module):
+    """AgriFM S2 encoder. ``forward`` returns ``encoder_features`` (N, D, H/stride, W/stride)."""
+
+    def __init__(self, cfg: EncoderConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or EncoderConfig()
+        dims = cfg.stage_dims()
+        self.patch_embed = PatchEmbed3D(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.layers = nn.ModuleList(
+            SwinStage3D(dims[i], cfg.depths[i], cfg.num_heads[i], cfg, downsample=i < len(dims) - 1)
+            for i in range(len(dims))
+        )
+        self.norm = nn.LayerNorm(cfg.num_features, eps=cfg.layer_norm_eps)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            x = x.unsqueeze(1)  # (N, C, H, W) is one frame
+        if x.ndim != 5 or x.shape[2] != self.cfg.in_chans:
+            raise ValueError(
+                f"encoder input must be (N, T, {self.cfg.in_chans}, H, W) or "
+                f"(N, {self.cfg.in_chans}, H, W); got {tuple(x.shape)}"
+            )
+        return self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (N, D, H', W', E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, 10, H, W) normalised float -> (N, 8E * D_last, h, w)."""
+        x = self._embed(x)
+        for stage in self.layers:
+            x = stage(x)
+        return fold_time(self.norm(x))
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
+        """Upstream's output dict: ``encoder_features`` and the un-normalised ``features_list``
+        (patch embed, then each merged stage output), time folded into channels."""
+        x = self._embed(x)
+        features = [fold_time(x)]
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            if i < len(self.layers) - 1:
+                features.append(fold_time(x))
+        return {"encoder_features": fold_time(self.norm(x)), "features_list": features}
+
+
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: AgriFMEncoder | None = None, *, source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Map a released or mmengine-style checkpoint onto :class:`AgriFMEncoder` names.
+
+    Returns ``(state_dict, info)``; ``info`` lists the layout, the ignored keys
+    (other sensors, necks, heads) and the dropped index buffers. Index buffers
+    that are present must equal the ones we build.
+    """
+    up = to_upstream_layout(state_dict, source=source)
+    window = model.cfg.window_size if model is not None else EncoderConfig().window_size
+    if up.dropped_buffers:
+        expected = relative_position_index(window)
+        flat = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        for key in up.dropped_buffers:
+            value = flat.get(key[len("module.") :] if key.startswith("module.") else key)
+            if isinstance(value, torch.Tensor) and (
+                value.shape != expected.shape or not torch.equal(value.to(expected.dtype), expected)
+            ):
+                raise CheckpointError(
+                    f"{source}: buffer {key!r} differs from the (8, 7, 7) window's position index; "
+                    "this checkpoint was made for a different window"
+                )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in up.tensors.items():
+        if key.startswith("patch_emd.proj."):
+            out["patch_embed.proj." + key[len("patch_emd.proj.") :]] = value
+        else:
+            out[key[len("backbone.") :]] = value
+    info = {
+        "layout": up.layout,
+        "ignored_keys": up.ignored_keys,
+        "dropped_buffers": up.dropped_buffers,
+    }
+    return out, info
+
+
+def load_state_dict_strict(model: AgriFMEncoder, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Strict load that reports every missing, unexpected and mis-shaped tensor at once."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(
+            f"{source} does not fit the AgriFM S2 encoder ({model.cfg.patch_label}); " + "; ".join(parts)
+        )
+    model.load_state_dict(dict(state_dict), strict=True)

@@ -1,0 +1,224 @@
+"""Typed runtime settings, read from the ``RS_EMBED_AGRIFM_*`` environment variables.
+
+The names and defaults are the adapter contract's (see the README's settings
+table). :func:`load_settings` reads the environment once; keyword overrides win
+over the environment, and every value is validated the same way whichever
+source it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agrifm_pipeline.errors import SettingsError
+
+ENV_PREFIX = "RS_EMBED_AGRIFM_"
+
+DEFAULT_CKPT_URL = "https://glass.hku.hk/casual/AgriFM/AgriFM.pth"
+DEFAULT_REPO_URL = "https://github.com/flyakon/AgriFM"
+DEFAULT_CKPT_MIN_BYTES = 100 * 1024 * 1024
+MIN_IMAGE_SIZE = 16
+
+# Canonical normalisation modes and the spellings accepted for each.
+NORM_ALIASES: dict[str, str] = {
+    "agrifm_stats": "agrifm_stats",
+    "zscore": "agrifm_stats",
+    "stats": "agrifm_stats",
+    "unit_scale": "unit_scale",
+    "unit": "unit_scale",
+    "reflectance": "unit_scale",
+    "none": "none",
+    "raw": "none",
+    "off": "none",
+}
+NORM_MODES = ("agrifm_stats", "unit_scale", "none")
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def canonical_norm_mode(value: str, *, name: str = "norm_mode") -> str:
+    """Map a normalisation name or alias onto one of :data:`NORM_MODES`."""
+    key = str(value).strip().lower()
+    if key not in NORM_ALIASES:
+        accepted = ", ".join(
+            f"{mode} (aliases: {', '.join(a for a, m in NORM_ALIASES.items() if m == mode and a != mode)})"
+            for mode in NORM_MODES
+        )
+        raise SettingsError(f"{name}={value!r} is not a normalisation mode; use one of {accepted}")
+    return NORM_ALIASES[key]
+
+
+def _parse_int(name: str, raw: Any, minimum: int) -> int:
+    if isinstance(raw, bool):
+        raise SettingsError(f"{name}={raw!r} is not an integer; use a whole number >= {minimum}")
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+    except ValueError:
+        raise SettingsError(
+            f"{name}={raw!r} is not an integer; use a whole number >= {minimum}"
+        ) from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} is too small; use a whole number >= {minimum}")
+    return value
+
+
+def _parse_bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    key = str(raw).strip().lower()
+    if key in _TRUE:
+        return True
+    if key in _FALSE:
+        return False
+    raise SettingsError(
+        f"{name}={raw!r} is not a boolean; use one of {sorted(_TRUE)} or {sorted(_FALSE)}"
+    )
+
+
+def _parse_path(name: str, raw: Any) -> Path | None:
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if not text:
+        return None
+    return Path(os.path.expanduser(text))
+
+
+def _parse_str(name: str, raw: Any) -> str:
+    text = str(raw).strip()
+    if not text:
+        raise SettingsError(f"{name} is empty; unset it to use the default, or give a value")
+    return text
+
+
+def _parse_ckpt(name: str, raw: Any) -> str | None:
+    # A checkpoint spec is a path or `untrained:<seed>`; kept as text so that the
+    # resolver decides what it means (see agrifm_pipeline.checkpoint).
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    return text or None
+
+
+@dataclass(frozen=True)
+class _Field:
+    env: str
+    parse: Callable[[str, Any], Any]
+
+
+def _int_at_least(minimum: int) -> Callable[[str, Any], int]:
+    return lambda name, raw: _parse_int(name, raw, minimum)
+
+
+_FIELDS: dict[str, _Field] = {
+    "n_frames": _Field("FRAMES", _int_at_least(1)),
+    "image_size": _Field("IMG", _int_at_least(MIN_IMAGE_SIZE)),
+    "norm_mode": _Field("NORM", lambda name, raw: canonical_norm_mode(raw, name=name)),
+    "fetch_workers": _Field("FETCH_WORKERS", _int_at_least(1)),
+    "checkpoint": _Field("CKPT", _parse_ckpt),
+    "auto_download": _Field("AUTO_DOWNLOAD", _parse_bool),
+    "cache_dir": _Field("CACHE_DIR", _parse_path),
+    "ckpt_file": _Field("CKPT_FILE", _parse_str),
+    "ckpt_url": _Field("CKPT_URL", _parse_str),
+    "ckpt_min_bytes": _Field("CKPT_MIN_BYTES", _int_at_least(0)),
+    "repo_path": _Field("REPO_PATH", _parse_path),
+    "repo_url": _Field("REPO_URL", _parse_str),
+    "repo_cache": _Field("REPO_CACHE", _parse_path),
+    "auto_download_repo": _Field("AUTO_DOWNLOAD_REPO", _parse_bool),
+}
+
+
+@dataclass(frozen=True)
+class AgriFMSettings:
+    """Every ``RS_EMBED_AGRIFM_*`` setting, parsed and validated.
+
+    Build with :func:`load_settings` (environment + overrides) or directly; use
+    :meth:`replace` to change a field with validation.
+    """
+
+    n_frames: int = 8
+    image_size: int = 224
+    norm_mode: str = "agrifm_stats"
+    fetch_workers: int = 8
+    checkpoint: str | None = None
+    auto_download: bool = True
+    cache_dir: Path = field(default_factory=lambda: Path("~/.cache/rs_embed/agrifm").expanduser())
+    ckpt_file: str = "AgriFM.pth"
+    ckpt_url: str = DEFAULT_CKPT_URL
+    ckpt_min_bytes: int = DEFAULT_CKPT_MIN_BYTES
+    repo_path: Path | None = None
+    repo_url: str = DEFAULT_REPO_URL
+    repo_cache: Path = field(default_factory=lambda: Path("~/.cache/rs_embed").expanduser())
+    auto_download_repo: bool = True
+
+    def __post_init__(self) -> None:
+        # Validate (and normalise) values given directly to the constructor too.
+        for name, spec in _FIELDS.items():
+            raw = getattr(self, name)
+            if raw is None and name in ("checkpoint", "repo_path"):
+                continue
+            value = spec.parse(f"{ENV_PREFIX}{spec.env}", raw)
+            if value is None and name in ("cache_dir", "repo_cache"):
+                raise SettingsError(f"{ENV_PREFIX}{spec.env} is empty; give a directory")
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> AgriFMSettings:
+        unknown = sorted(set(changes) - set(_FIELDS))
+        if unknown:
+            raise SettingsError(f"unknown setting(s) {unknown}; known: {sorted(_FIELDS)}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def checkpoint_cache_path(self) -> Path:
+        return self.cache_dir / self.ckpt_file
+
+    @property
+    def repo_cache_path(self) -> Path:
+        return self.repo_cache / "AgriFM"
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-friendly view, with the environment variable name of each field."""
+        out: dict[str, Any] = {}
+        for name, spec in _FIELDS.items():
+            value = getattr(self, name)
+            out[f"{ENV_PREFIX}{spec.env}"] = str(value) if isinstance(value, Path) else value
+        return out
+
+    @staticmethod
+    def env_names() -> dict[str, str]:
+        """Field name → environment variable name."""
+        return {name: f"{ENV_PREFIX}{spec.env}" for name, spec in _FIELDS.items()}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> AgriFMSettings:
+    """Settings from ``env`` (default: ``os.environ``), then keyword overrides.
+
+    Unset or empty variables take the contract's default. Raises
+    :class:`SettingsError` naming the variable, the value and what is accepted.
+    """
+    env = os.environ if env is None else env
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {unknown}; known: {sorted(_FIELDS)}")
+    values: dict[str, Any] = {}
+    for name, spec in _FIELDS.items():
+        var = f"{ENV_PREFIX}{spec.env}"
+        if name in overrides:
+            raw = overrides[name]
+            label = name
+        elif env.get(var, "").strip() != "":
+            raw = env[var]
+            label = var
+        else:
+            continue
+        if raw is None and name in ("checkpoint", "repo_path"):
+            values[name] = None
+            continue
+        values[name] = spec.parse(label, raw)
+    return AgriFMSettings(**values)
