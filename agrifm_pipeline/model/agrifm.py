@@ -342,6 +342,8 @@ class AgriFMEncoder(nn.Module):
             for i in range(len(dims))
         )
         self.norm = nn.LayerNorm(cfg.num_features, eps=cfg.layer_norm_eps)
+        # Set by load_encoder: bfloat16 runs the forward under autocast, output float32.
+        self.autocast_dtype: torch.dtype | None = None
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:
@@ -354,7 +356,13 @@ class AgriFMEncoder(nn.Module):
         return self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (N, D, H', W', E)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, 10, H, W) normalised float -> (N, 8E * D_last, h, w)."""
+        """(N, T, 10, H, W) normalised float -> (N, 8E * D_last, h, w) float32."""
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+                return self._forward(x).float()
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
         for stage in self.layers:
             x = stage(x)

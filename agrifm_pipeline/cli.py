@@ -1,0 +1,253 @@
+"""``agrifm-pipeline`` command line: settings, checkpoint, embed, compare, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agrifm_pipeline.errors import AgriFMError, InputContractError
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "s2_sample"
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _read_input(path: Path) -> np.ndarray:
+    """A (10, H, W) or (T, 10, H, W) array from .npy, .npz (key 'x' or the only array) or GeoTIFF."""
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise InputContractError(f"input file {path} does not exist")
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            key = "x" if "x" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise InputContractError(f"{path} holds {keys}; name the array 'x'")
+            return z[key]
+    if suffix in (".tif", ".tiff"):
+        import rasterio
+
+        with rasterio.open(path) as src:
+            return src.read()
+    raise InputContractError(f"input file {path}: use .npy, .npz or a GeoTIFF (.tif)")
+
+
+def demo_stack(data_dir: Path = DEMO_DATA, n_frames: int = 8) -> tuple[np.ndarray, list[str]]:
+    """The clearest acquisition of each of ``n_frames`` equal slices of the bundled sample.
+
+    A stand-in for real compositing (which the providers do): enough to show a
+    real multi-temporal embedding with nothing but the repository.
+    """
+    import rasterio
+
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    dates = sorted(p.stem for p in data_dir.glob("????-??-??.tif"))
+    if not dates:
+        raise InputContractError(f"no YYYY-MM-DD.tif scenes in {data_dir}")
+    cloud = {str(s["date"]): float(s["cloud_fraction"]) for s in manifest.get("dates", [])}
+    chosen: list[str] = []
+    for part in np.array_split(np.array(dates), n_frames):
+        if len(part):
+            chosen.append(min(part, key=lambda d: (cloud.get(str(d), 1.0), str(d))))
+    frames = []
+    for d in chosen:
+        with rasterio.open(data_dir / f"{d}.tif") as src:
+            frames.append(src.read())
+    return np.stack(frames), [str(d) for d in chosen]
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from agrifm_pipeline.settings import load_settings
+
+    _print_json(load_settings().as_record())
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from agrifm_pipeline.checkpoint import resolve_checkpoint
+    from agrifm_pipeline.settings import load_settings
+
+    resolved = resolve_checkpoint(args.checkpoint, load_settings(), progress=True)
+    _print_json(resolved.as_record())
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from agrifm_pipeline.api import get_embedding
+    from agrifm_pipeline.specs import OutputSpec
+
+    x = _read_input(Path(args.input))
+    output = OutputSpec.grid() if args.output == "grid" else OutputSpec.pooled(args.output.split("_")[-1])
+    emb = get_embedding(
+        "agrifm",
+        input_chw=x,
+        output=output,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        precision=args.precision,
+        encoder=args.encoder,
+    )
+    data = emb.data.values if hasattr(emb.data, "values") else emb.data
+    if args.out:
+        np.savez(args.out, embedding=np.asarray(data), meta=json.dumps(emb.meta, default=str))
+        print(f"wrote {args.out}")
+    _print_json({k: emb.meta[k] for k in ("feature_shape", "grid_hw", "checkpoint_sha256", "untrained")})
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Ours against the official source tree, same weights, same input."""
+    import torch
+
+    from agrifm_pipeline.checkpoint import resolve_checkpoint
+    from agrifm_pipeline.model import EncoderConfig, load_encoder, untrained_state_dict
+    from agrifm_pipeline.official import load_official_encoder
+    from agrifm_pipeline.preprocess import preprocess_input
+    from agrifm_pipeline.settings import load_settings
+
+    settings = load_settings()
+    if args.repo:
+        settings = settings.replace(repo_path=args.repo)
+    resolved = resolve_checkpoint(args.checkpoint, settings)
+    ours = load_encoder(resolved)
+    state: Any
+    if resolved.untrained:
+        state = untrained_state_dict(
+            resolved.untrained_seed or 0, EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4))
+        )
+    else:
+        state = resolved.path
+    official = load_official_encoder(state, settings=settings)
+    if args.input:
+        raw = _read_input(Path(args.input))
+        x = preprocess_input(
+            raw, n_frames=settings.n_frames, image_size=settings.image_size, norm_mode=settings.norm_mode
+        ).tensor[None]
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        x = torch.randn((1, settings.n_frames, 10, settings.image_size, settings.image_size), generator=gen)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        a = ours(x)
+        t1 = time.perf_counter()
+        b = official(x)
+        t2 = time.perf_counter()
+    diff = (a - b).abs()
+    cos = torch.nn.functional.cosine_similarity(a.mean((2, 3)), b.mean((2, 3))).min().item()
+    report = {
+        "checkpoint": resolved.as_record(),
+        "input_shape": list(x.shape),
+        "output_shape": list(a.shape),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "pooled_cosine": cos,
+        "seconds_ours": t1 - t0,
+        "seconds_official": t2 - t1,
+        "agree_within_1e-4": bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4)),
+    }
+    _print_json(report)
+    return 0 if report["agree_within_1e-4"] else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embed the bundled Flanders sample: a real 8-frame S2 series, one ROI."""
+    from agrifm_pipeline.api import get_embedding
+    from agrifm_pipeline.settings import load_settings
+    from agrifm_pipeline.specs import OutputSpec, TemporalSpec
+
+    settings = load_settings()
+    checkpoint = args.checkpoint or settings.checkpoint or "untrained:0"
+    if str(checkpoint).startswith("untrained:"):
+        print(
+            f"NOTE: using explicitly UNTRAINED weights ({checkpoint}); set RS_EMBED_AGRIFM_CKPT "
+            "to AgriFM.pth (or pass --checkpoint) for real embeddings.",
+            file=sys.stderr,
+        )
+    stack, dates = demo_stack(Path(args.data), settings.n_frames)
+    t0 = time.perf_counter()
+    grid = get_embedding(
+        "agrifm",
+        input_chw=stack,
+        temporal=TemporalSpec.range(dates[0], "2019-11-01"),
+        output=OutputSpec.grid(),
+        checkpoint=checkpoint,
+        device=args.device,
+        precision=args.precision,
+    )
+    pooled = grid.data.mean(dim=("y", "x")).values
+    elapsed = time.perf_counter() - t0
+    meta = grid.meta
+    print(f"scenes (one per frame): {', '.join(dates)}")
+    print(f"input {list(stack.shape)} uint16 -> resized to {meta['image_size']}² -> grid {meta['feature_shape']}")
+    print(f"checkpoint {meta['checkpoint']} sha256 {str(meta['checkpoint_sha256'])[:16]}… untrained={meta['untrained']}")
+    print(f"norm={meta['norm_mode']} frames={meta['n_frames']} device={meta['device']} precision={meta['precision']}")
+    print(f"pooled (spatial mean) vector: dim {pooled.shape[0]}, first 4 {np.round(pooled[:4], 4).tolist()}")
+    print(f"done in {elapsed:.2f} s (model load included)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        grid.data.assign_attrs(meta=json.dumps(meta, default=str)).to_netcdf(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agrifm-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("settings", help="print the effective RS_EMBED_AGRIFM_* settings").set_defaults(
+        func=cmd_settings
+    )
+
+    p = sub.add_parser("checkpoint", help="resolve (and if allowed download) the checkpoint; print its sha256")
+    p.add_argument("--checkpoint", default=None)
+    p.set_defaults(func=cmd_checkpoint)
+
+    def runtime(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", default=None, help="path or untrained:<seed>[:p422]")
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+        p.add_argument("--precision", default="float32", help="float32 or bfloat16")
+
+    p = sub.add_parser("embed", help="embed one (10,H,W) or (T,10,H,W) array (.npy/.npz/.tif)")
+    p.add_argument("input")
+    runtime(p)
+    p.add_argument("--output", default="pooled_mean", choices=["pooled_mean", "pooled_max", "grid"])
+    p.add_argument("--encoder", default="ours", choices=["ours", "official"])
+    p.add_argument("--out", default=None, help="write .npz with the embedding and its metadata")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("compare", help="compare our encoder with the official source tree on one input")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--repo", default=None, help="official AgriFM checkout (default: settings)")
+    p.add_argument("--input", default=None, help="raw input array; default: a seeded normalised tensor")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="embed the bundled Sentinel-2 sample")
+    runtime(p)
+    p.add_argument("--data", default=str(DEMO_DATA))
+    p.add_argument("--out", default=None, help="write the grid as NetCDF")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AgriFMError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

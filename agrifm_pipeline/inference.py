@@ -1,0 +1,192 @@
+"""Batch inference: load an encoder once, embed many chips in batches.
+
+The engine is what both the single-ROI API and the pipeline's embedding stage
+use. It owns the device, the precision and the batch size, and records them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+from agrifm_pipeline.errors import BackendError, InputContractError, SettingsError
+from agrifm_pipeline.model import load_encoder, resolve_device, resolve_precision
+from agrifm_pipeline.settings import AgriFMSettings, load_settings
+
+ENCODER_BACKENDS = ("ours", "official")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How chips go through the encoder; all of it is recorded."""
+
+    device: str = "auto"
+    precision: str = "float32"
+    batch_size: int = 8
+    encoder: str = "ours"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise SettingsError(f"batch_size={self.batch_size!r}; use a whole number >= 1")
+        if self.encoder not in ENCODER_BACKENDS:
+            raise BackendError(f"encoder={self.encoder!r} is not known; use one of {ENCODER_BACKENDS}")
+        resolve_precision(self.precision)
+
+
+@dataclass
+class EmbeddingEngine:
+    """An encoder loaded once, with the record of what it is.
+
+    Use :meth:`create` (or :func:`get_engine`, which caches engines).
+    """
+
+    model: torch.nn.Module
+    device: torch.device
+    precision: str
+    batch_size: int
+    encoder: str
+    checkpoint: dict[str, Any]
+    param_stats: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        checkpoint: str | Path | ResolvedCheckpoint | None = None,
+        *,
+        settings: AgriFMSettings | None = None,
+        options: InferenceOptions | None = None,
+    ) -> EmbeddingEngine:
+        settings = settings or load_settings()
+        options = options or InferenceOptions()
+        device = resolve_device(options.device)
+        precision, _ = resolve_precision(options.precision)
+        resolved = (
+            checkpoint
+            if isinstance(checkpoint, ResolvedCheckpoint)
+            else resolve_checkpoint(checkpoint, settings)
+        )
+        if options.encoder == "ours":
+            model = load_encoder(resolved, device=device, precision=precision)
+            info = dict(model.checkpoint_info)  # type: ignore[arg-type]
+        else:
+            from agrifm_pipeline.official import load_official_encoder
+
+            if resolved.untrained:
+                from agrifm_pipeline.model import EncoderConfig, untrained_state_dict
+
+                state: Any = untrained_state_dict(
+                    resolved.untrained_seed or 0, EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4))
+                )
+            else:
+                state = resolved.path
+            model = load_official_encoder(state, settings=settings, device=str(device))
+            if precision != "float32":
+                raise SettingsError(
+                    "the official-source encoder runs in float32 only here; use precision='float32'"
+                )
+            info = {**resolved.as_record(), "untrained": resolved.untrained}
+        with torch.no_grad():
+            flat = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])
+            stats = {
+                "param_mean": float(flat.mean()),
+                "param_std": float(flat.std()),
+                "param_absmax": float(flat.abs().max()),
+            }
+        return cls(
+            model=model,
+            device=device,
+            precision=precision,
+            batch_size=options.batch_size,
+            encoder=options.encoder,
+            checkpoint=info,
+            param_stats=stats,
+        )
+
+    @property
+    def untrained(self) -> bool:
+        return bool(self.checkpoint.get("untrained"))
+
+    def record(self) -> dict[str, Any]:
+        """What produced the embeddings: device, precision, batch size, checkpoint."""
+        return {
+            "encoder_backend": self.encoder,
+            "device": str(self.device),
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "checkpoint": self.checkpoint,
+            **self.param_stats,
+        }
+
+    def _batches(self, chips: torch.Tensor) -> Iterator[torch.Tensor]:
+        pin = self.device.type == "cuda"
+        for start in range(0, chips.shape[0], self.batch_size):
+            batch = chips[start : start + self.batch_size]
+            if pin:
+                batch = batch.pin_memory()
+            yield batch.to(self.device, non_blocking=pin)
+
+    @torch.inference_mode()
+    def embed(self, chips: torch.Tensor) -> torch.Tensor:
+        """(N, T, 10, S, S) normalised float32 -> (N, D, h, w) float32 on the CPU."""
+        if chips.ndim != 5 or chips.shape[2] != 10:
+            raise InputContractError(
+                f"chips must be (N, T, 10, S, S) normalised tensors; got {tuple(chips.shape)}"
+            )
+        outputs = [self.model(batch).float().cpu() for batch in self._batches(chips.float())]
+        return torch.cat(outputs, dim=0)
+
+    def embed_many(self, chip_groups: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Embed several (n_i, T, 10, S, S) groups together, in shared batches."""
+        groups = list(chip_groups)
+        if not groups:
+            return []
+        sizes = [g.shape[0] for g in groups]
+        out = self.embed(torch.cat(groups, dim=0))
+        return list(torch.split(out, sizes, dim=0))
+
+
+_ENGINES: OrderedDict[tuple[Any, ...], EmbeddingEngine] = OrderedDict()
+_ENGINES_LOCK = threading.Lock()
+_MAX_ENGINES = 2
+
+
+def get_engine(
+    checkpoint: str | Path | None = None,
+    *,
+    settings: AgriFMSettings | None = None,
+    options: InferenceOptions | None = None,
+) -> EmbeddingEngine:
+    """A cached engine: repeated single-ROI calls load the model once."""
+    settings = settings or load_settings()
+    options = options or InferenceOptions()
+    resolved = resolve_checkpoint(checkpoint, settings)
+    key = (
+        resolved.sha256,
+        str(resolve_device(options.device)),
+        resolve_precision(options.precision)[0],
+        options.batch_size,
+        options.encoder,
+    )
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is not None:
+            _ENGINES.move_to_end(key)
+            return engine
+    engine = EmbeddingEngine.create(resolved, settings=settings, options=options)
+    with _ENGINES_LOCK:
+        _ENGINES[key] = engine
+        while len(_ENGINES) > _MAX_ENGINES:
+            _ENGINES.popitem(last=False)
+    return engine
+
+
+def clear_engine_cache() -> None:
+    with _ENGINES_LOCK:
+        _ENGINES.clear()

@@ -1,0 +1,141 @@
+"""The AgriFM S2 encoder: our implementation, its configuration and its loader."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from agrifm_pipeline.errors import SettingsError
+from agrifm_pipeline.model.agrifm import AgriFMEncoder, checkpoint_filter_fn, load_state_dict_strict
+from agrifm_pipeline.model.config import AGRIFM_P422, AGRIFM_P444, DEFAULT_CFG, EncoderConfig
+from agrifm_pipeline.model.layout import infer_config, to_upstream_layout
+from agrifm_pipeline.model.weights import untrained_state_dict
+
+if TYPE_CHECKING:
+    from agrifm_pipeline.checkpoint import ResolvedCheckpoint
+    from agrifm_pipeline.settings import AgriFMSettings
+
+__all__ = [
+    "AGRIFM_P422",
+    "AGRIFM_P444",
+    "DEFAULT_CFG",
+    "AgriFMEncoder",
+    "EncoderConfig",
+    "checkpoint_filter_fn",
+    "load_encoder",
+    "resolve_device",
+    "resolve_precision",
+    "untrained_state_dict",
+]
+
+PRECISIONS = {
+    "float32": None,
+    "fp32": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """``cpu``, ``cuda[:N]`` or ``auto`` (CUDA when available) -> a torch device."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"device={device!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SettingsError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'auto'") from None
+
+
+def resolve_precision(precision: str) -> tuple[str, torch.dtype | None]:
+    """``float32`` or ``bfloat16`` (autocast) -> (canonical name, autocast dtype)."""
+    key = str(precision).strip().lower()
+    if key not in PRECISIONS:
+        raise SettingsError(
+            f"precision={precision!r} is not supported; use 'float32' or 'bfloat16' (autocast)"
+        )
+    dtype = PRECISIONS[key]
+    return ("float32" if dtype is None else "bfloat16"), dtype
+
+
+def load_encoder(
+    checkpoint: str | Path | Mapping[str, Any] | ResolvedCheckpoint | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "float32",
+    *,
+    settings: AgriFMSettings | None = None,
+) -> AgriFMEncoder:
+    """Build our AgriFM S2 encoder from a checkpoint and load it strictly, in eval mode.
+
+    Args:
+        checkpoint: a file path, ``untrained:<seed>[:p422]``, a resolved
+            checkpoint, a state dict, or None for the settings' resolution
+            (``RS_EMBED_AGRIFM_CKPT`` -> cache -> download).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        precision: ``float32`` or ``bfloat16`` (autocast; outputs stay float32).
+
+    The patch size is read off the checkpoint's patch-embed kernel. The
+    returned module carries ``checkpoint_info`` (sha256, source, layout, keys
+    ignored) for lineage.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be resolved, read, or does not fit.
+    """
+    from agrifm_pipeline.checkpoint import ResolvedCheckpoint, read_checkpoint, resolve_checkpoint
+
+    dev = resolve_device(device)
+    precision_name, autocast_dtype = resolve_precision(precision)
+    resolved: ResolvedCheckpoint | None
+    if isinstance(checkpoint, Mapping):
+        resolved, raw, source = None, checkpoint, "state dict"
+    else:
+        resolved = (
+            checkpoint
+            if isinstance(checkpoint, ResolvedCheckpoint)
+            else resolve_checkpoint(checkpoint, settings)
+        )
+        if resolved.untrained:
+            patch = resolved.untrained_patch or (4, 4, 4)
+            raw = untrained_state_dict(resolved.untrained_seed or 0, EncoderConfig(patch_size=patch))
+            source = resolved.spec
+        else:
+            assert resolved.path is not None
+            raw, source = read_checkpoint(resolved.path), str(resolved.path)
+
+    upstream = to_upstream_layout(raw, source=source)
+    cfg = infer_config(upstream.tensors)
+    with torch.device("meta"):
+        model = AgriFMEncoder(cfg)
+    state, info = checkpoint_filter_fn(raw, model, source=source)
+    model = model.to_empty(device="cpu")
+    _rebuild_buffers(model)  # index buffers are not in the state dict
+    load_state_dict_strict(model, state, source=source)
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    model.autocast_dtype = autocast_dtype
+    model.checkpoint_info = {  # type: ignore[assignment]
+        **(resolved.as_record() if resolved is not None else {"source": "state dict"}),
+        "layout": info["layout"],
+        "ignored_keys": info["ignored_keys"],
+        "index_buffers_in_file": len(info["dropped_buffers"]),
+        "untrained": bool(resolved is not None and resolved.untrained),
+        "model_config": cfg.as_record(),
+        "device": str(dev),
+        "precision": precision_name,
+    }
+    return model
+
+
+def _rebuild_buffers(model: AgriFMEncoder) -> None:
+    from agrifm_pipeline.model.agrifm import WindowAttention3D, relative_position_index
+
+    for module in model.modules():
+        if isinstance(module, WindowAttention3D):
+            module.relative_position_index = relative_position_index(module.window)
