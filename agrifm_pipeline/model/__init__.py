@@ -88,14 +88,14 @@ def load_encoder(
     Raises:
         CheckpointError: the checkpoint cannot be resolved, read, or does not fit.
     """
-    from agrifm_pipeline.checkpoint import ResolvedCheckpoint, read_checkpoint, resolve_checkpoint
-
     dev = resolve_device(device)
     precision_name, autocast_dtype = resolve_precision(precision)
     resolved: ResolvedCheckpoint | None
     if isinstance(checkpoint, Mapping):
         resolved, raw, source = None, checkpoint, "state dict"
     else:
+        from agrifm_pipeline.checkpoint import ResolvedCheckpoint, read_checkpoint, resolve_checkpoint
+
         resolved = (
             checkpoint
             if isinstance(checkpoint, ResolvedCheckpoint)

@@ -141,13 +141,14 @@ class WindowAttention3D(nn.Module):
         bias = self.relative_position_bias_table[index].view(n, n, self.num_heads)
         return bias.permute(2, 0, 1)  # (nH, n, n)
 
-    def attention_bias(
-        self, n: int, mask: torch.Tensor | None, mask_key: Any, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Position bias plus shift mask, (1 or nW, nH, n, n), cached while weights are frozen.
+    def attention_bias(self, n: int, mask: torch.Tensor | None, mask_key: Any, dtype: torch.dtype) -> torch.Tensor:
+        """Additive attention bias, cached while the weights are frozen.
 
-        ``mask_key`` identifies the mask (padded size, window, shift); the table's
-        version counter invalidates the cache when weights are loaded in place.
+        Without a mask: the position bias, (1, nH, n, n). With a shift mask
+        (nW, n, n): position bias + mask per window, flattened to
+        (1, nW * nH, n, n) so that windows and heads share one broadcastable
+        batch axis. ``mask_key`` names the mask (padded size, window, shift);
+        the table's version counter drops stale entries after an in-place load.
         """
         table = self.relative_position_bias_table
         cacheable = not (torch.is_grad_enabled() and table.requires_grad)
@@ -156,24 +157,28 @@ class WindowAttention3D(nn.Module):
             return self._bias_cache[key]
         bias = self.position_bias(n).unsqueeze(0)  # (1, nH, n, n)
         if mask is not None:
-            bias = bias + mask.unsqueeze(1)  # (nW, nH, n, n)
-        bias = bias.to(dtype)
+            bias = (bias + mask.unsqueeze(1)).reshape(1, -1, n, n)  # (1, nW * nH, n, n)
+        bias = bias.to(dtype).contiguous()
         if cacheable:
-            if len(self._bias_cache) > 8:
-                self._bias_cache.clear()
+            stale = [k for k in self._bias_cache if k[4] != table._version or len(self._bias_cache) > 8]
+            for k in stale:
+                del self._bias_cache[k]
             self._bias_cache[key] = bias
         return bias
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_key: Any = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_key: Any = None) -> torch.Tensor:
         """x: (B, nW, N, C); mask: (nW, N, N) additive or None. Returns (B, nW, N, C)."""
         b, nw, n, c = x.shape
-        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, nH, N, hd)
-        bias = self.attention_bias(n, mask, mask_key, q.dtype)  # (1|nW, nH, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nW, nH, N, hd)
-        out = out.transpose(2, 3).reshape(b, nw, n, c)
+        nh, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(b, nw, n, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, hd)
+        bias = self.attention_bias(n, mask, mask_key, qkv.dtype)
+        if mask is None:
+            qkv = qkv.reshape(3, b * nw, nh, n, hd)  # a view: windows join the batch axis
+        else:
+            qkv = qkv.reshape(3, b, nw * nh, n, hd)  # windows join the head axis, like the bias
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.view(b, nw, nh, n, hd).transpose(2, 3).reshape(b, nw, n, c)  # (B, nW, N, C)
         return self.proj(out)
 
 

@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Encoder throughput: chips/s, counted FLOP/s, and their share of the machine's matmul rate.
+
+Everything is measured in one process and one run, so the ratios compare like
+with like:
+
+* the dense matmul rate (2048², fp32 and bf16) before and after the model runs
+  — the denominator of "share of the machine";
+* FLOPs per chip counted with ``torch.utils.flop_counter`` on our encoder;
+* our encoder at each (patch, T, batch, precision): seconds per chip (median of
+  ``--repeats`` after warm-up), chips/s, GFLOP/s, share of matmul rate, peak
+  resident memory of the row;
+* the official AgriFM code built from its source tree, with the same weights
+  and inputs, when ``--official-repo`` or ``RS_EMBED_AGRIFM_REPO_PATH`` names a
+  checkout (otherwise that column is left out, and the run says so).
+
+Usage::
+
+    python bench/bench_encoder.py                           # p444, T=8, 224², batch 1/4/8, fp32+bf16
+    python bench/bench_encoder.py --patch p444 p422 --frames 8 32 --official-repo ~/src/AgriFM
+    python bench/bench_encoder.py --device cuda --batch 16 32 64 --precision bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agrifm_pipeline.model import EncoderConfig, load_encoder, untrained_state_dict  # noqa: E402
+
+PATCHES = {"p444": (4, 4, 4), "p422": (4, 2, 2)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+    """Dense n×n matmul GFLOP/s (median of timed repeats)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def time_forward(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    autocast: torch.dtype | None,
+) -> tuple[float, float | None]:
+    """Median seconds per call and the peak resident memory (MB) while it ran."""
+    reset = _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            if autocast is not None:
+                with torch.autocast(device_type=device.type, dtype=autocast):
+                    fn(x)
+            else:
+                fn(x)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = _peak_rss_mb() if reset else None
+    return statistics.median(times), peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patch", nargs="+", default=["p444"], choices=sorted(PATCHES))
+    ap.add_argument("--frames", nargs="+", type=int, default=[8])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8])
+    ap.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="untrained:<seed> weights, full size")
+    ap.add_argument("--official-repo", default=os.environ.get("RS_EMBED_AGRIFM_REPO_PATH"))
+    ap.add_argument("--json", default="bench/results/bench_encoder.json")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    }
+    print(f"# torch {env['torch']} on {env['device_name'] or env['machine']}, {env['torch_threads']} threads")
+    rates_before = {p: matmul_rate(getattr(torch, p), device) for p in args.precision}
+    print("# matmul GFLOP/s before: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_before.items()))
+
+    official_available = bool(args.official_repo)
+    if not official_available:
+        print("# no official AgriFM tree given (--official-repo / RS_EMBED_AGRIFM_REPO_PATH): column left out")
+
+    rows: list[dict[str, Any]] = []
+    for patch in args.patch:
+        cfg = EncoderConfig(patch_size=PATCHES[patch])
+        state = untrained_state_dict(args.seed, cfg)
+        ours = load_encoder(state, device=device)
+        official = None
+        if official_available:
+            from agrifm_pipeline.official import load_official_encoder
+            from agrifm_pipeline.settings import load_settings
+
+            official = load_official_encoder(
+                state, settings=load_settings(repo_path=args.official_repo), device=str(device)
+            )
+        for t in args.frames:
+            probe = torch.randn(1, t, 10, args.size, args.size, device=device)
+            gflop = count_flops(ours, probe) / 1e9
+            for prec in args.precision:
+                autocast = None if prec == "float32" else torch.bfloat16
+                for b in args.batch:
+                    x = torch.randn(b, t, 10, args.size, args.size, device=device)
+                    sec, peak = time_forward(ours, x, device, args.repeats, args.warmup, autocast)
+                    row: dict[str, Any] = {
+                        "patch": patch,
+                        "frames": t,
+                        "size": args.size,
+                        "batch": b,
+                        "precision": prec,
+                        "gflop_per_chip": gflop,
+                        "s_per_chip": sec / b,
+                        "chips_per_s": b / sec,
+                        "gflops": gflop * b / sec,
+                        "share_of_matmul": gflop * b / sec / rates_before[prec],
+                        "peak_mb": peak,
+                    }
+                    if official is not None:
+                        osec, opeak = time_forward(official, x, device, args.repeats, args.warmup, autocast)
+                        row.update(
+                            official_s_per_chip=osec / b,
+                            official_chips_per_s=b / osec,
+                            official_peak_mb=opeak,
+                            speedup_vs_official=osec / sec,
+                        )
+                    rows.append(row)
+                    _print_row(row)
+        del ours, official
+
+    rates_after = {p: matmul_rate(getattr(torch, p), device) for p in args.precision}
+    print("# matmul GFLOP/s after: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_after.items()))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"env": env, "matmul_gflops_before": rates_before, "matmul_gflops_after": rates_after, "rows": rows},
+            indent=2,
+        )
+    )
+    print(f"# wrote {out}")
+    return 0
+
+
+_HEADER_DONE = False
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    global _HEADER_DONE
+    cols = ["patch", "T", "batch", "prec", "GFLOP/chip", "s/chip", "chips/s", "GFLOP/s", "of matmul", "peak MB"]
+    if "official_s_per_chip" in row:
+        cols += ["official s/chip", "ours/official", "official peak MB"]
+    if not _HEADER_DONE:
+        print(" | ".join(f"{c:>10}" for c in cols))
+        _HEADER_DONE = True
+    peak = row["peak_mb"]
+    vals = [
+        row["patch"],
+        row["frames"],
+        row["batch"],
+        row["precision"][:4],
+        f"{row['gflop_per_chip']:.1f}",
+        f"{row['s_per_chip']:.3f}",
+        f"{row['chips_per_s']:.2f}",
+        f"{row['gflops']:.0f}",
+        f"{100 * row['share_of_matmul']:.0f}%",
+        "-" if peak is None else f"{peak:.0f}",
+    ]
+    if "official_s_per_chip" in row:
+        opeak = row["official_peak_mb"]
+        vals += [
+            f"{row['official_s_per_chip']:.3f}",
+            f"{row['speedup_vs_official']:.2f}x",
+            "-" if opeak is None else f"{opeak:.0f}",
+        ]
+    print(" | ".join(f"{v!s:>10}" for v in vals), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
