@@ -28,3 +28,11 @@ class RepoError(AgriFMError):
 
 class BackendError(AgriFMError, ValueError):
     """A backend or provider that is unknown or not available for this call."""
+
+
+class RegionError(AgriFMError, ValueError):
+    """A region file or geometry cannot be turned into tiles."""
+
+
+class ProviderError(AgriFMError):
+    """A data provider cannot deliver the requested frames."""

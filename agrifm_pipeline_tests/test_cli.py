@@ -1,0 +1,63 @@
+"""The command line: demo on the bundled sample, embed, settings, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agrifm_pipeline.cli import DEMO_DATA, demo_stack, main
+
+
+def test_demo_stack_is_real_bundled_data() -> None:
+    stack, dates = demo_stack(DEMO_DATA, 8)
+    assert stack.shape == (8, 10, 64, 64) and stack.dtype == np.uint16
+    assert dates == sorted(dates) and len(set(dates)) == 8
+    # Clear scenes over fields: plausible reflectance, not fill.
+    assert 100 < float(np.median(stack[:, 2])) < 3000
+
+
+def test_demo_runs_and_says_untrained(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("RS_EMBED_AGRIFM_CKPT", raising=False)
+    out = tmp_path / "demo.nc"
+    assert main(["demo", "--device", "cpu", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "UNTRAINED" in captured.err
+    assert "grid [1024, 7, 7]" in captured.out
+    import xarray as xr
+
+    grid = xr.open_dataarray(out)
+    assert grid.shape == (1024, 7, 7)
+    assert json.loads(grid.attrs["meta"])["untrained"] is True
+
+
+def test_embed_writes_embedding_and_meta(tmp_path: Path, fixtures_dir: Path, capsys) -> None:
+    x = np.random.default_rng(0).integers(0, 5000, size=(3, 10, 20, 30)).astype(np.uint16)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "e.npz"
+    rc = main(["embed", str(tmp_path / "x.npy"), "--checkpoint", str(fixtures_dir / "tiny_p444.pth"),
+               "--device", "cpu", "--output", "grid", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    z = np.load(out)
+    assert z["embedding"].shape == (128, 7, 7)
+    meta = json.loads(str(z["meta"]))
+    assert meta["input_original_frames"] == 3 and meta["input_frames"] == 8
+
+
+def test_errors_are_reported_not_raised(tmp_path: Path, capsys) -> None:
+    assert main(["embed", str(tmp_path / "missing.npy"), "--checkpoint", "untrained:0"]) == 2
+    assert "missing.npy" in capsys.readouterr().err
+
+
+def test_settings_command(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RS_EMBED_AGRIFM_FRAMES", "12")
+    assert main(["settings"]) == 0
+    assert json.loads(capsys.readouterr().out)["RS_EMBED_AGRIFM_FRAMES"] == 12
+
+
+def test_code_location_loads() -> None:
+    from agrifm_pipeline.definitions import defs
+
+    assert defs is not None
