@@ -120,6 +120,8 @@ def load_encoder(
     model = model.to(dev).eval()
     model.requires_grad_(False)
     model.autocast_dtype = autocast_dtype
+    if autocast_dtype is not None:
+        _cast_matmul_weights(model, autocast_dtype)
     model.checkpoint_info = {  # type: ignore[assignment]
         **(resolved.as_record() if resolved is not None else {"source": "state dict"}),
         "layout": info["layout"],
@@ -131,6 +133,18 @@ def load_encoder(
         "precision": precision_name,
     }
     return model
+
+
+def _cast_matmul_weights(model: AgriFMEncoder, dtype: torch.dtype) -> None:
+    """Store Linear/Conv weights in ``dtype`` once, instead of autocast casting them every forward.
+
+    Autocast rounds these weights to ``dtype`` anyway, so outputs are unchanged;
+    LayerNorm parameters and position-bias tables stay float32, as autocast
+    would use them.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv3d):
+            module.to(dtype)
 
 
 def _rebuild_buffers(model: AgriFMEncoder) -> None:

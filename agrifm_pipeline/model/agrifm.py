@@ -103,6 +103,14 @@ def shift_window_mask(padded: Size3, window: Size3, shift: Size3, device: torch.
     return torch.zeros(differ.shape, device=device).masked_fill(differ, SHIFT_MASK_VALUE)
 
 
+def _version(t: torch.Tensor) -> tuple[int, int | None]:
+    """Storage and in-place version of ``t`` (inference tensors have no version counter)."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:
+        return t.data_ptr(), None
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -152,7 +160,7 @@ class WindowAttention3D(nn.Module):
         """
         table = self.relative_position_bias_table
         cacheable = not (torch.is_grad_enabled() and table.requires_grad)
-        key = (n, mask_key, dtype, table.device, table._version)
+        key = (n, mask_key, dtype, table.device, _version(table))
         if cacheable and key in self._bias_cache:
             return self._bias_cache[key]
         bias = self.position_bias(n).unsqueeze(0)  # (1, nH, n, n)
@@ -160,7 +168,7 @@ class WindowAttention3D(nn.Module):
             bias = (bias + mask.unsqueeze(1)).reshape(1, -1, n, n)  # (1, nW * nH, n, n)
         bias = bias.to(dtype).contiguous()
         if cacheable:
-            stale = [k for k in self._bias_cache if k[4] != table._version or len(self._bias_cache) > 8]
+            stale = [k for k in self._bias_cache if k[4] != key[4] or len(self._bias_cache) > 8]
             for k in stale:
                 del self._bias_cache[k]
             self._bias_cache[key] = bias
@@ -349,6 +357,9 @@ class AgriFMEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.num_features, eps=cfg.layer_norm_eps)
         # Set by load_encoder: bfloat16 runs the forward under autocast, output float32.
         self.autocast_dtype: torch.dtype | None = None
+        # Stages run on at most this many tokens at a time (whole samples per chunk):
+        # the early, token-heavy stages then stay cache-resident on a CPU. 0 = off.
+        self.chunk_tokens = 8192
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:
@@ -370,8 +381,20 @@ class AgriFMEncoder(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
         for stage in self.layers:
-            x = stage(x)
+            x = self._run_stage(stage, x)
         return fold_time(self.norm(x))
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run ``stage`` on whole samples, ``chunk_tokens`` tokens at a time.
+
+        Samples never interact inside the encoder, so chunking over the batch
+        changes nothing but memory traffic.
+        """
+        b, d, h, w, _ = x.shape
+        per_chunk = max(1, self.chunk_tokens // (d * h * w)) if self.chunk_tokens else b
+        if per_chunk >= b:
+            return stage(x)
+        return torch.cat([stage(part) for part in x.split(per_chunk)], dim=0)
 
     def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
         """Upstream's output dict: ``encoder_features`` and the un-normalised ``features_list``
