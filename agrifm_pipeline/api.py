@@ -8,6 +8,7 @@ the exact settings, package version, non-finite pixel counts).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import xarray as xr
 
 from agrifm_pipeline.errors import BackendError
 from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_engine
-from agrifm_pipeline.model.config import AGRIFM_S2_BANDS
 from agrifm_pipeline.preprocess import preprocess_input
+from agrifm_pipeline.providers.base import CloudMask, Provider
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
 from agrifm_pipeline.specs import BBox, OutputSpec, PointBuffer, SensorSpec, TemporalSpec
 
@@ -41,23 +42,28 @@ def _package_version() -> str:
     return __version__
 
 
-def _check_call(model: str, backend: str, input_chw: Any) -> None:
+def _check_call(
+    model: str, backend: str, input_chw: Any, provider: Any, spatial: Any, temporal: Any
+) -> None:
     if str(model).lower() not in MODEL_NAMES:
         raise BackendError(f"model={model!r} is not served here; this package embeds with 'agrifm'")
     if input_chw is not None:
         return
-    if backend in PROVIDER_BACKENDS:
+    if provider is None and backend not in PROVIDER_BACKENDS:
         raise BackendError(
-            f"backend={backend!r} fetches Sentinel-2 through a provider, which is not available "
-            "yet in this version; pass input_chw=<(10, H, W) or (T, 10, H, W) array> instead"
+            f"backend={backend!r}: agrifm is provider-only; use backend='gee' or 'local' "
+            "(or pass input_chw with a (10, H, W) or (T, 10, H, W) array)"
         )
-    raise BackendError(
-        f"backend={backend!r}: agrifm is provider-only; use backend='gee' or 'local' "
-        "(or pass input_chw with a (10, H, W) or (T, 10, H, W) array)"
-    )
+    if spatial is None or temporal is None:
+        raise BackendError(
+            "a provider-backed call needs spatial=PointBuffer(...)|BBox(...) and "
+            "temporal=TemporalSpec.range(...)|TemporalSpec.year(...)"
+        )
 
 
-def _settings_for_call(settings: AgriFMSettings | None, overrides: dict[str, Any]) -> AgriFMSettings:
+def _settings_for_call(
+    settings: AgriFMSettings | None, overrides: dict[str, Any]
+) -> AgriFMSettings:
     base = settings or load_settings()
     return base.replace(**overrides) if overrides else base
 
@@ -75,32 +81,43 @@ def _features_list_shapes(engine: EmbeddingEngine, t: int, s: int) -> list[list[
     return shapes
 
 
+@dataclass
+class _Sample:
+    """One preprocessed input and what is known about where it came from."""
+
+    tensor: torch.Tensor  # (T, 10, S, S)
+    record: dict[str, Any]  # preprocessing record (+ provider record)
+    source: str
+    spatial: PointBuffer | BBox | None
+    geobox: Any = None  # odc.geo GeoBox of the fetched pixels, provider path only
+
+
 def _meta(
     *,
     engine: EmbeddingEngine,
     settings: AgriFMSettings,
-    record: dict[str, Any],
+    sample: _Sample,
     grid: torch.Tensor,
     output: OutputSpec,
     backend: str,
-    spatial: PointBuffer | BBox | None,
     temporal: TemporalSpec | None,
     sensor: SensorSpec,
 ) -> dict[str, Any]:
     ckpt = engine.checkpoint
     untrained = engine.untrained
     d, h, w = grid.shape
+    record = sample.record
     t = int(record["input_frames"])
     meta: dict[str, Any] = {
         "model": "agrifm",
         "type": "on_the_fly",
         "backend": backend,
-        "source": "input_chw",
+        "source": sample.source,
         "model_source": f"agrifm_pipeline.{engine.encoder}",
         "encoder_backend": engine.encoder,
         "sensor": sensor.as_record(),
         "bands": list(sensor.bands),
-        "spatial": None if spatial is None else spatial.as_record(),
+        "spatial": None if sample.spatial is None else sample.spatial.as_record(),
         "temporal": None if temporal is None else temporal.as_record(),
         "n_frames": settings.n_frames,
         "n_frames_requested": settings.n_frames,
@@ -132,31 +149,101 @@ def _meta(
     return meta
 
 
-def _output(grid: torch.Tensor, output: OutputSpec, meta: dict[str, Any]) -> Embedding:
-    """grid: (D, h, w) float32."""
+def _output(
+    grid: torch.Tensor, output: OutputSpec, meta: dict[str, Any], geobox: Any = None
+) -> Embedding:
+    """grid: (D, h, w) float32. With a geobox, the grid's cells get x/y in its CRS."""
     if output.mode == "pooled":
         pooled = grid.mean(dim=(1, 2)) if output.pooling == "mean" else grid.amax(dim=(1, 2))
         return Embedding(pooled.numpy().astype(np.float32), meta)
     d, h, w = grid.shape
+    coords: dict[str, Any] = {"band": np.arange(d), "y": np.arange(h), "x": np.arange(w)}
+    attrs = {"description": "AgriFM encoder features in model feature-map space"}
+    if geobox is not None:
+        # The ROI's pixels were resized to image_size x image_size, so each cell
+        # covers an equal share of the ROI's extent.
+        minx, miny, maxx, maxy = geobox.extent.boundingbox
+        coords["x"] = minx + (np.arange(w) + 0.5) * (maxx - minx) / w
+        coords["y"] = maxy - (np.arange(h) + 0.5) * (maxy - miny) / h
+        attrs = {
+            "description": "AgriFM encoder features, cell centres in crs units",
+            "crs": str(geobox.crs),
+        }
     da = xr.DataArray(
         grid.numpy().astype(np.float32),
         dims=("band", "y", "x"),
-        coords={"band": np.arange(d), "y": np.arange(h), "x": np.arange(w)},
+        coords=coords,
         name="agrifm_embedding",
-        attrs={"description": "AgriFM encoder features in model feature-map space (not georeferenced)"},
+        attrs=attrs,
     )
     return Embedding(da, meta)
+
+
+def _prepare_array(x: Any, cfg: AgriFMSettings, sensor: SensorSpec, spatial: Any) -> _Sample:
+    p = preprocess_input(
+        x,
+        n_frames=cfg.n_frames,
+        image_size=cfg.image_size,
+        norm_mode=cfg.norm_mode,
+        fill_value=sensor.fill_value,
+    )
+    return _Sample(p.tensor, p.record, "input_chw", spatial)
+
+
+def _prepare_fetched(
+    provider: Provider,
+    spatial: PointBuffer | BBox,
+    temporal: TemporalSpec,
+    cfg: AgriFMSettings,
+    sensor: SensorSpec,
+    cloud_mask: CloudMask,
+) -> _Sample:
+    from agrifm_pipeline.frames import range_windows
+    from agrifm_pipeline.roi import roi_geobox
+
+    gbox = roi_geobox(spatial, sensor.scale_m)
+    windows = range_windows(temporal.start, temporal.end, cfg.n_frames)
+    stack = provider.fetch(gbox, windows, sensor, cloud_mask)
+    p = preprocess_input(
+        stack.data.values,
+        n_frames=cfg.n_frames,
+        image_size=cfg.image_size,
+        norm_mode=cfg.norm_mode,
+        fill_value=sensor.fill_value,
+    )
+    prov = stack.record()
+    record = {
+        **p.record,
+        **prov,
+        "cloud_mask": cloud_mask.as_record(),
+        "input_crs": str(gbox.crs),
+        "input_bounds": list(gbox.extent.boundingbox),
+    }
+    return _Sample(p.tensor, record, f"provider:{stack.provider}", spatial, gbox)
+
+
+def _resolve_provider(
+    backend: str, provider: Provider | None, options: dict[str, Any] | None
+) -> Provider:
+    if provider is not None:
+        return provider
+    from agrifm_pipeline.providers import make_provider
+
+    return make_provider(backend, **(options or {}))
 
 
 def get_embeddings_batch(
     model: str = "agrifm",
     *,
-    inputs: Sequence[Any],
+    inputs: Sequence[Any] | None = None,
     spatials: Sequence[PointBuffer | BBox | None] | None = None,
     temporal: TemporalSpec | None = None,
     sensor: SensorSpec | None = None,
     output: OutputSpec | None = None,
     backend: str = "auto",
+    provider: Provider | None = None,
+    provider_options: dict[str, Any] | None = None,
+    cloud_mask: CloudMask | None = None,
     checkpoint: str | Path | None = None,
     device: str = "auto",
     precision: str = "float32",
@@ -165,49 +252,69 @@ def get_embeddings_batch(
     settings: AgriFMSettings | None = None,
     **setting_overrides: Any,
 ) -> list[Embedding]:
-    """Embed many ``input_chw`` arrays with one model load, in shared batches.
+    """Embed many ROIs (or ``input_chw`` arrays) with one model load, in shared batches.
 
-    ``setting_overrides`` are settings fields (``n_frames``, ``image_size``,
-    ``norm_mode``, ...) that win over ``RS_EMBED_AGRIFM_*`` for this call.
+    Provider-backed: give ``spatials`` and ``temporal`` and ``backend='gee'|'local'``
+    (or a ``provider`` instance); up to ``RS_EMBED_AGRIFM_FETCH_WORKERS`` ROIs
+    are fetched at once, in order. ``setting_overrides`` are settings fields
+    (``n_frames``, ``image_size``, ``norm_mode``, ...) that win over the
+    environment for this call.
     """
     output = output or OutputSpec.pooled()
     sensor = sensor or SensorSpec()
-    if not inputs:
+    cloud_mask = cloud_mask or CloudMask()
+    if inputs is not None and spatials is not None and len(spatials) != len(inputs):
+        raise BackendError(
+            f"{len(spatials)} spatial specs for {len(inputs)} inputs; give one per input"
+        )
+    n = len(inputs) if inputs is not None else len(spatials or [])
+    if n == 0:
         return []
-    _check_call(model, backend, inputs[0])
-    if spatials is not None and len(spatials) != len(inputs):
-        raise BackendError(f"{len(spatials)} spatial specs for {len(inputs)} inputs; give one per input")
+    first_spatial = spatials[0] if spatials else None
+    _check_call(
+        model, backend, None if inputs is None else inputs[0], provider, first_spatial, temporal
+    )
     cfg = _settings_for_call(settings, setting_overrides)
     engine = get_engine(
         checkpoint,
         settings=cfg,
-        options=InferenceOptions(device=device, precision=precision, batch_size=batch_size, encoder=encoder),
+        options=InferenceOptions(
+            device=device, precision=precision, batch_size=batch_size, encoder=encoder
+        ),
     )
-    prepared = [
-        preprocess_input(
-            x,
-            n_frames=cfg.n_frames,
-            image_size=cfg.image_size,
-            norm_mode=cfg.norm_mode,
-            fill_value=sensor.fill_value,
-        )
-        for x in inputs
-    ]
-    grids = engine.embed(torch.stack([p.tensor for p in prepared]))
+    if inputs is not None:
+        samples = [
+            _prepare_array(x, cfg, sensor, spatials[i] if spatials else None)
+            for i, x in enumerate(inputs)
+        ]
+    else:
+        assert spatials is not None and temporal is not None
+        if any(s is None for s in spatials):
+            raise BackendError("every ROI of a provider-backed batch needs a PointBuffer or BBox")
+        src = _resolve_provider(backend, provider, provider_options)
+        with ThreadPoolExecutor(max_workers=min(cfg.fetch_workers, n)) as pool:
+            samples = list(
+                pool.map(
+                    lambda sp: _prepare_fetched(src, sp, temporal, cfg, sensor, cloud_mask),
+                    spatials,
+                )
+            )
+    grids = engine.embed(torch.stack([smp.tensor for smp in samples]))
     results = []
-    for i, (p, grid) in enumerate(zip(prepared, grids, strict=True)):
+    for smp, grid in zip(samples, grids, strict=True):
         meta = _meta(
             engine=engine,
             settings=cfg,
-            record=p.record,
+            sample=smp,
             grid=grid,
             output=output,
-            backend=backend,
-            spatial=None if spatials is None else spatials[i],
+            backend=backend
+            if provider is None or inputs is not None
+            else f"provider:{provider.name}",
             temporal=temporal,
             sensor=sensor,
         )
-        results.append(_output(grid, output, meta))
+        results.append(_output(grid, output, meta, smp.geobox))
     return results
 
 
@@ -220,6 +327,9 @@ def get_embedding(
     output: OutputSpec | None = None,
     backend: str = "auto",
     input_chw: Any = None,
+    provider: Provider | None = None,
+    provider_options: dict[str, Any] | None = None,
+    cloud_mask: CloudMask | None = None,
     checkpoint: str | Path | None = None,
     device: str = "auto",
     precision: str = "float32",
@@ -229,27 +339,36 @@ def get_embedding(
 ) -> Embedding:
     """One AgriFM embedding, pooled (``OutputSpec.pooled()``) or as a grid (``OutputSpec.grid()``).
 
+    Provider-backed (the contract's main path): ``spatial`` (``PointBuffer`` /
+    ``BBox``), ``temporal`` (``TemporalSpec.range`` / ``.year``) and
+    ``backend='gee'`` or ``'local'`` (with ``provider_options``, e.g.
+    ``{'root': 'data/s2_sample'}``); the range is split into ``n_frames``
+    windows, each composited per pixel, then preprocessed and embedded.
+
     With ``input_chw`` — a ``(10, H, W)`` frame (repeated to T) or a
     ``(T, 10, H, W)`` stack (padded with its last frame or truncated to T) of
     raw S2 SR digital numbers — ``spatial`` and ``temporal`` may be omitted and
-    are only recorded. Provider-backed calls (``backend='gee'|'local'``
-    without ``input_chw``) arrive with the providers.
+    are only recorded.
 
     Raises:
         InputContractError: ``input_chw`` has a shape the contract does not accept.
         SettingsError: a setting is invalid.
         CheckpointError: the checkpoint cannot be resolved or loaded.
         BackendError: the model or backend is not one this call supports.
+        ProviderError: the provider cannot deliver the frames.
     """
-    _check_call(model, backend, input_chw)
+    _check_call(model, backend, input_chw, provider, spatial, temporal)
     return get_embeddings_batch(
         model,
-        inputs=[input_chw],
+        inputs=None if input_chw is None else [input_chw],
         spatials=[spatial],
         temporal=temporal,
         sensor=sensor,
         output=output,
         backend=backend,
+        provider=provider,
+        provider_options=provider_options,
+        cloud_mask=cloud_mask,
         checkpoint=checkpoint,
         device=device,
         precision=precision,
@@ -262,6 +381,7 @@ def get_embedding(
 
 __all__ = [
     "BBox",
+    "CloudMask",
     "Embedding",
     "OutputSpec",
     "PointBuffer",

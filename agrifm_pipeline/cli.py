@@ -87,7 +87,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from agrifm_pipeline.specs import OutputSpec
 
     x = _read_input(Path(args.input))
-    output = OutputSpec.grid() if args.output == "grid" else OutputSpec.pooled(args.output.split("_")[-1])
+    output = (
+        OutputSpec.grid()
+        if args.output == "grid"
+        else OutputSpec.pooled(args.output.split("_")[-1])
+    )
     emb = get_embedding(
         "agrifm",
         input_chw=x,
@@ -101,7 +105,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.out:
         np.savez(args.out, embedding=np.asarray(data), meta=json.dumps(emb.meta, default=str))
         print(f"wrote {args.out}")
-    _print_json({k: emb.meta[k] for k in ("feature_shape", "grid_hw", "checkpoint_sha256", "untrained")})
+    _print_json(
+        {k: emb.meta[k] for k in ("feature_shape", "grid_hw", "checkpoint_sha256", "untrained")}
+    )
     return 0
 
 
@@ -123,7 +129,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     state: Any
     if resolved.untrained:
         state = untrained_state_dict(
-            resolved.untrained_seed or 0, EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4))
+            resolved.untrained_seed or 0,
+            EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4)),
         )
     else:
         state = resolved.path
@@ -131,11 +138,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.input:
         raw = _read_input(Path(args.input))
         x = preprocess_input(
-            raw, n_frames=settings.n_frames, image_size=settings.image_size, norm_mode=settings.norm_mode
+            raw,
+            n_frames=settings.n_frames,
+            image_size=settings.image_size,
+            norm_mode=settings.norm_mode,
         ).tensor[None]
     else:
         gen = torch.Generator().manual_seed(args.seed)
-        x = torch.randn((1, settings.n_frames, 10, settings.image_size, settings.image_size), generator=gen)
+        x = torch.randn(
+            (1, settings.n_frames, 10, settings.image_size, settings.image_size), generator=gen
+        )
     with torch.no_grad():
         t0 = time.perf_counter()
         a = ours(x)
@@ -188,10 +200,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     meta = grid.meta
     print(f"scenes (one per frame): {', '.join(dates)}")
-    print(f"input {list(stack.shape)} uint16 -> resized to {meta['image_size']}² -> grid {meta['feature_shape']}")
-    print(f"checkpoint {meta['checkpoint']} sha256 {str(meta['checkpoint_sha256'])[:16]}… untrained={meta['untrained']}")
-    print(f"norm={meta['norm_mode']} frames={meta['n_frames']} device={meta['device']} precision={meta['precision']}")
-    print(f"pooled (spatial mean) vector: dim {pooled.shape[0]}, first 4 {np.round(pooled[:4], 4).tolist()}")
+    print(
+        f"input {list(stack.shape)} uint16 -> resized to {meta['image_size']}² -> grid {meta['feature_shape']}"
+    )
+    print(
+        f"checkpoint {meta['checkpoint']} sha256 {str(meta['checkpoint_sha256'])[:16]}… untrained={meta['untrained']}"
+    )
+    print(
+        f"norm={meta['norm_mode']} frames={meta['n_frames']} device={meta['device']} precision={meta['precision']}"
+    )
+    print(
+        f"pooled (spatial mean) vector: dim {pooled.shape[0]}, first 4 {np.round(pooled[:4], 4).tolist()}"
+    )
     print(f"done in {elapsed:.2f} s (model load included)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_settings
     )
 
-    p = sub.add_parser("checkpoint", help="resolve (and if allowed download) the checkpoint; print its sha256")
+    p = sub.add_parser(
+        "checkpoint", help="resolve (and if allowed download) the checkpoint; print its sha256"
+    )
     p.add_argument("--checkpoint", default=None)
     p.set_defaults(func=cmd_checkpoint)
 
@@ -225,10 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write .npz with the embedding and its metadata")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("compare", help="compare our encoder with the official source tree on one input")
+    p = sub.add_parser(
+        "compare", help="compare our encoder with the official source tree on one input"
+    )
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--repo", default=None, help="official AgriFM checkout (default: settings)")
-    p.add_argument("--input", default=None, help="raw input array; default: a seeded normalised tensor")
+    p.add_argument(
+        "--input", default=None, help="raw input array; default: a seeded normalised tensor"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_compare)
 

@@ -50,7 +50,9 @@ def range_windows(start: dt.date | str, end: dt.date | str, n_frames: int) -> li
     return [FrameWindow(i, bounds[i], bounds[i + 1]) for i in range(n_frames)]
 
 
-def frame_windows(year: int, n_frames: int, *, first_year: int = S2_L2A_FIRST_YEAR) -> list[FrameWindow]:
+def frame_windows(
+    year: int, n_frames: int, *, first_year: int = S2_L2A_FIRST_YEAR
+) -> list[FrameWindow]:
     """The ``n_frames`` windows of calendar ``year`` (S2 L2A: 2017 onwards by default)."""
     if not isinstance(year, int) or isinstance(year, bool):
         raise InputContractError(f"year={year!r} is not a calendar year")

@@ -33,10 +33,16 @@ class InferenceOptions:
     encoder: str = "ours"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+        if (
+            not isinstance(self.batch_size, int)
+            or isinstance(self.batch_size, bool)
+            or self.batch_size < 1
+        ):
             raise SettingsError(f"batch_size={self.batch_size!r}; use a whole number >= 1")
         if self.encoder not in ENCODER_BACKENDS:
-            raise BackendError(f"encoder={self.encoder!r} is not known; use one of {ENCODER_BACKENDS}")
+            raise BackendError(
+                f"encoder={self.encoder!r} is not known; use one of {ENCODER_BACKENDS}"
+            )
         resolve_precision(self.precision)
 
 
@@ -82,7 +88,8 @@ class EmbeddingEngine:
                 from agrifm_pipeline.model import EncoderConfig, untrained_state_dict
 
                 state: Any = untrained_state_dict(
-                    resolved.untrained_seed or 0, EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4))
+                    resolved.untrained_seed or 0,
+                    EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4)),
                 )
             else:
                 state = resolved.path

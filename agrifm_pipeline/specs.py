@@ -25,7 +25,9 @@ def _date(value: str | dt.date, name: str) -> dt.date:
     try:
         return dt.date.fromisoformat(str(value))
     except ValueError:
-        raise InputContractError(f"{name}={value!r} is not a date; use ISO format YYYY-MM-DD") from None
+        raise InputContractError(
+            f"{name}={value!r} is not a date; use ISO format YYYY-MM-DD"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,13 @@ class PointBuffer:
 
     def __post_init__(self) -> None:
         if not -180 <= self.lon <= 180 or not -90 <= self.lat <= 90:
-            raise InputContractError(f"PointBuffer lon={self.lon}, lat={self.lat} is not a WGS84 position")
+            raise InputContractError(
+                f"PointBuffer lon={self.lon}, lat={self.lat} is not a WGS84 position"
+            )
         if not self.buffer_m > 0:
-            raise InputContractError(f"PointBuffer buffer_m={self.buffer_m}; use a positive distance in metres")
+            raise InputContractError(
+                f"PointBuffer buffer_m={self.buffer_m}; use a positive distance in metres"
+            )
 
     def as_record(self) -> dict[str, Any]:
         return {"type": "PointBuffer", **asdict(self)}
@@ -141,7 +147,9 @@ class OutputSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in ("pooled", "grid"):
-            raise SettingsError(f"output mode {self.mode!r}; use OutputSpec.pooled() or OutputSpec.grid()")
+            raise SettingsError(
+                f"output mode {self.mode!r}; use OutputSpec.pooled() or OutputSpec.grid()"
+            )
         if self.pooling not in ("mean", "max"):
             raise SettingsError(f"pooling={self.pooling!r}; use 'mean' or 'max'")
 

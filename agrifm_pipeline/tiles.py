@@ -24,7 +24,9 @@ DEFAULT_CHIP_PX = 224
 DEFAULT_CHIPS_PER_SIDE = 4
 DEFAULT_SCALE_M = 10.0
 
-_TILE_ID = re.compile(r"^(?P<epsg>327\d\d|326\d\d)_(?P<size>\d+)m_E(?P<col>\d{4,})_N(?P<row>\d{4,})$")
+_TILE_ID = re.compile(
+    r"^(?P<epsg>327\d\d|326\d\d)_(?P<size>\d+)m_E(?P<col>\d{4,})_N(?P<row>\d{4,})$"
+)
 
 
 def tile_size_m(chip_px: int = DEFAULT_CHIP_PX, chips_per_side: int = DEFAULT_CHIPS_PER_SIDE,
@@ -78,15 +80,21 @@ class Tile:
         """The tile's pixel grid at ``scale_m`` (north-up, top-left anchored)."""
         n = self.size_m / scale_m
         if n != int(n):
-            raise RegionError(f"tile side {self.size_m} m is not a whole number of {scale_m} m pixels")
+            raise RegionError(
+                f"tile side {self.size_m} m is not a whole number of {scale_m} m pixels"
+            )
         return GeoBox.from_bbox(self.bounds, self.crs, resolution=scale_m)
 
-    def chip_geoboxes(self, chip_px: int = DEFAULT_CHIP_PX, scale_m: float = DEFAULT_SCALE_M) -> list[GeoBox]:
+    def chip_geoboxes(
+        self, chip_px: int = DEFAULT_CHIP_PX, scale_m: float = DEFAULT_SCALE_M
+    ) -> list[GeoBox]:
         """Chips in row-major order from the top-left; they tile the tile exactly."""
         gbox = self.geobox(scale_m)
         ny, nx = gbox.shape
         if ny % chip_px or nx % chip_px:
-            raise RegionError(f"tile {self.id} ({nx} px) is not a whole number of {chip_px} px chips")
+            raise RegionError(
+                f"tile {self.id} ({nx} px) is not a whole number of {chip_px} px chips"
+            )
         return [
             gbox[r : r + chip_px, c : c + chip_px]
             for r in range(0, ny, chip_px)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from agrifm_pipeline.preprocess import preprocess_input
 
 from agrifm_pipeline import (
     BackendError,
@@ -19,9 +20,13 @@ from agrifm_pipeline import (
     get_embedding,
     get_embeddings_batch,
 )
-from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, clear_engine_cache, get_engine
+from agrifm_pipeline.inference import (
+    EmbeddingEngine,
+    InferenceOptions,
+    clear_engine_cache,
+    get_engine,
+)
 from agrifm_pipeline.model import load_encoder
-from agrifm_pipeline.preprocess import preprocess_input
 from agrifm_pipeline.settings import load_settings
 
 # Every key the peer (rs-embed 0.3.1) records, per the facts sheet.
@@ -52,9 +57,30 @@ def _stack(t: int = 5, h: int = 40, w: int = 40, seed: int = 0) -> np.ndarray:
 
 def test_pooled_and_grid_agree_and_carry_peer_metadata(tiny: str, settings) -> None:
     x = _stack()
-    grid = get_embedding("agrifm", input_chw=x, output=OutputSpec.grid(), checkpoint=tiny, settings=settings, device="cpu")
-    mean = get_embedding("agrifm", input_chw=x, output=OutputSpec.pooled(), checkpoint=tiny, settings=settings, device="cpu")
-    mx = get_embedding("agrifm", input_chw=x, output=OutputSpec.pooled("max"), checkpoint=tiny, settings=settings, device="cpu")
+    grid = get_embedding(
+        "agrifm",
+        input_chw=x,
+        output=OutputSpec.grid(),
+        checkpoint=tiny,
+        settings=settings,
+        device="cpu",
+    )
+    mean = get_embedding(
+        "agrifm",
+        input_chw=x,
+        output=OutputSpec.pooled(),
+        checkpoint=tiny,
+        settings=settings,
+        device="cpu",
+    )
+    mx = get_embedding(
+        "agrifm",
+        input_chw=x,
+        output=OutputSpec.pooled("max"),
+        checkpoint=tiny,
+        settings=settings,
+        device="cpu",
+    )
     assert isinstance(grid.data, xr.DataArray) and grid.data.dims == ("band", "y", "x")
     assert grid.data.shape == (128, 2, 2)  # tiny E=16 -> 128 channels; 64 px / stride 32
     np.testing.assert_allclose(mean.data, grid.data.mean(("y", "x")).values, rtol=1e-6, atol=1e-6)
@@ -64,7 +90,11 @@ def test_pooled_and_grid_agree_and_carry_peer_metadata(tiny: str, settings) -> N
     missing = PEER_KEYS - set(grid.meta)
     assert not missing, missing
     m = grid.meta
-    assert m["input_mode"].startswith("tchw") and m["input_original_frames"] == 5 and m["input_frames"] == 8
+    assert (
+        m["input_mode"].startswith("tchw")
+        and m["input_original_frames"] == 5
+        and m["input_frames"] == 8
+    )
     assert m["n_distinct_frames"] == 5 and m["n_backfilled_frames"] == 0
     assert m["grid_hw"] == [2, 2] and m["feature_shape"] == [128, 2, 2]
     assert m["image_size"] == 64 and m["norm_mode"] == "agrifm_stats" and m["n_frames"] == 8
@@ -77,7 +107,14 @@ def test_pooled_and_grid_agree_and_carry_peer_metadata(tiny: str, settings) -> N
 
 def test_result_equals_the_manual_pipeline(tiny: str, settings) -> None:
     x = _stack(t=8, h=48, w=40, seed=3)
-    emb = get_embedding("agrifm", input_chw=x, output=OutputSpec.grid(), checkpoint=tiny, settings=settings, device="cpu")
+    emb = get_embedding(
+        "agrifm",
+        input_chw=x,
+        output=OutputSpec.grid(),
+        checkpoint=tiny,
+        settings=settings,
+        device="cpu",
+    )
     prep = preprocess_input(x, n_frames=8, image_size=64, norm_mode="agrifm_stats")
     with torch.no_grad():
         ref = load_encoder(tiny)(prep.tensor[None])[0].numpy()
@@ -85,7 +122,9 @@ def test_result_equals_the_manual_pipeline(tiny: str, settings) -> None:
 
 
 def test_chw_is_repeated_and_recorded(tiny: str, settings) -> None:
-    emb = get_embedding("agrifm", input_chw=_stack(t=1)[0], checkpoint=tiny, settings=settings, device="cpu")
+    emb = get_embedding(
+        "agrifm", input_chw=_stack(t=1)[0], checkpoint=tiny, settings=settings, device="cpu"
+    )
     assert emb.meta["input_repeated_to_t"] is True and emb.meta["input_frames"] == 8
     assert emb.meta["n_distinct_frames"] == 1
     assert emb.data.shape == (128,) and emb.data.dtype == np.float32
@@ -108,9 +147,16 @@ def test_spatial_and_temporal_are_recorded(tiny: str, settings) -> None:
 def test_batch_equals_single_calls_and_loads_once(tiny: str, settings) -> None:
     clear_engine_cache()
     inputs = [_stack(seed=s) for s in range(3)]
-    batch = get_embeddings_batch("agrifm", inputs=inputs, checkpoint=tiny, settings=settings, device="cpu", batch_size=2)
-    engine = get_engine(tiny, settings=settings, options=InferenceOptions(device="cpu", batch_size=2))
-    assert get_engine(tiny, settings=settings, options=InferenceOptions(device="cpu", batch_size=2)) is engine
+    batch = get_embeddings_batch(
+        "agrifm", inputs=inputs, checkpoint=tiny, settings=settings, device="cpu", batch_size=2
+    )
+    engine = get_engine(
+        tiny, settings=settings, options=InferenceOptions(device="cpu", batch_size=2)
+    )
+    assert (
+        get_engine(tiny, settings=settings, options=InferenceOptions(device="cpu", batch_size=2))
+        is engine
+    )
     for x, got in zip(inputs, batch, strict=True):
         one = get_embedding("agrifm", input_chw=x, checkpoint=tiny, settings=settings, device="cpu")
         np.testing.assert_allclose(got.data, one.data, rtol=1e-5, atol=1e-5)
@@ -118,7 +164,9 @@ def test_batch_equals_single_calls_and_loads_once(tiny: str, settings) -> None:
 
 
 def test_engine_embeds_in_batches(tiny: str, settings) -> None:
-    engine = EmbeddingEngine.create(tiny, settings=settings, options=InferenceOptions(device="cpu", batch_size=3))
+    engine = EmbeddingEngine.create(
+        tiny, settings=settings, options=InferenceOptions(device="cpu", batch_size=3)
+    )
     chips = torch.randn(7, 8, 10, 32, 32)
     out = engine.embed(chips)
     with torch.no_grad():
@@ -134,7 +182,13 @@ def test_engine_embeds_in_batches(tiny: str, settings) -> None:
 
 
 def test_untrained_is_labelled(settings) -> None:
-    emb = get_embedding("agrifm", input_chw=_stack(t=2, h=16, w=16), checkpoint="untrained:7", settings=settings.replace(image_size=32), device="cpu")
+    emb = get_embedding(
+        "agrifm",
+        input_chw=_stack(t=2, h=16, w=16),
+        checkpoint="untrained:7",
+        settings=settings.replace(image_size=32),
+        device="cpu",
+    )
     assert emb.meta["untrained"] is True and emb.meta["weights_verified"] is False
     assert "UNTRAINED" in emb.meta["weights_check"]
     assert emb.meta["checkpoint_source"] == "untrained"
@@ -142,7 +196,14 @@ def test_untrained_is_labelled(settings) -> None:
 
 
 def test_bfloat16_is_recorded(tiny: str, settings) -> None:
-    emb = get_embedding("agrifm", input_chw=_stack(), checkpoint=tiny, settings=settings, device="cpu", precision="bf16")
+    emb = get_embedding(
+        "agrifm",
+        input_chw=_stack(),
+        checkpoint=tiny,
+        settings=settings,
+        device="cpu",
+        precision="bf16",
+    )
     assert emb.meta["precision"] == "bfloat16" and emb.data.dtype == np.float32
 
 
@@ -154,13 +215,22 @@ def test_bfloat16_is_recorded(tiny: str, settings) -> None:
         ({"backend": "tensor"}, BackendError, "provider-only"),
         ({"model": "prithvi", "input_chw": np.zeros((10, 8, 8))}, BackendError, "agrifm"),
         ({"input_chw": np.zeros((3, 8, 8))}, InputContractError, r"\(3, 8, 8\)"),
-        ({"input_chw": np.zeros((10, 8, 8)), "device": "cuda:7" if not torch.cuda.is_available() else "tpu"}, SettingsError, "device"),
+        (
+            {
+                "input_chw": np.zeros((10, 8, 8)),
+                "device": "cuda:7" if not torch.cuda.is_available() else "tpu",
+            },
+            SettingsError,
+            "device",
+        ),
         ({"input_chw": np.zeros((10, 8, 8)), "precision": "fp8"}, SettingsError, "bfloat16"),
         ({"input_chw": np.zeros((10, 8, 8)), "n_frames": 0}, SettingsError, "n_frames"),
         ({"input_chw": np.zeros((10, 8, 8)), "encoder": "theirs"}, BackendError, "official"),
     ],
 )
-def test_bad_calls_raise_named_errors(tiny: str, settings, kwargs: dict, err: type, match: str) -> None:
+def test_bad_calls_raise_named_errors(
+    tiny: str, settings, kwargs: dict, err: type, match: str
+) -> None:
     kwargs = {"checkpoint": tiny, "settings": settings, **kwargs}
     model = kwargs.pop("model", "agrifm")
     with pytest.raises(err, match=match):

@@ -19,7 +19,9 @@ def test_demo_stack_is_real_bundled_data() -> None:
     assert 100 < float(np.median(stack[:, 2])) < 3000
 
 
-def test_demo_runs_and_says_untrained(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch) -> None:
+def test_demo_runs_and_says_untrained(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.delenv("RS_EMBED_AGRIFM_CKPT", raising=False)
     out = tmp_path / "demo.nc"
     assert main(["demo", "--device", "cpu", "--out", str(out)]) == 0

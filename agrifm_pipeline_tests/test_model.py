@@ -29,7 +29,9 @@ def _cases(fixtures: Path, variant: str) -> list[Path]:
 
 
 def _compare(out: dict, ref: np.lib.npyio.NpzFile) -> None:
-    np.testing.assert_allclose(out["encoder_features"].numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(
+        out["encoder_features"].numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL
+    )
     if "encoder_features_f64" in ref:
         np.testing.assert_allclose(
             out["encoder_features"].numpy(), ref["encoder_features_f64"], atol=ATOL, rtol=RTOL
@@ -39,9 +41,13 @@ def _compare(out: dict, ref: np.lib.npyio.NpzFile) -> None:
         if f"features_list_{k}" in ref:
             np.testing.assert_allclose(got, ref[f"features_list_{k}"], atol=ATOL, rtol=RTOL)
         if f"features_list_{k}_f16" in ref:
-            np.testing.assert_allclose(got, ref[f"features_list_{k}_f16"].astype(np.float32), atol=F16_ATOL)
+            np.testing.assert_allclose(
+                got, ref[f"features_list_{k}_f16"].astype(np.float32), atol=F16_ATOL
+            )
         if f"features_list_{k}_slice" in ref:
-            np.testing.assert_allclose(got[:, :8, :4, :4], ref[f"features_list_{k}_slice"], atol=ATOL, rtol=RTOL)
+            np.testing.assert_allclose(
+                got[:, :8, :4, :4], ref[f"features_list_{k}_slice"], atol=ATOL, rtol=RTOL
+            )
 
 
 @pytest.mark.parametrize("variant", ["p444", "p422"])
@@ -67,7 +73,9 @@ def test_tiny_decoy_keys_are_ignored_and_listed(fixtures_dir: Path) -> None:
     model = load_encoder(fixtures_dir / "tiny_p444.pth")
     info = model.checkpoint_info
     assert info["layout"] == "released"
-    assert {"encoder.HLSL30_patch_emd.weights", "encoder.Modis_patch_emd.bias"} <= set(info["ignored_keys"])
+    assert {"encoder.HLSL30_patch_emd.weights", "encoder.Modis_patch_emd.bias"} <= set(
+        info["ignored_keys"]
+    )
     assert info["untrained"] is False
     assert len(info["sha256"]) == 64
     assert not model.training
@@ -103,7 +111,9 @@ def _mmengine_layout(released: dict[str, torch.Tensor], with_index: bool) -> dic
     state = {f"module.{k}": v for k, v in up.tensors.items()}
     if with_index:
         for key in [k for k in state if k.endswith("attn.qkv.weight")]:
-            state[key.replace("qkv.weight", "relative_position_index")] = relative_position_index((8, 7, 7))
+            state[key.replace("qkv.weight", "relative_position_index")] = relative_position_index(
+                (8, 7, 7)
+            )
     state["module.neck.conv.weight"] = torch.zeros(2, 2)  # not encoder: ignored, listed
     return {"state_dict": state, "meta": {"epoch": 1}}
 
@@ -117,7 +127,9 @@ def test_mmengine_layout_loads_identically(fixtures_dir: Path) -> None:
         assert model.checkpoint_info["layout"] == "mmengine"
         assert "module.neck.conv.weight" in model.checkpoint_info["ignored_keys"]
         with torch.no_grad():
-            np.testing.assert_allclose(model(x).numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL)
+            np.testing.assert_allclose(
+                model(x).numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL
+            )
 
 
 def test_strict_load_lists_every_problem(fixtures_dir: Path) -> None:
@@ -160,7 +172,9 @@ def _recipe_state(fixtures_dir: Path, variant: str) -> dict[str, torch.Tensor]:
     """Full-size weights built from full_keys.json with the fixtures' recipe."""
     entries = _full_keys(fixtures_dir)[variant]["keys"]
     return {
-        e["key"]: untrained_tensor(e["key"], tuple(e["shape"]), seed=0) for e in entries if not e["buffer"]
+        e["key"]: untrained_tensor(e["key"], tuple(e["shape"]), seed=0)
+        for e in entries
+        if not e["buffer"]
     }
 
 
@@ -174,7 +188,9 @@ def test_untrained_zero_is_the_fixture_recipe(fixtures_dir: Path, variant: str) 
     for e in params:
         t = ours[e["key"]]
         assert list(t.shape) == e["shape"]
-        assert t.double().sum().item() == pytest.approx(e["recipe_sum"], abs=1e-6 * max(1, e["recipe_abs_sum"]))
+        assert t.double().sum().item() == pytest.approx(
+            e["recipe_sum"], abs=1e-6 * max(1, e["recipe_abs_sum"])
+        )
         np.testing.assert_allclose(t.flatten()[:4].numpy(), e["recipe_first4"], rtol=0, atol=1e-7)
     n_params = sum(t.numel() for t in ours.values())
     assert n_params == _full_keys(fixtures_dir)[variant]["n_params_excluding_buffers"]
@@ -194,9 +210,10 @@ def test_full_size_checkpoint_loads_strictly(fixtures_dir: Path, variant: str, l
     model = load_encoder(state)
     assert model.cfg.depths == (2, 2, 18, 2) and model.cfg.num_heads == (4, 8, 16, 32)
     assert model.cfg.patch_size == ((4, 4, 4) if variant == "p444" else (4, 2, 2))
-    assert sum(p.numel() for p in model.parameters()) == _full_keys(fixtures_dir)[variant][
-        "n_params_excluding_buffers"
-    ]
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == _full_keys(fixtures_dir)[variant]["n_params_excluding_buffers"]
+    )
 
 
 @pytest.mark.slow
@@ -208,7 +225,9 @@ def test_full_size_checkpoint_loads_strictly(fixtures_dir: Path, variant: str, l
         ("full_p444_t32_48x48.npz", "full_input_t32_48x48.npz", "untrained:0"),
     ],
 )
-def test_full_size_reference_outputs(fixtures_dir: Path, case: str, input_file: str, spec: str) -> None:
+def test_full_size_reference_outputs(
+    fixtures_dir: Path, case: str, input_file: str, spec: str
+) -> None:
     model = load_encoder(spec)
     assert model.checkpoint_info["untrained"] is True
     ref = np.load(fixtures_dir / case)

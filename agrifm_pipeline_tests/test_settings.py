@@ -90,7 +90,9 @@ def test_empty_variables_take_the_default() -> None:
         ("RS_EMBED_AGRIFM_CKPT_MIN_BYTES", "lots", ">= 0"),
     ],
 )
-def test_bad_values_name_variable_value_and_what_is_accepted(var: str, value: str, accepted: str) -> None:
+def test_bad_values_name_variable_value_and_what_is_accepted(
+    var: str, value: str, accepted: str
+) -> None:
     with pytest.raises(SettingsError) as err:
         load_settings({var: value})
     msg = str(err.value)

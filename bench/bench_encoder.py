@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agrifm_pipeline.model import EncoderConfig, load_encoder, untrained_state_dict  # noqa: E402
+from agrifm_pipeline.model import EncoderConfig, load_encoder, untrained_state_dict
 
 PATCHES = {"p444": (4, 4, 4), "p422": (4, 2, 2)}
 
@@ -50,7 +50,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+def matmul_rate(
+    dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0
+) -> float:
     """Dense n×n matmul GFLOP/s (median of timed repeats)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -128,12 +130,16 @@ def time_forward(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--patch", nargs="+", default=["p444"], choices=sorted(PATCHES))
     ap.add_argument("--frames", nargs="+", type=int, default=[8])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8])
-    ap.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--precision", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
@@ -151,15 +157,21 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
     }
-    print(f"# torch {env['torch']} on {env['device_name'] or env['machine']}, {env['torch_threads']} threads")
+    print(
+        f"# torch {env['torch']} on {env['device_name'] or env['machine']}, {env['torch_threads']} threads"
+    )
     rates_before = {p: matmul_rate(getattr(torch, p), device) for p in args.precision}
     print("# matmul GFLOP/s before: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_before.items()))
 
     official_available = bool(args.official_repo)
     if not official_available:
-        print("# no official AgriFM tree given (--official-repo / RS_EMBED_AGRIFM_REPO_PATH): column left out")
+        print(
+            "# no official AgriFM tree given (--official-repo / RS_EMBED_AGRIFM_REPO_PATH): column left out"
+        )
 
     rows: list[dict[str, Any]] = []
     for patch in args.patch:
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         official = None
         if official_available:
             from agrifm_pipeline.official import load_official_encoder
+
             from agrifm_pipeline.settings import load_settings
 
             official = load_official_encoder(
@@ -196,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                         "peak_mb": peak,
                     }
                     if official is not None:
-                        osec, opeak = time_forward(official, x, device, args.repeats, args.warmup, autocast)
+                        osec, opeak = time_forward(
+                            official, x, device, args.repeats, args.warmup, autocast
+                        )
                         row.update(
                             official_s_per_chip=osec / b,
                             official_chips_per_s=b / osec,
@@ -213,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"env": env, "matmul_gflops_before": rates_before, "matmul_gflops_after": rates_after, "rows": rows},
+            {
+                "env": env,
+                "matmul_gflops_before": rates_before,
+                "matmul_gflops_after": rates_after,
+                "rows": rows,
+            },
             indent=2,
         )
     )
@@ -226,7 +246,18 @@ _HEADER_DONE = False
 
 def _print_row(row: dict[str, Any]) -> None:
     global _HEADER_DONE
-    cols = ["patch", "T", "batch", "prec", "GFLOP/chip", "s/chip", "chips/s", "GFLOP/s", "of matmul", "peak MB"]
+    cols = [
+        "patch",
+        "T",
+        "batch",
+        "prec",
+        "GFLOP/chip",
+        "s/chip",
+        "chips/s",
+        "GFLOP/s",
+        "of matmul",
+        "peak MB",
+    ]
     if "official_s_per_chip" in row:
         cols += ["official s/chip", "ours/official", "official peak MB"]
     if not _HEADER_DONE:

@@ -47,11 +47,15 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SettingsError(f"device={device!r} but CUDA is not available here; use 'cpu' or 'auto'")
+        raise SettingsError(
+            f"device={device!r} but CUDA is not available here; use 'cpu' or 'auto'"
+        )
     try:
         return torch.device(name)
     except RuntimeError:
-        raise SettingsError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'auto'") from None
+        raise SettingsError(
+            f"device={device!r} is not a device; use 'cpu', 'cuda' or 'auto'"
+        ) from None
 
 
 def resolve_precision(precision: str) -> tuple[str, torch.dtype | None]:
@@ -94,7 +98,11 @@ def load_encoder(
     if isinstance(checkpoint, Mapping):
         resolved, raw, source = None, checkpoint, "state dict"
     else:
-        from agrifm_pipeline.checkpoint import ResolvedCheckpoint, read_checkpoint, resolve_checkpoint
+        from agrifm_pipeline.checkpoint import (
+            ResolvedCheckpoint,
+            read_checkpoint,
+            resolve_checkpoint,
+        )
 
         resolved = (
             checkpoint
@@ -103,7 +111,9 @@ def load_encoder(
         )
         if resolved.untrained:
             patch = resolved.untrained_patch or (4, 4, 4)
-            raw = untrained_state_dict(resolved.untrained_seed or 0, EncoderConfig(patch_size=patch))
+            raw = untrained_state_dict(
+                resolved.untrained_seed or 0, EncoderConfig(patch_size=patch)
+            )
             source = resolved.spec
         else:
             assert resolved.path is not None

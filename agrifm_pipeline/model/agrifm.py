@@ -86,12 +86,15 @@ def window_reverse(windows: torch.Tensor, window: Size3, size: Size3) -> torch.T
     return x.reshape(b, d, h, w, c)
 
 
-def shift_window_mask(padded: Size3, window: Size3, shift: Size3, device: torch.device) -> torch.Tensor:
+def shift_window_mask(
+    padded: Size3, window: Size3, shift: Size3, device: torch.device
+) -> torch.Tensor:
     """Additive mask (nW, N, N) that keeps a shifted window's regions apart."""
     labels = torch.zeros((1, *padded, 1), device=device)
     region = 0
     spans = [
-        ((0, p - w), (p - w, p - s), (p - s, p)) for p, w, s in zip(padded, window, shift, strict=True)
+        ((0, p - w), (p - w, p - s), (p - s, p))
+        for p, w, s in zip(padded, window, shift, strict=True)
     ]
     for d0, d1 in spans[0]:
         for h0, h1 in spans[1]:
@@ -135,7 +138,9 @@ class WindowAttention3D(nn.Module):
             torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads)
         )
         # A fixed function of the window; not part of the state dict.
-        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window), persistent=False
+        )
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self._bias_cache: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -149,7 +154,9 @@ class WindowAttention3D(nn.Module):
         bias = self.relative_position_bias_table[index].view(n, n, self.num_heads)
         return bias.permute(2, 0, 1)  # (nH, n, n)
 
-    def attention_bias(self, n: int, mask: torch.Tensor | None, mask_key: Any, dtype: torch.dtype) -> torch.Tensor:
+    def attention_bias(
+        self, n: int, mask: torch.Tensor | None, mask_key: Any, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Additive attention bias, cached while the weights are frozen.
 
         Without a mask: the position bias, (1, nH, n, n). With a shift mask
@@ -174,11 +181,15 @@ class WindowAttention3D(nn.Module):
             self._bias_cache[key] = bias
         return bias
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_key: Any = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_key: Any = None
+    ) -> torch.Tensor:
         """x: (B, nW, N, C); mask: (nW, N, N) additive or None. Returns (B, nW, N, C)."""
         b, nw, n, c = x.shape
         nh, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x).view(b, nw, n, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, nH, N, hd)
+        qkv = (
+            self.qkv(x).view(b, nw, n, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)
+        )  # (3, B, nW, nH, N, hd)
         bias = self.attention_bias(n, mask, mask_key, qkv.dtype)
         if mask is None:
             qkv = qkv.reshape(3, b * nw, nh, n, hd)  # a view: windows join the batch axis
@@ -215,7 +226,7 @@ class SwinBlock3D(nn.Module):
         self, x: torch.Tensor, window: Size3, shift: Size3, mask: torch.Tensor | None, mask_key: Any
     ) -> torch.Tensor:
         """x: (B, D, H, W, C) -> same shape. ``window``/``shift`` are the effective ones."""
-        b, d, h, w, c = x.shape
+        _, d, h, w, _ = x.shape
         y = self.norm1(x)
         pads = [(-s) % win for s, win in zip((d, h, w), window, strict=True)]
         if any(pads):
@@ -226,7 +237,9 @@ class SwinBlock3D(nn.Module):
         if shifted:
             y = torch.roll(y, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
         y = window_reverse(
-            self.attn(window_partition(y, window), *((mask, mask_key) if shifted else (None, None))),
+            self.attn(
+                window_partition(y, window), *((mask, mask_key) if shifted else (None, None))
+            ),
             window,
             padded,
         )  # (B, Dp, Hp, Wp, C)
@@ -260,7 +273,8 @@ class PatchMerging3D(nn.Module):
         else:
             x = x[:, 0::2]
         x = torch.cat(
-            [x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=-1
+            [x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]],
+            dim=-1,
         )  # (B, D/2, H/2, W/2, 4C)
         return self.reduction(self.norm(x))
 
@@ -268,7 +282,9 @@ class PatchMerging3D(nn.Module):
 class SwinStage3D(nn.Module):
     """Blocks alternating plain and shifted windows, then optional merging."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, cfg: EncoderConfig, downsample: bool) -> None:
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, cfg: EncoderConfig, downsample: bool
+    ) -> None:
         super().__init__()
         self.window: Size3 = cfg.window_size
         self.shift: Size3 = tuple(s // 2 for s in cfg.window_size)  # type: ignore[assignment]
@@ -284,7 +300,9 @@ class SwinStage3D(nn.Module):
             )
             for i in range(depth)
         )
-        self.downsample = PatchMerging3D(dim, cfg.layer_norm_eps, cfg.mean_frame_down) if downsample else None
+        self.downsample = (
+            PatchMerging3D(dim, cfg.layer_norm_eps, cfg.mean_frame_down) if downsample else None
+        )
         self._mask_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def shift_mask(
@@ -421,7 +439,9 @@ def checkpoint_filter_fn(
     window = model.cfg.window_size if model is not None else EncoderConfig().window_size
     if up.dropped_buffers:
         expected = relative_position_index(window)
-        flat = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        flat = {
+            k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()
+        }
         for key in up.dropped_buffers:
             value = flat.get(key[len("module.") :] if key.startswith("module.") else key)
             if isinstance(value, torch.Tensor) and (
@@ -445,7 +465,9 @@ def checkpoint_filter_fn(
     return out, info
 
 
-def load_state_dict_strict(model: AgriFMEncoder, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+def load_state_dict_strict(
+    model: AgriFMEncoder, state_dict: Mapping[str, torch.Tensor], *, source: str
+) -> None:
     """Strict load that reports every missing, unexpected and mis-shaped tensor at once."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -457,11 +479,18 @@ def load_state_dict_strict(model: AgriFMEncoder, state_dict: Mapping[str, torch.
     )
     if missing or unexpected or mismatched:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
             if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                shown = ", ".join(items[:20]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 20 else ""
+                )
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(
-            f"{source} does not fit the AgriFM S2 encoder ({model.cfg.patch_label}); " + "; ".join(parts)
+            f"{source} does not fit the AgriFM S2 encoder ({model.cfg.patch_label}); "
+            + "; ".join(parts)
         )
     model.load_state_dict(dict(state_dict), strict=True)

@@ -61,7 +61,9 @@ def unwrap_checkpoint(obj: Any, *, source: str = "checkpoint") -> dict[str, torc
     return tensors
 
 
-def to_upstream_layout(state_dict: Mapping[str, Any], *, source: str = "checkpoint") -> UpstreamStateDict:
+def to_upstream_layout(
+    state_dict: Mapping[str, Any], *, source: str = "checkpoint"
+) -> UpstreamStateDict:
     """Map a released or mmengine-style AgriFM state dict onto upstream encoder names.
 
     ``relative_position_index`` buffers are dropped: they are fixed functions of
@@ -103,7 +105,9 @@ def to_upstream_layout(state_dict: Mapping[str, Any], *, source: str = "checkpoi
     )
 
 
-def infer_config(upstream: Mapping[str, torch.Tensor], base: EncoderConfig | None = None) -> EncoderConfig:
+def infer_config(
+    upstream: Mapping[str, torch.Tensor], base: EncoderConfig | None = None
+) -> EncoderConfig:
     """Read the architecture off the tensors: patch size, width, depths and heads.
 
     The window size cannot be read off uniquely; it is taken from ``base``
@@ -135,7 +139,7 @@ def infer_config(upstream: Mapping[str, torch.Tensor], base: EncoderConfig | Non
         raise CheckpointError("checkpoint has no backbone stages ('backbone.layers.N.*')")
     wd, wh, ww = base.window_size
     expected_table = (2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1)
-    table0 = upstream[f"backbone.layers.0.blocks.0.attn.relative_position_bias_table"]
+    table0 = upstream["backbone.layers.0.blocks.0.attn.relative_position_bias_table"]
     if int(table0.shape[0]) != expected_table:
         raise CheckpointError(
             f"position-bias table has {table0.shape[0]} rows, but window {base.window_size} "

@@ -50,7 +50,9 @@ def untrained_tensor(key: str, shape: tuple[int, ...], seed: int = 0) -> torch.T
     return 0.1 * z
 
 
-def untrained_state_dict(seed: int = 0, cfg: EncoderConfig | None = None) -> dict[str, torch.Tensor]:
+def untrained_state_dict(
+    seed: int = 0, cfg: EncoderConfig | None = None
+) -> dict[str, torch.Tensor]:
     """Full state dict for ``cfg`` (default: AgriFM, patch (4, 4, 4)) in the released layout."""
     from agrifm_pipeline.model.agrifm import AgriFMEncoder
 
@@ -58,5 +60,6 @@ def untrained_state_dict(seed: int = 0, cfg: EncoderConfig | None = None) -> dic
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in AgriFMEncoder(cfg).state_dict().items()}
     return {
-        released_key(k): untrained_tensor(released_key(k), shape, seed) for k, shape in shapes.items()
+        released_key(k): untrained_tensor(released_key(k), shape, seed)
+        for k, shape in shapes.items()
     }

@@ -61,7 +61,9 @@ class CloudMask:
             raise SettingsError(f"cloud_mask={self.mode!r}; use 'scl' or 'none'")
         bad = [c for c in self.scl_classes if c not in SCL_CLASSES]
         if bad:
-            raise SettingsError(f"SCL classes {bad} do not exist; use values from {sorted(SCL_CLASSES)}")
+            raise SettingsError(
+                f"SCL classes {bad} do not exist; use values from {sorted(SCL_CLASSES)}"
+            )
         object.__setattr__(self, "scl_classes", tuple(sorted(set(self.scl_classes))))
 
     def as_record(self) -> dict[str, Any]:
