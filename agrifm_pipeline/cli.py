@@ -173,6 +173,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embed the bundled Flanders sample: a real 8-frame S2 series, one ROI."""
+    import xarray as xr
+
     from agrifm_pipeline.api import get_embedding
     from agrifm_pipeline.settings import load_settings
     from agrifm_pipeline.specs import OutputSpec, TemporalSpec
@@ -196,7 +198,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
     )
-    pooled = grid.data.mean(dim=("y", "x")).values
+    data = grid.data
+    assert isinstance(data, xr.DataArray)
+    pooled = data.mean(dim=("y", "x")).values
     elapsed = time.perf_counter() - t0
     meta = grid.meta
     print(f"scenes (one per frame): {', '.join(dates)}")
@@ -215,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"done in {elapsed:.2f} s (model load included)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        grid.data.assign_attrs(meta=json.dumps(meta, default=str)).to_netcdf(args.out)
+        data.assign_attrs(meta=json.dumps(meta, default=str)).to_netcdf(args.out)
         print(f"wrote {args.out}")
     return 0
 

@@ -138,6 +138,7 @@ class WindowAttention3D(nn.Module):
             torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads)
         )
         # A fixed function of the window; not part of the state dict.
+        self.relative_position_index: torch.Tensor
         self.register_buffer(
             "relative_position_index", relative_position_index(window), persistent=False
         )
