@@ -1,0 +1,223 @@
+"""The input contract and preprocessing, row by row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agrifm_pipeline.errors import InputContractError, SettingsError
+from agrifm_pipeline.model.config import AGRIFM_S2_MEAN, AGRIFM_S2_STD
+from agrifm_pipeline.preprocess import (
+    coerce_frames,
+    normalize,
+    preprocess_chips,
+    preprocess_input,
+    replace_nonfinite,
+    resize_frames,
+    square_pad,
+)
+
+
+def _ramp(t: int, h: int = 4, w: int = 4) -> np.ndarray:
+    """Frame i holds value 100 * (i + 1) + band index, so frames are tellable apart."""
+    x = np.zeros((t, 10, h, w), dtype=np.uint16)
+    for i in range(t):
+        for c in range(10):
+            x[i, c] = 100 * (i + 1) + c
+    return x
+
+
+def test_chw_is_repeated_to_t() -> None:
+    frame = _ramp(1)[0]
+    out, rec = coerce_frames(frame, 6)
+    assert out.shape == (6, 10, 4, 4) and out.dtype == np.float32
+    assert all(np.array_equal(out[i], frame) for i in range(6))
+    assert rec == {
+        "input_mode": "chw_repeated",
+        "input_original_frames": 1,
+        "input_frames": 6,
+        "input_repeated_to_t": True,
+        "input_hw": [4, 4],
+    }
+
+
+def test_tchw_padded_with_last_frame() -> None:
+    x = _ramp(3)
+    out, rec = coerce_frames(x, 5)
+    assert (
+        np.array_equal(out[:3], x) and np.array_equal(out[3], x[2]) and np.array_equal(out[4], x[2])
+    )
+    assert (
+        rec["input_mode"] == "tchw_padded"
+        and rec["input_original_frames"] == 3
+        and rec["input_frames"] == 5
+    )
+
+
+def test_tchw_truncated_and_exact() -> None:
+    x = _ramp(9)
+    out, rec = coerce_frames(x, 8)
+    assert np.array_equal(out, x[:8]) and rec["input_mode"] == "tchw_truncated"
+    out, rec = coerce_frames(x[:8], 8)
+    assert np.array_equal(out, x[:8]) and rec["input_mode"] == "tchw_exact"
+    assert rec["input_repeated_to_t"] is False
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (10, 4),
+        (1, 1, 10, 4, 4),
+        (3, 4, 4),
+        (4, 3, 4, 4),
+        (0, 10, 4, 4),
+        (2, 10, 0, 4),
+        (10, 4, 0),
+        (10,),
+    ],
+)
+def test_other_shapes_raise_naming_the_shape(shape: tuple[int, ...]) -> None:
+    with pytest.raises(InputContractError) as err:
+        coerce_frames(np.zeros(shape, dtype=np.float32), 8)
+    assert str(shape) in str(err.value)
+    assert "(10, H, W)" in str(err.value) and "(T, 10, H, W)" in str(err.value)
+
+
+def test_non_numeric_input_is_rejected() -> None:
+    with pytest.raises(InputContractError, match="dtype"):
+        coerce_frames(np.full((10, 4, 4), "a"), 8)
+
+
+def test_nonfinite_replaced_and_counted_then_clipped() -> None:
+    x = np.full((2, 10, 4, 4), 500.0, dtype=np.float32)
+    x[0, 0, 0, 0] = np.nan
+    x[0, 1, 0, 0] = np.inf
+    x[1, 2, 0, 0] = -np.inf
+    x[1, 3, 1, 1] = -20.0
+    x[1, 4, 2, 2] = 12000.0
+    p = preprocess_input(x, n_frames=2, image_size=16, norm_mode="none", fill_value=7.0)
+    rec = p.record
+    assert rec["nonfinite_pixels"] == 3 and rec["clipped_low"] == 1 and rec["clipped_high"] == 1
+    raw, _ = resize_frames(torch.tensor(x), 16)  # only to get the shape
+    assert p.tensor.shape == raw.shape
+    # Values before the resize: check through a 16x16 input so the resize is the identity.
+    y = np.full((2, 10, 16, 16), 500.0, dtype=np.float32)
+    y[0, 0, 0, 0], y[1, 3, 1, 1], y[1, 4, 2, 2] = np.nan, -20.0, 12000.0
+    out = preprocess_input(y, n_frames=2, image_size=16, norm_mode="none", fill_value=7.0).tensor
+    assert out[0, 0, 0, 0] == 7.0 and out[1, 3, 1, 1] == 0.0 and out[1, 4, 2, 2] == 10000.0
+    assert np.isnan(y[0, 0, 0, 0]), "the caller's array must not be modified"
+
+
+def test_replace_nonfinite_numpy() -> None:
+    a = np.array([1.0, np.nan, np.inf, -np.inf], dtype=np.float32)
+    out, n = replace_nonfinite(a, 0.0)
+    assert n == 3 and out.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_agrifm_stats_by_hand() -> None:
+    x = np.zeros((1, 10, 1, 1), dtype=np.float32)
+    x[0, :, 0, 0] = 1000.0
+    out = normalize(x, "agrifm_stats")
+    expected = [(1000.0 - m) / s for m, s in zip(AGRIFM_S2_MEAN, AGRIFM_S2_STD, strict=True)]
+    np.testing.assert_allclose(out[0, :, 0, 0], expected, rtol=1e-6)
+    assert out[0, 0, 0, 0] == pytest.approx(
+        (1000 - 4179.192015478227) / 4041.5212325268735, rel=1e-6
+    )
+
+
+def test_unit_scale_and_none() -> None:
+    x = np.array([0.0, 2500.0, 10000.0], dtype=np.float32).reshape(1, 3, 1) * np.ones(
+        (10, 3, 1), np.float32
+    )
+    np.testing.assert_allclose(normalize(x, "unit_scale")[0, :, 0], [0.0, 0.25, 1.0])
+    np.testing.assert_array_equal(normalize(x, "none"), x)
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [("zscore", "agrifm_stats"), ("STATS", "agrifm_stats"), ("unit", "unit_scale"),
+     ("Reflectance", "unit_scale"), ("raw", "none"), ("off", "none")],
+)  # fmt: skip
+def test_aliases(alias: str, canonical: str) -> None:
+    x = _ramp(2, 16, 16)
+    a = preprocess_input(x, n_frames=2, image_size=16, norm_mode=alias)
+    b = preprocess_input(x, n_frames=2, image_size=16, norm_mode=canonical)
+    assert a.record["norm_mode"] == canonical
+    assert torch.equal(a.tensor, b.tensor)
+
+
+def test_unknown_mode_lists_the_accepted_ones() -> None:
+    with pytest.raises(SettingsError) as err:
+        preprocess_input(_ramp(1), n_frames=1, image_size=16, norm_mode="zscorez")
+    msg = str(err.value)
+    assert "'zscorez'" in msg and "agrifm_stats" in msg and "unit_scale" in msg and "none" in msg
+
+
+def test_resize_matches_torch_bilinear() -> None:
+    x = torch.rand(3, 10, 20, 20)
+    out, rec = resize_frames(x, 32)
+    ref = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    assert (
+        torch.allclose(out, ref, atol=1e-6) and rec["square_pad"] is None and rec["resized"] is True
+    )
+
+
+def test_resize_is_identity_at_target_size() -> None:
+    x = torch.rand(2, 10, 224, 224)
+    out, rec = resize_frames(x, 224)
+    assert torch.equal(out, x) and rec["resized"] is False
+
+
+def test_non_square_is_centre_padded_by_reflection() -> None:
+    plane = torch.arange(4 * 7, dtype=torch.float32).reshape(1, 1, 4, 7)
+    pad = square_pad(4, 7)
+    assert pad == {"axis": "y", "before": 1, "after": 2, "mode": "reflect"}
+    out, rec = resize_frames(plane, 16)
+    padded = F.pad(plane, (0, 0, 1, 2), mode="reflect")
+    assert padded.shape[-2:] == (7, 7)
+    # Reflection, not edge: the row above the first is the second row.
+    assert torch.equal(padded[0, 0, 0], plane[0, 0, 1])
+    ref = F.interpolate(padded, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, ref) and rec["square_pad"] == pad
+
+
+def test_edge_mode_when_pad_is_as_large_as_the_side() -> None:
+    plane = torch.arange(2 * 8, dtype=torch.float32).reshape(1, 1, 8, 2)
+    pad = square_pad(8, 2)
+    assert pad == {"axis": "x", "before": 3, "after": 3, "mode": "replicate"}
+    out, _ = resize_frames(plane, 16)
+    padded = F.pad(plane, (3, 3, 0, 0), mode="replicate")
+    assert torch.equal(padded[0, 0, :, 0], plane[0, 0, :, 0])
+    assert torch.allclose(
+        out, F.interpolate(padded, size=(16, 16), mode="bilinear", align_corners=False)
+    )
+
+
+def test_image_size_below_minimum_is_rejected() -> None:
+    with pytest.raises(SettingsError, match="image_size=15"):
+        preprocess_input(_ramp(1), n_frames=1, image_size=15, norm_mode="none")
+
+
+def test_full_record() -> None:
+    p = preprocess_input(_ramp(3, 20, 30), n_frames=8, image_size=32, norm_mode="agrifm_stats")
+    assert p.tensor.shape == (8, 10, 32, 32) and p.tensor.dtype == torch.float32
+    rec = p.record
+    for key in ("input_mode", "input_frames", "input_original_frames", "nonfinite_pixels", "input_hw",
+                "resized_hw", "square_pad", "norm_mode", "image_size"):  # fmt: skip
+        assert key in rec, key
+    assert rec["input_hw"] == [20, 30] and rec["square_pad"]["axis"] == "y"
+
+
+def test_chips_equal_per_chip_preprocessing() -> None:
+    rng = np.random.default_rng(0)
+    chips = rng.integers(0, 12000, size=(3, 4, 10, 24, 24)).astype(np.uint16)
+    batch = preprocess_chips(chips, n_frames=4, image_size=32, norm_mode="agrifm_stats")
+    assert batch.tensor.shape == (3, 4, 10, 32, 32)
+    for i in range(3):
+        one = preprocess_input(chips[i], n_frames=4, image_size=32, norm_mode="agrifm_stats")
+        assert torch.allclose(batch.tensor[i], one.tensor, atol=1e-6)
+    assert batch.record["clipped_high"] == int((chips > 10000).sum())
+    with pytest.raises(InputContractError, match=r"\(N, 4, 10, H, W\)"):
+        preprocess_chips(chips[:, :3], n_frames=4, image_size=32, norm_mode="none")
