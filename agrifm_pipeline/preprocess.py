@@ -40,7 +40,7 @@ def _as_tensor(x: Any, name: str = "input_chw", *, own: bool = False) -> torch.T
     else:
         try:
             arr = np.asarray(x)
-        except Exception as exc:  # noqa: BLE001 - report any conversion failure as a contract error
+        except Exception as exc:  # any conversion failure is a contract error
             raise InputContractError(
                 f"{name} cannot be read as an array ({exc}); accepted: {ACCEPTED_SHAPES}"
             ) from exc
