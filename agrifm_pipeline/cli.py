@@ -219,7 +219,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"done in {elapsed:.2f} s (model load included)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        data.assign_attrs(meta=json.dumps(meta, default=str)).to_netcdf(args.out)
+        data.assign_attrs(meta=json.dumps(meta, default=str)).to_dataset().to_zarr(
+            args.out, mode="w", zarr_format=2, consolidated=True
+        )
         print(f"wrote {args.out}")
     return 0
 
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="embed the bundled Sentinel-2 sample")
     runtime(p)
     p.add_argument("--data", default=str(DEMO_DATA))
-    p.add_argument("--out", default=None, help="write the grid as NetCDF")
+    p.add_argument("--out", default=None, help="write the grid as a Zarr store (a directory)")
     p.set_defaults(func=cmd_demo)
     return parser
 

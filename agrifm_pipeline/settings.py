@@ -163,7 +163,7 @@ class AgriFMSettings:
             raw = getattr(self, name)
             if raw is None and name in ("checkpoint", "repo_path"):
                 continue
-            value = spec.parse(f"{ENV_PREFIX}{spec.env}", raw)
+            value = spec.parse(f"{name} ({ENV_PREFIX}{spec.env})", raw)
             if value is None and name in ("cache_dir", "repo_cache"):
                 raise SettingsError(f"{ENV_PREFIX}{spec.env} is empty; give a directory")
             object.__setattr__(self, name, value)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from agrifm_pipeline.preprocess import preprocess_input
 
 from agrifm_pipeline import (
     BackendError,
@@ -27,6 +26,7 @@ from agrifm_pipeline.inference import (
     get_engine,
 )
 from agrifm_pipeline.model import load_encoder
+from agrifm_pipeline.preprocess import preprocess_input
 from agrifm_pipeline.settings import load_settings
 
 # Every key the peer (rs-embed 0.3.1) records, per the facts sheet.
@@ -210,8 +210,8 @@ def test_bfloat16_is_recorded(tiny: str, settings) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "err", "match"),
     [
-        ({"backend": "gee"}, BackendError, "not available yet"),
-        ({"backend": "local"}, BackendError, "not available yet"),
+        ({"backend": "gee"}, BackendError, "needs spatial"),
+        ({"backend": "local", "spatial": PointBuffer(4.0, 50.0, 100)}, BackendError, "temporal"),
         ({"backend": "tensor"}, BackendError, "provider-only"),
         ({"model": "prithvi", "input_chw": np.zeros((10, 8, 8))}, BackendError, "agrifm"),
         ({"input_chw": np.zeros((3, 8, 8))}, InputContractError, r"\(3, 8, 8\)"),

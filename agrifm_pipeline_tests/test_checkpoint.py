@@ -96,7 +96,7 @@ def test_download_failures(
 
 def test_truncated_body(tmp_path: Path, http_server, weights: bytes, no_partial_files) -> None:
     url = http_server.add("/AgriFM.pth", Route(body=weights, truncate=len(weights) // 2))
-    with pytest.raises(CheckpointError, match="broke off|truncated"):
+    with pytest.raises(CheckpointError, match=r"broke off|truncated"):
         resolve_checkpoint(None, _settings(tmp_path, url))
     assert not (tmp_path / "cache" / "AgriFM.pth").exists()
     no_partial_files(tmp_path / "cache")

@@ -23,14 +23,14 @@ def test_demo_runs_and_says_untrained(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.delenv("RS_EMBED_AGRIFM_CKPT", raising=False)
-    out = tmp_path / "demo.nc"
+    out = tmp_path / "demo.zarr"
     assert main(["demo", "--device", "cpu", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "UNTRAINED" in captured.err
     assert "grid [1024, 7, 7]" in captured.out
     import xarray as xr
 
-    grid = xr.open_dataarray(out)
+    grid = xr.open_zarr(out)["agrifm_embedding"]
     assert grid.shape == (1024, 7, 7)
     assert json.loads(grid.attrs["meta"])["untrained"] is True
 
