@@ -144,6 +144,18 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return unwrap_checkpoint(obj, source=str(path))
 
 
+def checkpoint_tensors(resolved: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
+    """The tensors a resolved checkpoint names: read from its file, or built for ``untrained``."""
+    if resolved.untrained:
+        from agrifm_pipeline.model.config import EncoderConfig
+        from agrifm_pipeline.model.weights import untrained_state_dict
+
+        patch = resolved.untrained_patch or (4, 4, 4)
+        return untrained_state_dict(resolved.untrained_seed or 0, EncoderConfig(patch_size=patch))
+    assert resolved.path is not None
+    return read_checkpoint(resolved.path)
+
+
 def _progress(done: int, total: int | None) -> None:
     if total:
         sys.stderr.write(f"\rdownloading checkpoint: {done / 2**20:.0f} / {total / 2**20:.0f} MiB")

@@ -115,8 +115,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Ours against the official source tree, same weights, same input."""
     import torch
 
-    from agrifm_pipeline.checkpoint import resolve_checkpoint
-    from agrifm_pipeline.model import EncoderConfig, load_encoder, untrained_state_dict
+    from agrifm_pipeline.checkpoint import checkpoint_tensors, resolve_checkpoint
+    from agrifm_pipeline.model import load_encoder
     from agrifm_pipeline.official import load_official_encoder
     from agrifm_pipeline.preprocess import preprocess_input
     from agrifm_pipeline.settings import load_settings
@@ -126,15 +126,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         settings = settings.replace(repo_path=args.repo)
     resolved = resolve_checkpoint(args.checkpoint, settings)
     ours = load_encoder(resolved)
-    state: Any
-    if resolved.untrained:
-        state = untrained_state_dict(
-            resolved.untrained_seed or 0,
-            EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4)),
-        )
-    else:
-        state = resolved.path
-    official = load_official_encoder(state, settings=settings)
+    official = load_official_encoder(checkpoint_tensors(resolved), settings=settings)
     if args.input:
         raw = _read_input(Path(args.input))
         x = preprocess_input(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+from agrifm_pipeline.checkpoint import ResolvedCheckpoint, checkpoint_tensors, resolve_checkpoint
 from agrifm_pipeline.errors import BackendError, InputContractError, SettingsError
 from agrifm_pipeline.model import load_encoder, resolve_device, resolve_precision
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
@@ -78,26 +78,19 @@ class EmbeddingEngine:
             if isinstance(checkpoint, ResolvedCheckpoint)
             else resolve_checkpoint(checkpoint, settings)
         )
+        model: torch.nn.Module
         if options.encoder == "ours":
-            model = load_encoder(resolved, device=device, precision=precision)
-            info = dict(model.checkpoint_info)  # type: ignore[arg-type]
+            ours = load_encoder(resolved, device=device, precision=precision)
+            model, info = ours, dict(ours.checkpoint_info)  # type: ignore[arg-type]
         else:
             from agrifm_pipeline.official import load_official_encoder
 
-            if resolved.untrained:
-                from agrifm_pipeline.model import EncoderConfig, untrained_state_dict
-
-                state: Any = untrained_state_dict(
-                    resolved.untrained_seed or 0,
-                    EncoderConfig(patch_size=resolved.untrained_patch or (4, 4, 4)),
-                )
-            else:
-                state = resolved.path
-            model = load_official_encoder(state, settings=settings, device=str(device))
             if precision != "float32":
                 raise SettingsError(
                     "the official-source encoder runs in float32 only here; use precision='float32'"
                 )
+            state = checkpoint_tensors(resolved)
+            model = load_official_encoder(state, settings=settings, device=str(device))
             info = {**resolved.as_record(), "untrained": resolved.untrained}
         with torch.no_grad():
             flat = torch.cat([p.detach().flatten().float().cpu() for p in model.parameters()])

@@ -134,7 +134,7 @@ def _stand_in_modules() -> dict[str, types.ModuleType]:
         mod = types.ModuleType(name)
         mod.__spec__ = importlib.util.spec_from_loader(name, loader=None, is_package=package)
         if package:
-            mod.__path__ = []  # type: ignore[attr-defined]
+            mod.__path__ = []
         for key, value in attrs.items():
             setattr(mod, key, value)
         return mod

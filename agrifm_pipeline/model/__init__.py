@@ -100,7 +100,7 @@ def load_encoder(
     else:
         from agrifm_pipeline.checkpoint import (
             ResolvedCheckpoint,
-            read_checkpoint,
+            checkpoint_tensors,
             resolve_checkpoint,
         )
 
@@ -109,15 +109,8 @@ def load_encoder(
             if isinstance(checkpoint, ResolvedCheckpoint)
             else resolve_checkpoint(checkpoint, settings)
         )
-        if resolved.untrained:
-            patch = resolved.untrained_patch or (4, 4, 4)
-            raw = untrained_state_dict(
-                resolved.untrained_seed or 0, EncoderConfig(patch_size=patch)
-            )
-            source = resolved.spec
-        else:
-            assert resolved.path is not None
-            raw, source = read_checkpoint(resolved.path), str(resolved.path)
+        raw = checkpoint_tensors(resolved)
+        source = resolved.spec if resolved.untrained else str(resolved.path)
 
     upstream = to_upstream_layout(raw, source=source)
     cfg = infer_config(upstream.tensors)
