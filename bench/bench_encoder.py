@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="untrained:<seed> weights, full size")
     ap.add_argument("--official-repo", default=os.environ.get("RS_EMBED_AGRIFM_REPO_PATH"))
     ap.add_argument("--json", default="bench/results/bench_encoder.json")
+    ap.add_argument(
+        "--matmul-n", type=int, default=None, help="matmul size (default 2048 CPU, 8192 GPU)"
+    )
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -164,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# torch {env['torch']} on {env['device_name'] or env['machine']}, {env['torch_threads']} threads"
     )
-    rates_before = {p: matmul_rate(getattr(torch, p), device) for p in args.precision}
+    mm_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
+    env["matmul_n"] = mm_n
+    rates_before = {p: matmul_rate(getattr(torch, p), device, mm_n) for p in args.precision}
     print("# matmul GFLOP/s before: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_before.items()))
 
     official_available = bool(args.official_repo)
@@ -193,7 +198,16 @@ def main(argv: list[str] | None = None) -> int:
                 autocast = None if prec == "float32" else torch.bfloat16
                 for b in args.batch:
                     x = torch.randn(b, t, 10, args.size, args.size, device=device)
-                    sec, peak = time_forward(ours, x, device, args.repeats, args.warmup, autocast)
+                    try:
+                        sec, peak = time_forward(
+                            ours, x, device, args.repeats, args.warmup, autocast
+                        )
+                    except torch.OutOfMemoryError:
+                        print(
+                            f"# {patch} T={t} batch {b} {prec}: out of memory, skipped", flush=True
+                        )
+                        torch.cuda.empty_cache()
+                        continue
                     row: dict[str, Any] = {
                         "patch": patch,
                         "frames": t,
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     _print_row(row)
         del ours, official
 
-    rates_after = {p: matmul_rate(getattr(torch, p), device) for p in args.precision}
+    rates_after = {p: matmul_rate(getattr(torch, p), device, mm_n) for p in args.precision}
     print("# matmul GFLOP/s after: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_after.items()))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
