@@ -376,8 +376,9 @@ class AgriFMEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.num_features, eps=cfg.layer_norm_eps)
         # Set by load_encoder: bfloat16 runs the forward under autocast, output float32.
         self.autocast_dtype: torch.dtype | None = None
-        # Stages run on at most this many tokens at a time (whole samples per chunk):
-        # the early, token-heavy stages then stay cache-resident on a CPU. 0 = off.
+        # On a CPU, stages run on at most this many tokens at a time (whole samples
+        # per chunk), so the early, token-heavy stages stay cache-resident. A GPU
+        # wants the opposite (big launches), so it is never chunked. 0 = off.
         self.chunk_tokens = 8192
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,7 +411,9 @@ class AgriFMEncoder(nn.Module):
         changes nothing but memory traffic.
         """
         b, d, h, w, _ = x.shape
-        per_chunk = max(1, self.chunk_tokens // (d * h * w)) if self.chunk_tokens else b
+        if not self.chunk_tokens or x.device.type != "cpu":
+            return stage(x)
+        per_chunk = max(1, self.chunk_tokens // (d * h * w))
         if per_chunk >= b:
             return stage(x)
         return torch.cat([stage(part) for part in x.split(per_chunk)], dim=0)
