@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_region_errors(tmp_path: Path) -> None:
     with pytest.raises(RegionError, match="empty"):
         tiles_for_region(Polygon())
     bowtie = Polygon([(4.0, 50.0), (4.1, 50.1), (4.1, 50.0), (4.0, 50.1), (4.0, 50.0)])
-    with pytest.raises(RegionError, match="invalid geometry.*make_valid"):
+    with pytest.raises(RegionError, match=r"invalid geometry.*make_valid"):
         tiles_for_region(bowtie)
     with pytest.raises(RegionError, match="does not exist"):
         tiles_for_region(tmp_path / "missing.geojson")
@@ -166,7 +167,7 @@ def test_windows_are_contiguous_and_end_exclusive(year: int, n: int) -> None:
         and wins[0].start == dt.date(year, 1, 1)
         and wins[-1].end == dt.date(year + 1, 1, 1)
     )
-    assert all(a.end == b.start for a, b in zip(wins, wins[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(wins))
     assert all(w.days >= 1 for w in wins)
     assert not wins[0].contains(wins[0].end)
 
