@@ -1,0 +1,301 @@
+"""Sentinel-2 L2A scenes you already have: a directory of GeoTIFFs/COGs, or a static STAC catalog.
+
+Directory layout (the layout of ``data/s2_sample``)::
+
+    root/
+      YYYY-MM-DD.tif          one scene per acquisition date, uint16 DN (reflectance x 10000),
+                              the 10 bands in SensorSpec order (or named by band descriptions),
+                              nodata 0, any CRS and resolution
+      masks/YYYY-MM-DD.tif    same grid; band 2 (or the band described "SCL") = Sen2Cor SCL
+      manifest.json           optional; ``dates[].cloud_fraction`` gives each scene's cloudy
+                              share (0..1) for the ``cloudy_pct`` filter
+
+Without a manifest, a scene's cloudy percentage is computed from its own SCL
+(medium/high-probability cloud and thin cirrus, over the pixels with data), as
+Sen2Cor's ``CLOUDY_PIXEL_PERCENTAGE`` is.
+
+STAC: ``root`` is a static ``catalog.json`` (or a directory holding one) whose
+items carry one asset per band (named as in ``SensorSpec.bands``) plus an
+``SCL`` asset, and ``eo:cloud_cover`` in their properties; items are read
+with odc-stac.
+
+Pixels are read onto the requested grid with rasterio's warper (odc-stac for
+STAC), nearest-neighbour for both reflectance and SCL: every output pixel is
+then a real observation that agrees with its own SCL class, and on a grid
+aligned with the source (same UTM zone and 10 m lattice) the read is exact.
+Parts of the grid a scene does not cover are no data, which lowers the clear
+fraction rather than failing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from odc.geo.geobox import GeoBox
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+
+from agrifm_pipeline.compositing import Scene, composite_windows
+from agrifm_pipeline.errors import ProviderError
+from agrifm_pipeline.frames import FrameWindow
+from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
+from agrifm_pipeline.specs import SensorSpec
+
+_DATE_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.tif{1,2}$", re.IGNORECASE)
+CLOUDY_SCL = (8, 9, 10)
+
+
+def _package_version() -> str:
+    from agrifm_pipeline import __version__
+
+    return __version__
+
+
+def _overlaps(src_bounds: Any, src_crs: Any, area: GeoBox) -> bool:
+    left, bottom, right, top = transform_bounds(
+        src_crs, area.crs.to_wkt(), *src_bounds, densify_pts=21
+    )
+    a = area.extent.boundingbox
+    return left < a.right and right > a.left and bottom < a.top and top > a.bottom
+
+
+def _read_onto(path: Path, area: GeoBox, indexes: list[int], dtype: str) -> np.ndarray:
+    with (
+        rasterio.open(path) as src,
+        WarpedVRT(
+            src,
+            crs=area.crs.to_wkt(),
+            transform=area.affine,
+            width=area.shape[1],
+            height=area.shape[0],
+            resampling=Resampling.nearest,
+            nodata=0,
+        ) as vrt,
+    ):
+        return vrt.read(indexes, out_dtype=dtype)
+
+
+class LocalProvider:
+    """Scenes from a local directory or static STAC catalog (see the module docstring)."""
+
+    name = "local"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise ProviderError(
+                f"local provider root {self.root} does not exist; give a scene directory or catalog.json"
+            )
+        catalog = self.root if self.root.suffix == ".json" else self.root / "catalog.json"
+        self.catalog = catalog if catalog.is_file() else None
+        if self.catalog is None:
+            self._files = sorted(p for p in self.root.iterdir() if _DATE_FILE.match(p.name))
+            if not self._files:
+                raise ProviderError(
+                    f"{self.root} holds no scenes (expected YYYY-MM-DD.tif files, or a STAC catalog.json)"
+                )
+            self._cloud = self._manifest_cloud()
+        listing = "\n".join(
+            p.name for p in (self._files if self.catalog is None else [self.catalog])
+        )
+        self.version = f"{_package_version()}+{hashlib.sha256(listing.encode()).hexdigest()[:12]}"
+
+    # -- directory ---------------------------------------------------------------------
+    def _manifest_cloud(self) -> dict[str, float]:
+        manifest = self.root / "manifest.json"
+        if not manifest.is_file():
+            return {}
+        try:
+            entries = json.loads(manifest.read_text()).get("dates", [])
+            return {
+                str(e["date"]): 100.0 * float(e["cloud_fraction"])
+                for e in entries
+                if "cloud_fraction" in e
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ProviderError(
+                f"{manifest} is not a readable scene manifest ({exc}); fix or remove it"
+            ) from exc
+
+    def _band_indexes(self, path: Path, sensor: SensorSpec) -> list[int]:
+        with rasterio.open(path) as src:
+            descriptions = [d or "" for d in src.descriptions]
+            count = src.count
+        named = [d.upper() for d in descriptions]
+        if all(named):
+            missing = [b for b in sensor.bands if b.upper() not in named]
+            if missing:
+                raise ProviderError(
+                    f"{path.name} has bands {descriptions}; it lacks {missing} requested by SensorSpec.bands"
+                )
+            return [named.index(b.upper()) + 1 for b in sensor.bands]
+        if count != len(sensor.bands):
+            raise ProviderError(
+                f"{path.name} has {count} unnamed bands but SensorSpec asks for {len(sensor.bands)} "
+                f"({list(sensor.bands)}); write band descriptions or give the bands in that order"
+            )
+        return list(range(1, count + 1))
+
+    def _mask_path(self, scene: Path) -> Path:
+        return self.root / "masks" / scene.name
+
+    def _scl_index(self, mask: Path, scene: Path) -> int:
+        with rasterio.open(mask) as m, rasterio.open(scene) as s:
+            if (
+                m.crs != s.crs
+                or not np.allclose(tuple(m.transform), tuple(s.transform))
+                or m.shape != s.shape
+            ):
+                raise ProviderError(
+                    f"mask {mask} is not on the grid of {scene.name} (CRS {m.crs} vs {s.crs}, "
+                    f"shape {m.shape} vs {s.shape}); masks must share their scene's grid"
+                )
+            names = [(d or "").upper() for d in m.descriptions]
+            if "SCL" in names:
+                return names.index("SCL") + 1
+            if m.count >= 2:
+                return 2
+            raise ProviderError(
+                f"mask {mask} has no SCL band (expected band 2 or a band described 'SCL')"
+            )
+
+    def _scl_cloudy_pct(self, mask: Path, index: int) -> float:
+        with rasterio.open(mask) as m:
+            scl = m.read(index)
+        valid = scl != 0
+        return 100.0 * float(np.isin(scl[valid], CLOUDY_SCL).sum()) / max(1, int(valid.sum()))
+
+    def _directory_scenes(
+        self,
+        area: GeoBox,
+        windows: Sequence[FrameWindow],
+        sensor: SensorSpec,
+        cloud_mask: CloudMask,
+    ) -> list[Scene]:
+        start, end = windows[0].start, windows[-1].end
+        scenes = []
+        for path in self._files:
+            m = _DATE_FILE.match(path.name)
+            assert m is not None
+            day = dt.date.fromisoformat(m.group(1))
+            if not start <= day < end:
+                continue
+            with rasterio.open(path) as src:
+                if src.crs is None:
+                    raise ProviderError(f"scene {path} has no CRS; it cannot be placed on the grid")
+                if not _overlaps(src.bounds, src.crs, area):
+                    continue
+            indexes = self._band_indexes(path, sensor)
+            mask = self._mask_path(path)
+            scl_index = self._scl_index(mask, path) if mask.is_file() else None
+            if scl_index is None and cloud_mask.mode == "scl":
+                raise ProviderError(
+                    f"scene {path.name} has no mask file masks/{path.name}; add it, or use cloud_mask='none'"
+                )
+            cloudy = self._cloud.get(m.group(1))
+            if cloudy is None and scl_index is not None:
+                cloudy = self._scl_cloudy_pct(mask, scl_index)
+
+            def load(
+                path: Path = path,
+                idx: list[int] = indexes,
+                mask: Path = mask,
+                si: int | None = scl_index,
+            ) -> Any:
+                data = _read_onto(path, area, idx, "uint16")
+                scl = None if si is None else _read_onto(mask, area, [si], "uint8")[0]
+                return data, scl
+
+            scenes.append(Scene(m.group(1), day, cloudy, load))
+        return scenes
+
+    # -- STAC ----------------------------------------------------------------------------
+    def _stac_scenes(
+        self,
+        area: GeoBox,
+        windows: Sequence[FrameWindow],
+        sensor: SensorSpec,
+        cloud_mask: CloudMask,
+    ) -> list[Scene]:
+        import pystac
+        from odc.stac import load as stac_load
+
+        assert self.catalog is not None
+        catalog = pystac.Catalog.from_file(str(self.catalog))
+        start, end = windows[0].start, windows[-1].end
+        items = []
+        for item in catalog.get_items(recursive=True):
+            day = (item.datetime or item.common_metadata.start_datetime).date()  # type: ignore[union-attr]
+            if start <= day < end:
+                missing = [b for b in (*sensor.bands, "SCL") if b not in item.assets]
+                if missing:
+                    raise ProviderError(
+                        f"STAC item {item.id} has no asset(s) {missing}; it has {sorted(item.assets)}"
+                    )
+                items.append(item)
+        if not items:
+            return []
+        ds = stac_load(
+            items,
+            bands=[*sensor.bands, "SCL"],
+            geobox=area,
+            resampling="nearest",
+            groupby="id",
+            dtype="uint16",
+            nodata=0,
+        )
+        by_id = {item.id: item for item in items}
+        scenes = []
+        for i in range(ds.sizes["time"]):
+            layer = ds.isel(time=i)
+            item = by_id.get(str(layer.coords.get("id", ""))) if "id" in layer.coords else None
+            item = item or items[i]
+            cloudy = item.properties.get("eo:cloud_cover")
+            data = np.stack([layer[b].values for b in sensor.bands]).astype(np.uint16)
+            scl = layer["SCL"].values.astype(np.uint8)
+            day = (item.datetime or item.common_metadata.start_datetime).date()  # type: ignore[union-attr]
+            scenes.append(
+                Scene(
+                    item.id,
+                    day,
+                    None if cloudy is None else float(cloudy),
+                    lambda d=data, s=scl: (d, s),
+                )
+            )
+        return scenes
+
+    # -- the interface -----------------------------------------------------------------
+    def fetch(
+        self,
+        area: GeoBox,
+        windows: Sequence[FrameWindow],
+        sensor: SensorSpec,
+        cloud_mask: CloudMask,
+    ) -> FrameStack:
+        if self.catalog is not None:
+            scenes = self._stac_scenes(area, windows, sensor, cloud_mask)
+        else:
+            scenes = self._directory_scenes(area, windows, sensor, cloud_mask)
+        values, records = composite_windows(
+            scenes,
+            windows,
+            sensor,
+            cloud_mask,
+            area_label=f"{area.crs} {tuple(area.extent.boundingbox)}",
+        )
+        return FrameStack(
+            data=frame_stack_array(values, area, windows, sensor.bands),
+            frames=records,
+            provider=self.name,
+            provider_version=self.version,
+            extra={"root": str(self.root), "kind": "stac" if self.catalog else "directory"},
+        )
