@@ -46,6 +46,15 @@ class Scene:
     load: Callable[[], SceneArrays]
 
 
+def loaded(data: np.ndarray, scl: np.ndarray | None) -> Callable[[], SceneArrays]:
+    """A loader for arrays already in memory."""
+
+    def load() -> SceneArrays:
+        return data, scl
+
+    return load
+
+
 def passes_scene_filter(scene: Scene, cloudy_pct: float) -> bool:
     return scene.cloudy_pct is None or scene.cloudy_pct <= cloudy_pct
 
@@ -118,7 +127,10 @@ def composite(
     out = np.full((c, h, w), fill, dtype=np.uint16)
     if method == "median":
         # Work only inside the box of pixels that have an observation (partial coverage).
-        rows, cols = np.flatnonzero(has_any.any(axis=1)), np.flatnonzero(has_any.any(axis=0))
+        rows, cols = (
+            np.flatnonzero(np.any(has_any, axis=1)),
+            np.flatnonzero(np.any(has_any, axis=0)),
+        )
         if rows.size:
             box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
             clear_box = clear[(slice(None), *box)]
@@ -135,7 +147,7 @@ def composite(
     else:
         raise ProviderError(f"composite={method!r}; use 'median' or 'mosaic'")
     out[:, ~has_any] = fill
-    return out, has_any
+    return out, np.asarray(has_any)
 
 
 def backfill_sources(empty: Sequence[bool], whole_range_available: bool) -> list[str | None]:
@@ -172,13 +184,13 @@ def composite_windows(
         ProviderError: no clear observation anywhere in the range.
     """
     passing = [s for s in scenes if passes_scene_filter(s, sensor.cloudy_pct)]
-    loaded: dict[str, tuple[dt.date, np.ndarray, np.ndarray]] = {}
+    cache: dict[str, tuple[dt.date, np.ndarray, np.ndarray]] = {}
 
     def load(scene: Scene) -> tuple[dt.date, np.ndarray, np.ndarray]:
-        if scene.id not in loaded:
+        if scene.id not in cache:
             data, scl = scene.load()
-            loaded[scene.id] = (scene.date, data, clear_mask(data, scl, cloud_mask))
-        return loaded[scene.id]
+            cache[scene.id] = (scene.date, data, clear_mask(data, scl, cloud_mask))
+        return cache[scene.id]
 
     frames: list[np.ndarray | None] = []
     records: list[FrameRecord] = []
@@ -196,7 +208,7 @@ def composite_windows(
         else:
             frames.append(None)
         records.append(rec)
-        loaded.clear()  # a back-fill reloads what it needs; memory stays at one window
+        cache.clear()  # a back-fill reloads what it needs; memory stays at one window
 
     empty = [f is None for f in frames]
     if all(empty):
@@ -211,7 +223,7 @@ def composite_windows(
         whole_data, whole_any = (
             composite(whole, sensor.composite, sensor.fill_value) if whole else (None, None)
         )
-        loaded.clear()
+        cache.clear()
         for i, source in enumerate(backfill_sources(empty, whole_data is not None)):
             if source is None:
                 continue

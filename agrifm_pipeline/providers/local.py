@@ -60,10 +60,13 @@ def _package_version() -> str:
     return __version__
 
 
+def _wkt(area: GeoBox) -> str:
+    assert area.crs is not None, "an area grid always has a CRS"
+    return area.crs.to_wkt()
+
+
 def _overlaps(src_bounds: Any, src_crs: Any, area: GeoBox) -> bool:
-    left, bottom, right, top = transform_bounds(
-        src_crs, area.crs.to_wkt(), *src_bounds, densify_pts=21
-    )
+    left, bottom, right, top = transform_bounds(src_crs, _wkt(area), *src_bounds, densify_pts=21)
     a = area.extent.boundingbox
     return left < a.right and right > a.left and bottom < a.top and top > a.bottom
 
@@ -73,7 +76,7 @@ def _read_onto(path: Path, area: GeoBox, indexes: list[int], dtype: str) -> np.n
         rasterio.open(path) as src,
         WarpedVRT(
             src,
-            crs=area.crs.to_wkt(),
+            crs=_wkt(area),
             transform=area.affine,
             width=area.shape[1],
             height=area.shape[0],
@@ -244,33 +247,24 @@ class LocalProvider:
                 items.append(item)
         if not items:
             return []
-        ds = stac_load(
-            items,
-            bands=[*sensor.bands, "SCL"],
-            geobox=area,
-            resampling="nearest",
-            groupby="id",
-            dtype="uint16",
-            nodata=0,
-        )
-        by_id = {item.id: item for item in items}
         scenes = []
-        for i in range(ds.sizes["time"]):
-            layer = ds.isel(time=i)
-            item = by_id.get(str(layer.coords.get("id", ""))) if "id" in layer.coords else None
-            item = item or items[i]
+        for item in items:
+
+            def load(item: pystac.Item = item) -> tuple[np.ndarray, np.ndarray]:
+                ds = stac_load(
+                    [item],
+                    bands=[*sensor.bands, "SCL"],
+                    geobox=area,
+                    resampling="nearest",
+                    dtype="uint16",
+                    nodata=0,
+                ).isel(time=0)
+                data = np.stack([ds[b].values for b in sensor.bands]).astype(np.uint16)
+                return data, ds["SCL"].values.astype(np.uint8)
+
             cloudy = item.properties.get("eo:cloud_cover")
-            data = np.stack([layer[b].values for b in sensor.bands]).astype(np.uint16)
-            scl = layer["SCL"].values.astype(np.uint8)
             day = (item.datetime or item.common_metadata.start_datetime).date()  # type: ignore[union-attr]
-            scenes.append(
-                Scene(
-                    item.id,
-                    day,
-                    None if cloudy is None else float(cloudy),
-                    lambda d=data, s=scl: (d, s),
-                )
-            )
+            scenes.append(Scene(item.id, day, None if cloudy is None else float(cloudy), load))
         return scenes
 
     # -- the interface -----------------------------------------------------------------

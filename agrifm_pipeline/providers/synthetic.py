@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from odc.geo.geobox import GeoBox
 
-from agrifm_pipeline.compositing import Scene, composite_windows
+from agrifm_pipeline.compositing import Scene, composite_windows, loaded
 from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
 from agrifm_pipeline.specs import SensorSpec
@@ -135,9 +135,7 @@ class SyntheticProvider:
         day = start + dt.timedelta(days=offset)
         while day < end:
             data, scl, cloudy = self._scene(area, day, label, params, sensor)
-            scenes.append(
-                Scene(f"synthetic-{day.isoformat()}", day, cloudy, lambda d=data, s=scl: (d, s))
-            )
+            scenes.append(Scene(f"synthetic-{day.isoformat()}", day, cloudy, loaded(data, scl)))
             day += dt.timedelta(days=REVISIT_DAYS)
         values, records = composite_windows(
             scenes, windows, sensor, cloud_mask, area_label="synthetic area"
