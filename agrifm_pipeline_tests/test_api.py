@@ -235,3 +235,51 @@ def test_bad_calls_raise_named_errors(
     model = kwargs.pop("model", "agrifm")
     with pytest.raises(err, match=match):
         get_embedding(model, **kwargs)
+
+
+def test_local_backend_single_roi_and_batch(tiny: str, settings, sample_dir: Path) -> None:
+    roi = PointBuffer(lon=4.063058, lat=50.746013, buffer_m=300)
+    kwargs = {
+        "temporal": TemporalSpec.year(2019),
+        "backend": "local",
+        "provider_options": {"root": str(sample_dir)},
+        "checkpoint": tiny,
+        "settings": settings,
+        "device": "cpu",
+    }
+    grid = get_embedding("agrifm", spatial=roi, output=OutputSpec.grid(), **kwargs)
+    m = grid.meta
+    assert m["source"] == "provider:local" and m["provider"] == "local" and m["synthetic"] is False
+    assert m["input_crs"] == "EPSG:32631" and m["input_mode"] == "tchw_exact"
+    assert len(m["frames"]) == 8 and m["frames"][-1]["backfilled"] is True
+    assert m["n_backfilled_frames"] >= 1 and m["n_distinct_frames"] == 8 - m["n_backfilled_frames"]
+    assert m["cloud_mask"]["mode"] == "scl"
+    # The grid is placed over the ROI in UTM metres.
+    x0, y0, x1, y1 = m["input_bounds"]
+    assert (
+        x0 < float(grid.data.x[0]) < float(grid.data.x[-1]) < x1
+        and grid.data.attrs["crs"] == "EPSG:32631"
+    )
+    other = PointBuffer(lon=4.0615, lat=50.7455, buffer_m=150)
+    batch = get_embeddings_batch("agrifm", spatials=[roi, other], **kwargs)
+    np.testing.assert_allclose(
+        batch[0].data, grid.data.mean(("y", "x")).values, rtol=1e-5, atol=1e-5
+    )
+    single = get_embedding("agrifm", spatial=other, **kwargs)
+    np.testing.assert_allclose(batch[1].data, single.data, rtol=1e-5, atol=1e-5)
+
+
+def test_synthetic_provider_instance_is_labelled(tiny: str, settings) -> None:
+    from agrifm_pipeline.providers.synthetic import SyntheticProvider
+
+    emb = get_embedding(
+        "agrifm",
+        spatial=PointBuffer(lon=4.06, lat=50.75, buffer_m=200),
+        temporal=TemporalSpec.range("2020-03-01", "2020-09-01"),
+        provider=SyntheticProvider(seed=5),
+        checkpoint=tiny,
+        settings=settings,
+        device="cpu",
+    )
+    assert emb.meta["synthetic"] is True and emb.meta["source"] == "provider:synthetic"
+    assert emb.meta["backend"] == "provider:synthetic"
