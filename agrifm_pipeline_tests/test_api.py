@@ -258,6 +258,7 @@ def test_local_backend_single_roi_and_batch(tiny: str, settings, sample_dir: Pat
     x0, y0, x1, y1 = m["input_bounds"]
     assert (
         x0 < float(grid.data.x[0]) < float(grid.data.x[-1]) < x1
+        and y0 < float(grid.data.y[-1]) < float(grid.data.y[0]) < y1
         and grid.data.attrs["crs"] == "EPSG:32631"
     )
     other = PointBuffer(lon=4.0615, lat=50.7455, buffer_m=150)
