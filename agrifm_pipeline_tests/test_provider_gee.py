@@ -1,0 +1,172 @@
+"""The Earth Engine provider: the real earthengine-api client against a stand-in on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import google.oauth2.credentials
+import numpy as np
+import pytest
+from odc.geo.geobox import GeoBox
+
+from agrifm_pipeline.errors import ProviderError
+from agrifm_pipeline.frames import frame_windows
+from agrifm_pipeline.providers.base import CloudMask
+from agrifm_pipeline.providers.gee import (
+    HIGH_VOLUME_ENDPOINT,
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_SIDE,
+    EarthEngineProvider,
+    is_retryable,
+)
+from agrifm_pipeline.specs import SensorSpec
+from agrifm_pipeline.tiles import Tile
+
+from .ee_standin import StandIn, ee_standin, expected_value
+
+SAMPLE = GeoBox.from_bbox((574680.0, 5621800.0, 575320.0, 5622440.0), "EPSG:32631", resolution=10)
+
+
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    with ee_standin() as s:
+        yield s
+
+
+def _provider(s: StandIn, **kw) -> EarthEngineProvider:
+    creds = google.oauth2.credentials.Credentials(token="test-token")
+    return EarthEngineProvider(
+        project=s.project, credentials=creds, endpoint=s.url, sleep=lambda _: None, **kw
+    )
+
+
+def _expected(area: GeoBox, band: str) -> np.ndarray:
+    xs, ys = area.coords["x"].values, area.coords["y"].values
+    x, y = np.meshgrid(xs, ys)
+    return expected_value(band, x, y)
+
+
+def test_expression_grid_and_pixels(standin: StandIn) -> None:
+    sensor = SensorSpec(cloudy_pct=25)
+    windows = frame_windows(2019, 8)
+    stack = _provider(standin).fetch(SAMPLE, windows, sensor, CloudMask())
+    # The client initialised against the stand-in (discovery + algorithms).
+    paths = [p for _, p, _ in standin.requests]
+    assert any(p.startswith("/$discovery/rest") for p in paths) and any(
+        "/algorithms" in p for p in paths
+    )
+    # The expression: collection, windows, bands, scene filter, SCL mask.
+    (pixels,) = standin.bodies("image:computePixels")
+    expr = json.dumps(pixels["expression"])
+    assert '"COPERNICUS/S2_SR_HARMONIZED"' in expr
+    # lte(CLOUDY_PIXEL_PERCENTAGE, 25) serialises as not(greaterThan(...)).
+    assert (
+        '"CLOUDY_PIXEL_PERCENTAGE"' in expr
+        and '"Filter.greaterThan"' in expr
+        and '"Filter.not"' in expr
+    )
+    assert '"constantValue": 25' in expr
+    for win in windows:
+        assert f'"{win.start.isoformat()}"' in expr and f'"{win.end.isoformat()}"' in expr
+    for band in sensor.bands:
+        assert f'"{band}"' in expr
+    assert '"Image.remap"' in expr and "[0, 1, 3, 8, 9, 10, 11]" in expr
+    assert '"reduce.median"' in expr and '"reduce.count"' in expr
+    # The grid: the area's own UTM CRS at 10 m, not Web Mercator.
+    grid = pixels["grid"]
+    assert grid["crsCode"] == "EPSG:32631"
+    assert grid["affineTransform"]["scaleX"] == 10.0 and grid["affineTransform"]["scaleY"] == -10.0
+    assert (
+        grid["affineTransform"]["translateX"] == 574680.0
+        and grid["affineTransform"]["translateY"] == 5622440.0
+    )
+    assert grid["dimensions"] == {"width": 64, "height": 64}
+    assert pixels["fileFormat"] == "NUMPY_NDARRAY" or pixels["fileFormat"] == "NPY"
+    # Pixels decode into the right (T, 10, H, W) values; frame 7 (no clear pixel) is back-filled.
+    values = stack.data.values
+    assert values.shape == (8, 10, 64, 64) and values.dtype == np.uint16
+    for i in range(7):
+        for c, band in enumerate(sensor.bands):
+            np.testing.assert_array_equal(values[i, c], _expected(SAMPLE, f"f{i}_{band}"))
+    np.testing.assert_array_equal(values[7, 0], _expected(SAMPLE, "all_B2"))
+    assert stack.frames[7].backfilled and stack.frames[7].backfill_source == "whole_range"
+    assert [f.n_scenes for f in stack.frames] == [3] * 8 and stack.extra["scenes_in_range"] == 20
+    assert stack.provider == "gee" and "earthengine-api" in stack.provider_version
+    assert str(stack.data.rio.crs) == "EPSG:32631"
+
+
+def test_no_pixel_mask_with_mode_none(standin: StandIn) -> None:
+    _provider(standin).fetch(SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask(mode="none"))
+    expr = json.dumps(standin.bodies("image:computePixels")[0]["expression"])
+    # Only SCL 0 (no data) is remapped away: no cloud classes.
+    assert "[0, 1, 3, 8, 9, 10, 11]" not in expr and '"Image.remap"' in expr
+    assert '"constantValue": [0]' in expr
+
+
+def test_429_and_503_are_retried(standin: StandIn) -> None:
+    provider = _provider(standin)
+    provider.initialise()
+    standin.fail_next(1, 429, "Too Many Requests: quota exceeded")
+    standin.fail_next(1, 503, "Service unavailable")
+    stack = provider.fetch(SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask())
+    assert provider.stats["retries"] == 2 and stack.extra["retries"] == 2
+    assert stack.data.shape == (2, 10, 64, 64)
+
+
+def test_persistent_503_gives_up_with_a_clear_error(standin: StandIn) -> None:
+    provider = _provider(standin, max_attempts=3)
+    provider.initialise()
+    standin.fail_next(10, 503, "Service unavailable")
+    with pytest.raises(ProviderError, match="after 3 attempts"):
+        provider.fetch(SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask())
+    assert provider.stats["requests"] == 3
+
+
+def test_400_is_not_retried(standin: StandIn) -> None:
+    provider = _provider(standin)
+    provider.initialise()
+    standin.fail_next(1, 400, "Image.select: Band pattern 'B99' did not match any bands.")
+    with pytest.raises(ProviderError, match="refused"):
+        provider.fetch(SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask())
+    assert provider.stats["retries"] == 0
+
+
+def test_large_area_is_split_within_limits_and_reassembled_exactly(standin: StandIn) -> None:
+    tile = Tile.from_id("32631_8960m_E0064_N0627").geobox()  # 896 x 896 px
+    provider = _provider(standin, max_concurrent=2)
+    standin.delay_s = 0.05
+    stack = provider.fetch(tile, frame_windows(2019, 8), SensorSpec(), CloudMask())
+    bodies = standin.bodies("image:computePixels")
+    assert len(bodies) > 1, "a 130 MB request must be split"
+    covered = 0
+    for body in bodies:
+        dims = body["grid"]["dimensions"]
+        assert dims["width"] <= MAX_REQUEST_SIDE and dims["height"] <= MAX_REQUEST_SIDE
+        assert dims["width"] * dims["height"] * len(body["bandIds"]) * 2 <= MAX_REQUEST_BYTES
+        covered += dims["width"] * dims["height"]
+    assert covered == 896 * 896
+    values = stack.data.values
+    np.testing.assert_array_equal(values[3, 4], _expected(tile, "f3_B6"))
+    np.testing.assert_array_equal(values[0, 9], _expected(tile, "f0_B12"))
+    assert 1 < standin.in_flight_max <= 2 and provider.stats["in_flight_max"] <= 2
+
+
+def test_retry_classification_and_settings() -> None:
+    assert is_retryable(Exception("Too Many Requests"))
+    assert is_retryable(Exception("Quota exceeded for quota metric 'Concurrent requests'"))
+    assert is_retryable(Exception("Service unavailable"))
+    assert not is_retryable(Exception("Image.select: Band pattern 'B99' did not match any bands."))
+    creds = google.oauth2.credentials.Credentials(token="x")
+    assert (
+        EarthEngineProvider(project="p", credentials=creds, endpoint="highvolume").endpoint
+        == HIGH_VOLUME_ENDPOINT
+    )
+    with pytest.raises(Exception, match="max_concurrent"):
+        EarthEngineProvider(project="p", credentials=creds, max_concurrent=40)
+
+
+def test_missing_key_file(tmp_path) -> None:
+    provider = EarthEngineProvider(project="p", service_account_key=tmp_path / "key.json")
+    with pytest.raises(ProviderError, match="does not exist"):
+        provider.initialise()
