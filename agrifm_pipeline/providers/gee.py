@@ -27,6 +27,7 @@ talks to one endpoint and project at a time.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import random
 import threading
@@ -284,8 +285,8 @@ class EarthEngineProvider:
         rows = np.linspace(0, h, ny + 1).round().astype(int)
         cols = np.linspace(0, w, nx + 1).round().astype(int)
         out = []
-        for r0, r1 in zip(rows[:-1], rows[1:], strict=True):
-            for c0, c1 in zip(cols[:-1], cols[1:], strict=True):
+        for r0, r1 in itertools.pairwise(rows):
+            for c0, c1 in itertools.pairwise(cols):
                 if (r1 - r0) * (c1 - c0) * n_bands * bytes_per_value > MAX_REQUEST_BYTES:
                     raise AssertionError("block split exceeds the request limit")
                 out.append((slice(int(r0), int(r1)), slice(int(c0), int(c1))))
