@@ -127,9 +127,11 @@ def test_400_is_not_retried(standin: StandIn) -> None:
     provider = _provider(standin)
     provider.initialise()
     standin.fail_next(1, 400, "Image.select: Band pattern 'B99' did not match any bands.")
-    with pytest.raises(ProviderError, match="refused"):
+    with pytest.raises(ProviderError, match="refused") as err:
         provider.fetch(SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask())
     assert provider.stats["retries"] == 0
+    # A collection without the needed bands is named with the fix.
+    assert "lacks bands" in str(err.value) and "S2_SR_HARMONIZED" in str(err.value)
 
 
 def test_large_area_is_split_within_limits_and_reassembled_exactly(standin: StandIn) -> None:
