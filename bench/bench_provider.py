@@ -39,7 +39,9 @@ from agrifm_pipeline.specs import SensorSpec  # noqa: E402
 from agrifm_pipeline.tiles import Tile  # noqa: E402
 
 SAMPLE = ROOT / "data" / "s2_sample"
-SAMPLE_GRID = GeoBox.from_bbox((574680.0, 5621800.0, 575320.0, 5622440.0), "EPSG:32631", resolution=10)
+SAMPLE_GRID = GeoBox.from_bbox(
+    (574680.0, 5621800.0, 575320.0, 5622440.0), "EPSG:32631", resolution=10
+)
 TILE = Tile.from_id("32631_8960m_E0064_N0627")
 
 
@@ -54,7 +56,9 @@ def _median_time(fn: Any, repeats: int) -> tuple[float, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--year", type=int, default=2019)
@@ -71,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'grid':>22} | {'px':>9} | {'s/tile-year':>11} | {'tile-years/s':>12}")
     for label, grid in (("sample 64x64", SAMPLE_GRID), (f"tile {TILE.id}", TILE.geobox())):
         sec, _ = _median_time(lambda g=grid: provider.fetch(g, windows, sensor, mask), args.repeats)
-        rows.append({"grid": label, "pixels": int(grid.shape[0] * grid.shape[1]), "s_per_tile_year": sec})
+        rows.append(
+            {"grid": label, "pixels": int(grid.shape[0] * grid.shape[1]), "s_per_tile_year": sec}
+        )
         print(f"{label:>22} | {grid.shape[0] * grid.shape[1]:>9} | {sec:>11.3f} | {1 / sec:>12.2f}")
 
     # End to end on a full tile: acquire -> chips -> normalise -> embed.
@@ -116,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
     out.write_text(json.dumps({"env": env, "provider_rows": rows, "end_to_end": e2e}, indent=2))
     print(f"# wrote {out}")
     return 0

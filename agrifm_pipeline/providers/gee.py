@@ -86,7 +86,7 @@ def is_retryable(exc: BaseException) -> bool:
 def _hint(exc: BaseException) -> str:
     """A fix for the refusals users cause themselves (wrong collection or bands)."""
     text = str(exc).lower()
-    if "did not match any bands" in text or "band" in text and "not found" in text:
+    if "did not match any bands" in text or ("band" in text and "not found" in text):
         return (
             "; the collection lacks bands this sensor needs (10 S2 L2A bands B2..B12 and SCL): "
             "use COPERNICUS/S2_SR_HARMONIZED or set SensorSpec.bands to bands the collection has"
@@ -209,7 +209,9 @@ class EarthEngineProvider:
                     return fn()
                 except Exception as exc:  # the client raises EEException and transport errors
                     if not is_retryable(exc):
-                        raise ProviderError(f"Earth Engine refused {what}: {exc}{_hint(exc)}") from exc
+                        raise ProviderError(
+                            f"Earth Engine refused {what}: {exc}{_hint(exc)}"
+                        ) from exc
                     if attempt == self.max_attempts:
                         raise ProviderError(
                             f"Earth Engine kept failing {what} after {attempt} attempts: {exc}; "
