@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +21,7 @@ from agrifm_pipeline.model import load_encoder, resolve_device, resolve_precisio
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
 
 ENCODER_BACKENDS = ("ours", "official")
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,52 @@ class EmbeddingEngine:
         sizes = [g.shape[0] for g in groups]
         out = self.embed(torch.cat(groups, dim=0))
         return list(torch.split(out, sizes, dim=0))
+
+    def embed_stream(
+        self, groups: Iterable[tuple[K, torch.Tensor]]
+    ) -> Iterator[tuple[K, torch.Tensor]]:
+        """Embed a stream of (key, (n_i, T, 10, S, S)) groups in shared batches.
+
+        Chips of consecutive groups fill the same batches, so a run of many
+        small tile-years keeps the device's batch full; a group is yielded as
+        soon as all its chips are done, and at most one batch plus one group
+        is held in memory beyond what the caller holds.
+        """
+        pending: list[tuple[K, int]] = []  # groups waiting for outputs, with chip counts
+        queue: list[torch.Tensor] = []  # input chips not yet run
+        queued = 0
+        done: list[torch.Tensor] = []  # outputs not yet handed out
+
+        def run(n: int) -> None:
+            nonlocal queued, queue
+            chips = torch.cat(queue, dim=0) if len(queue) > 1 else queue[0]
+            head, rest = chips[:n], chips[n:]
+            done.append(self.embed(head))
+            queue = [rest] if rest.shape[0] else []
+            queued -= n
+
+        def ready() -> Iterator[tuple[K, torch.Tensor]]:
+            nonlocal done
+            while pending:
+                key, n = pending[0]
+                have = sum(d.shape[0] for d in done)
+                if have < n:
+                    return
+                out = torch.cat(done, dim=0) if len(done) > 1 else done[0]
+                done = [out[n:]] if out.shape[0] > n else []
+                pending.pop(0)
+                yield key, out[:n]
+
+        for key, chips in groups:
+            pending.append((key, chips.shape[0]))
+            queue.append(chips)
+            queued += chips.shape[0]
+            while queued >= self.batch_size:
+                run(self.batch_size)
+            yield from ready()
+        while queued:
+            run(min(queued, self.batch_size))
+        yield from ready()
 
 
 _ENGINES: OrderedDict[tuple[Any, ...], EmbeddingEngine] = OrderedDict()

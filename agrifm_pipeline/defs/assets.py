@@ -1,0 +1,491 @@
+"""The tile-year assets and the region mosaic.
+
+Each asset is thin: for every partition of its run it reads its inputs from
+the stores, calls the library (:mod:`agrifm_pipeline.tileyear`), commits one
+partition group, and records that partition's lineage as metadata. A run
+covers many partitions (see ``tile_year_backfill``), so the model loads once
+per run and the chips of all the run's tile-years share batches.
+"""
+
+import base64
+import datetime as dt
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import dagster as dg
+import fsspec
+import numpy as np
+import torch
+import xarray as xr
+
+from agrifm_pipeline import __version__
+from agrifm_pipeline.defs.partitions import (
+    REGION_DIM,
+    TILE_DIM,
+    YEAR_DIM,
+    region_year_partitions,
+    split_key,
+    tile_year_backfill,
+    tile_year_partitions,
+)
+from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+from agrifm_pipeline.errors import InputContractError
+from agrifm_pipeline.lineage import CODE_VERSIONS
+from agrifm_pipeline.storage import ZarrStore
+from agrifm_pipeline.tiles import Tile
+from agrifm_pipeline.tileyear import (
+    TileYearSettings,
+    acquire,
+    chip_table,
+    embedding_grid,
+    frame_stack_dataset,
+    mosaic,
+    normalise_tile,
+    normalized_dataset,
+    preview_png,
+)
+
+GROUP = "agrifm"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _tile_years(context: dg.AssetExecutionContext) -> list[tuple[str, Tile, int]]:
+    return [
+        (key, Tile.from_id(t), y) for key in context.partition_keys for t, y in [split_key(key)]
+    ]
+
+
+def _fingerprints(cfg: TileYearSettings, s2: S2Source, ckpt_sha: str, model: AgriFMModel | None):
+    precision = model.precision_class() if model is not None else "float32"
+    encoder = model.encoder if model is not None else "ours"
+    return cfg.fingerprints(
+        provider=s2.identity(), checkpoint_sha256=ckpt_sha, precision=precision, encoder=encoder
+    )
+
+
+def _base_lineage(
+    context: dg.AssetExecutionContext, stage: str, tile: Tile, year: int, cfg: TileYearSettings
+) -> dict[str, Any]:
+    return {
+        "asset": context.asset_key.to_user_string(),
+        "stage": stage,
+        "tile": tile.id,
+        "year": year,
+        "crs": tile.crs,
+        "tile_bounds": list(tile.bounds),
+        "year_window": [f"{year}-01-01", f"{year + 1}-01-01"],
+        "settings": cfg.as_record(),
+        "package_version": __version__,
+        "code_version": CODE_VERSIONS[stage],
+        "run_id": context.run.run_id,
+        "created_at": _now(),
+    }
+
+
+def _summary(lineage: dict[str, Any], url: str) -> dict[str, Any]:
+    """The metadata users scan in the UI; the whole record is under ``lineage``."""
+    settings = lineage["settings"]
+    acq = lineage.get("acquisition", {})
+    emb = lineage.get("embedding", {})
+    fps = lineage.get("fingerprints", {})
+    out: dict[str, Any] = {
+        "path": dg.MetadataValue.path(url),
+        "n_frames": settings["n_frames"],
+        "norm_mode": settings["norm_mode"],
+        "image_size": settings["image_size"],
+        "provider": acq.get("provider", ""),
+        "synthetic": bool(acq.get("synthetic", False)),
+        f"fingerprint_{lineage['stage']}": fps.get(lineage["stage"], {}).get("fingerprint", ""),
+        "output_shape": str(lineage.get("output", {}).get("shape")),
+        "lineage": dg.MetadataValue.json(json.loads(json.dumps(lineage, default=str))),
+    }
+    if acq:
+        out["n_backfilled_frames"] = acq.get("n_backfilled_frames", 0)
+        fr = acq.get("frames", [])
+        out["mean_clear_fraction"] = (
+            float(np.mean([f["clear_fraction"] for f in fr])) if fr else 0.0
+        )
+    if emb:
+        ck = emb.get("checkpoint", {})
+        out["checkpoint_sha256"] = ck.get("sha256", "")
+        out["untrained"] = bool(ck.get("untrained", False))
+        out["device"] = emb.get("device", "")
+        out["precision"] = emb.get("precision", "")
+    return out
+
+
+def _upstream(store: ZarrStore, tile: Tile, year: int, what: str) -> xr.Dataset:
+    if not store.exists(year, tile.id):
+        raise InputContractError(
+            f"{what} has no partition {tile.id}|{year} under {store.root}; materialise "
+            f"{store.asset} for it first (or include it in the same backfill)"
+        )
+    return store.open(year, tile.id)
+
+
+def _lineage_of(ds: xr.Dataset) -> dict[str, Any]:
+    from agrifm_pipeline.storage import LINEAGE_ATTR
+
+    text = ds.attrs.get(LINEAGE_ATTR)
+    return json.loads(text) if text else {}
+
+
+# -- assets ----------------------------------------------------------------------------------
+@dg.observable_source_asset(
+    group_name=GROUP,
+    description="The AgriFM weights; the data version is the file's sha256.",
+)
+def agrifm_checkpoint(model: AgriFMModel) -> dg.ObserveResult:
+    resolved = model.resolved()
+    return dg.ObserveResult(
+        data_version=dg.DataVersion(resolved.sha256),
+        metadata={
+            "sha256": resolved.sha256,
+            "size_bytes": resolved.size_bytes,
+            "source": resolved.source,
+            "path": str(resolved.path) if resolved.path else resolved.spec,
+            "untrained": resolved.untrained,
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=tile_year_partitions,
+    backfill_policy=tile_year_backfill,
+    code_version=CODE_VERSIONS["acquisition"],
+    group_name=GROUP,
+    pool="s2_acquisition",
+    kinds={"zarr"},
+    description="Raw Sentinel-2 L2A frame stack (T, 10, H, W) uint16 per tile-year, with its per-frame record.",
+)
+def s2_frame_stack(
+    context: dg.AssetExecutionContext, tile_year: TileYearConfig, s2: S2Source, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    cfg = tile_year.resolve()
+    provider = s2.provider()
+    store = storage.store("s2_frame_stack")
+    fps = _fingerprints(cfg, s2, "", None)
+    items = _tile_years(context)
+
+    def one(item: tuple[str, Tile, int]) -> tuple[str, dict[str, Any], str]:
+        key, tile, year = item
+        stack = acquire(provider, tile, year, cfg)
+        lineage = _base_lineage(context, "acquisition", tile, year, cfg)
+        lineage["acquisition"] = stack.record()
+        lineage["fingerprints"] = {"acquisition": fps.acquisition.as_record()}
+        lineage["output"] = {"shape": list(stack.data.shape), "dtype": str(stack.data.dtype)}
+        url = store.write(year, tile.id, frame_stack_dataset(stack), lineage)
+        return key, lineage, url
+
+    workers = max(1, min(s2.workers(), len(items)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, lineage, url in pool.map(one, items):
+            context.add_asset_metadata(_summary(lineage, url), partition_key=key)
+            context.log.info(f"{key}: frames written to {url}")
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+
+
+@dg.asset(
+    partitions_def=tile_year_partitions,
+    backfill_policy=tile_year_backfill,
+    code_version=CODE_VERSIONS["normalisation"],
+    group_name=GROUP,
+    deps=[s2_frame_stack],
+    kinds={"zarr"},
+    description="Model input (chips, T, 10, S, S) float32: clip 0..10000, normalise, resize.",
+)
+def normalized_tensors(
+    context: dg.AssetExecutionContext, tile_year: TileYearConfig, s2: S2Source, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    cfg = tile_year.resolve()
+    src, store = storage.store("s2_frame_stack"), storage.store("normalized_tensors")
+    fps = _fingerprints(cfg, s2, "", None)
+    items = _tile_years(context)
+    for key, tile, year in items:
+        up = _upstream(src, tile, year, "s2_frame_stack")
+        upstream = _lineage_of(up)
+        values = up["frames"].values
+        if values.shape[0] != cfg.n_frames:
+            raise InputContractError(
+                f"s2_frame_stack {tile.id}|{year} has {values.shape[0]} frames but n_frames is "
+                f"{cfg.n_frames}; re-materialise s2_frame_stack with the current settings"
+            )
+        tensor, record = normalise_tile(values, cfg)
+        lineage = {**upstream, **_base_lineage(context, "normalisation", tile, year, cfg)}
+        lineage["normalisation"] = record
+        lineage["fingerprints"] = {
+            **upstream.get("fingerprints", {}),
+            "normalisation": fps.normalisation.as_record(),
+        }
+        lineage["inputs"] = {
+            "s2_frame_stack": {
+                "url": src.partition_url(year, tile.id),
+                "run_id": upstream.get("run_id"),
+                "fingerprint": upstream.get("fingerprints", {})
+                .get("acquisition", {})
+                .get("fingerprint"),
+            }
+        }
+        lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
+        ds = normalized_dataset(tensor, cfg)
+        url = store.write(year, tile.id, ds, lineage)
+        context.add_asset_metadata(_summary(lineage, url), partition_key=key)
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+
+
+def _chip_groups(
+    store: ZarrStore, items: list[tuple[str, Tile, int]]
+) -> Iterator[tuple[tuple[str, Tile, int, dict[str, Any]], torch.Tensor]]:
+    for key, tile, year in items:
+        ds = _upstream(store, tile, year, "normalized_tensors")
+        yield (key, tile, year, _lineage_of(ds)), torch.from_numpy(ds["tensors"].values)
+
+
+@dg.asset(
+    partitions_def=tile_year_partitions,
+    backfill_policy=tile_year_backfill,
+    code_version=CODE_VERSIONS["embedding"],
+    group_name=GROUP,
+    deps=[normalized_tensors, agrifm_checkpoint],
+    pool="agrifm_encoder",
+    kinds={"pytorch", "zarr"},
+    description="Georeferenced AgriFM feature grid (band, y, x) per tile-year; chips sit side by side.",
+)
+def agrifm_embedding_grid(
+    context: dg.AssetExecutionContext,
+    tile_year: TileYearConfig,
+    s2: S2Source,
+    model: AgriFMModel,
+    storage: ZarrStorage,
+) -> dg.MaterializeResult:
+    cfg = tile_year.resolve()
+    src, store = storage.store("normalized_tensors"), storage.store("agrifm_embedding_grid")
+    items = _tile_years(context)
+    engine = model.engine()  # loaded once per run (and cached per process)
+    resolved: dict[str, Any] = engine.checkpoint
+    fps = _fingerprints(cfg, s2, str(resolved["sha256"]), model)
+    record = {**engine.record(), "model_config": resolved.get("model_config")}
+    context.log.info(
+        f"encoder {engine.encoder} on {engine.device} ({engine.precision}), checkpoint "
+        f"{str(resolved['sha256'])[:12]}… untrained={engine.untrained}; {len(items)} tile-years"
+    )
+    for (key, tile, year, upstream), feats in engine.embed_stream(_chip_groups(src, items)):
+        grid = embedding_grid(feats, tile, cfg)
+        lineage = {**upstream, **_base_lineage(context, "embedding", tile, year, cfg)}
+        lineage["embedding"] = record
+        lineage["fingerprints"] = {
+            **upstream.get("fingerprints", {}),
+            "embedding": fps.embedding.as_record(),
+        }
+        lineage["inputs"] = {
+            "normalized_tensors": {
+                "url": src.partition_url(year, tile.id),
+                "run_id": upstream.get("run_id"),
+                "fingerprint": upstream.get("fingerprints", {})
+                .get("normalisation", {})
+                .get("fingerprint"),
+            },
+            "agrifm_checkpoint": {"sha256": resolved["sha256"]},
+        }
+        lineage["output"] = {
+            "shape": list(grid.shape),
+            "grid_hw": list(feats.shape[-2:]),
+            "dtype": "float32",
+        }
+        ds = grid.to_dataset()
+        ds.attrs.update(
+            checkpoint_sha256=str(resolved["sha256"]),
+            untrained=int(bool(resolved.get("untrained"))),
+            n_frames=cfg.n_frames,
+            norm_mode=cfg.norm_mode,
+            image_size=cfg.image_size,
+        )
+        url = store.write(year, tile.id, ds, lineage)
+        context.add_asset_metadata(_summary(lineage, url), partition_key=key)
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+
+
+def _write_bytes(url: str, data: bytes) -> None:
+    """Whole-file write: a temporary name beside the target, then one rename."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+@dg.asset(
+    partitions_def=tile_year_partitions,
+    backfill_policy=tile_year_backfill,
+    code_version="1",
+    group_name=GROUP,
+    deps=[agrifm_embedding_grid],
+    kinds={"geoparquet"},
+    description="Pooled vectors per chip (spatial mean and max) with chip footprints, as GeoParquet.",
+)
+def chip_embeddings(
+    context: dg.AssetExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    cfg = tile_year.resolve()
+    src = storage.store("agrifm_embedding_grid")
+    items = _tile_years(context)
+    for key, tile, year in items:
+        ds = _upstream(src, tile, year, "agrifm_embedding_grid")
+        lineage = _lineage_of(ds)
+        gdf = chip_table(ds["embedding"], tile, year, cfg)
+        gdf["checkpoint_sha256"] = ds.attrs.get("checkpoint_sha256", "")
+        url = storage.file_url("chip_embeddings", year, tile.id, ".parquet")
+        buf = _parquet_bytes(gdf, lineage)
+        _write_bytes(url, buf)
+        meta = _summary({**lineage, "asset": "chip_embeddings"}, url)
+        meta["n_chips"] = len(gdf)
+        context.add_asset_metadata(meta, partition_key=key)
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+
+
+def _parquet_bytes(gdf: Any, lineage: dict[str, Any]) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    gdf.to_parquet(buf, index=False)
+    table = pq.read_table(io.BytesIO(buf.getvalue()))
+    meta = dict(table.schema.metadata or {})
+    meta[b"agrifm_lineage"] = json.dumps(lineage, default=str).encode()
+    out = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), out)
+    return out.getvalue()
+
+
+@dg.asset(
+    partitions_def=tile_year_partitions,
+    backfill_policy=tile_year_backfill,
+    code_version="1",
+    group_name=GROUP,
+    deps=[agrifm_embedding_grid, s2_frame_stack],
+    kinds={"png"},
+    description="Median true-colour input beside a 3-component PCA of the embedding grid.",
+)
+def embedding_preview(
+    context: dg.AssetExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    cfg = tile_year.resolve()
+    grids, stacks = storage.store("agrifm_embedding_grid"), storage.store("s2_frame_stack")
+    items = _tile_years(context)
+    for key, tile, year in items:
+        grid = _upstream(grids, tile, year, "agrifm_embedding_grid")
+        frames = _upstream(stacks, tile, year, "s2_frame_stack")["frames"].values
+        png = preview_png(frames, grid["embedding"].values, cfg.bands)
+        url = storage.file_url("embedding_preview", year, tile.id, ".png")
+        _write_bytes(url, png)
+        lineage = _lineage_of(grid)
+        b64 = base64.b64encode(png).decode()
+        context.add_asset_metadata(
+            {
+                "path": dg.MetadataValue.path(url),
+                "preview": dg.MetadataValue.md(
+                    f"**{tile.id} {year}** — input median (left), embedding PCA (right)\n\n"
+                    f"![preview](data:image/png;base64,{b64})"
+                ),
+                "checkpoint_sha256": lineage.get("embedding", {})
+                .get("checkpoint", {})
+                .get("sha256", ""),
+            },
+            partition_key=key,
+        )
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+
+
+@dg.asset(
+    partitions_def=region_year_partitions,
+    code_version="1",
+    group_name=GROUP,
+    deps=[
+        dg.AssetDep(
+            agrifm_embedding_grid,
+            partition_mapping=dg.MultiPartitionMapping(
+                {
+                    YEAR_DIM: dg.DimensionPartitionMapping(YEAR_DIM, dg.IdentityPartitionMapping()),
+                    TILE_DIM: dg.DimensionPartitionMapping(REGION_DIM, dg.AllPartitionMapping()),
+                }
+            ),
+        )
+    ],
+    kinds={"zarr"},
+    description="One georeferenced grid per registered region and year (one per UTM zone it spans).",
+)
+def region_mosaic(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.MaterializeResult:
+    src, store = storage.store("agrifm_embedding_grid"), storage.store("region_mosaic")
+    registry = storage.registry()
+    keys = context.partition_keys
+    for key in keys:
+        region, year = split_key(key, REGION_DIM)
+        tiles = [Tile.from_id(t) for t in registry.tiles_of(region)]
+        missing = [t.id for t in tiles if not src.exists(year, t.id)]
+        if missing:
+            raise InputContractError(
+                f"region {region} {year}: no embedding grid yet for {len(missing)} of its "
+                f"{len(tiles)} tiles ({', '.join(missing[:5])}{'…' if len(missing) > 5 else ''}); "
+                "backfill agrifm_embedding_grid for those tile-years first"
+            )
+        by_zone: dict[int, list[Tile]] = {}
+        for t in tiles:
+            by_zone.setdefault(t.epsg, []).append(t)
+        groups: dict[str, xr.Dataset] = {}
+        shas: set[str] = set()
+        for epsg, zone_tiles in sorted(by_zone.items()):
+            opened = [src.open(year, t.id) for t in zone_tiles]
+            shas.update(str(o.attrs.get("checkpoint_sha256", "")) for o in opened)
+            merged = mosaic([o["embedding"].load() for o in opened]).to_dataset()
+            name = "" if len(by_zone) == 1 else f"utm_{epsg}"
+            groups[name] = merged
+        lineage = {
+            "asset": "region_mosaic",
+            "region": region,
+            "year": year,
+            "tiles": [t.id for t in tiles],
+            "zones": sorted(by_zone),
+            "checkpoint_sha256": sorted(shas),
+            "package_version": __version__,
+            "run_id": context.run.run_id,
+            "created_at": _now(),
+            "inputs": {t.id: src.lineage(year, t.id).get("fingerprints", {}) for t in tiles},
+            "input_runs": {t.id: str(src.lineage(year, t.id).get("run_id")) for t in tiles},
+        }
+        url = store.write_groups(year, region, groups, lineage)
+        context.add_asset_metadata(
+            {
+                "path": dg.MetadataValue.path(url),
+                "n_tiles": len(tiles),
+                "zones": str(sorted(by_zone)),
+                "checkpoint_sha256": ",".join(sorted(shas)),
+                "gdal_path": f'ZARR:"{store.partition_path(year, region)}":/embedding'
+                if len(by_zone) == 1
+                else f'ZARR:"{store.partition_path(year, region)}/utm_<epsg>":/embedding',
+            },
+            partition_key=key,
+        )
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(keys)})
+
+
+tile_year_assets = [
+    s2_frame_stack,
+    normalized_tensors,
+    agrifm_embedding_grid,
+    chip_embeddings,
+    embedding_preview,
+]
+all_assets = [agrifm_checkpoint, *tile_year_assets, region_mosaic]

@@ -1,0 +1,182 @@
+"""Asset checks, evaluated for every partition of the run and reported per partition.
+
+A check passes when every partition in the run passes; its metadata lists
+each partition's value, so a failing tile-year is named.
+"""
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+import numpy as np
+
+from agrifm_pipeline.defs.assets import agrifm_embedding_grid, normalized_tensors, s2_frame_stack
+from agrifm_pipeline.defs.partitions import split_key, tile_year_partitions
+from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
+from agrifm_pipeline.storage import ZarrStore
+
+# Variance floor below which a chip's embedding is considered collapsed.
+MIN_CHIP_VARIANCE = 1e-8
+# Share of channels allowed to be constant over a whole tile.
+MAX_CONSTANT_CHANNEL_SHARE = 0.5
+
+warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
+
+Verdict = tuple[bool, dict[str, Any]]
+
+
+def _evaluate(
+    context: dg.AssetCheckExecutionContext,
+    store: ZarrStore,
+    judge: Callable[[Any, str, int], Verdict],
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+) -> dg.AssetCheckResult:
+    per: dict[str, Any] = {}
+    failed: list[str] = []
+    for key in context.partition_keys if _has_keys(context) else []:
+        tile, year = split_key(key)
+        if not store.exists(year, tile):
+            ok, info = False, {"error": "partition missing from the store"}
+        else:
+            ok, info = judge(store.open(year, tile), tile, year)
+        per[str(key)] = {"passed": ok, **info}
+        if not ok:
+            failed.append(str(key))
+    return dg.AssetCheckResult(
+        passed=not failed,
+        severity=severity,
+        metadata={
+            "partitions_checked": len(per),
+            "failed_partitions": ", ".join(failed) or "none",
+            "per_partition": dg.MetadataValue.json(per),
+        },
+    )
+
+
+def _has_keys(context: dg.AssetCheckExecutionContext) -> bool:
+    try:
+        return bool(context.partition_keys)
+    except Exception:  # an unpartitioned run
+        return False
+
+
+@dg.asset_check(
+    asset=s2_frame_stack,
+    partitions_def=tile_year_partitions,
+    description="(T, 10, H, W) uint16 on the tile grid, T = n_frames.",
+)
+def frame_stack_shape_and_dtype(
+    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
+) -> dg.AssetCheckResult:
+    cfg = tile_year.resolve()
+    side = cfg.chip_px * cfg.chips_per_side
+
+    def judge(ds: Any, tile: str, year: int) -> Verdict:
+        da = ds["frames"]
+        want = (cfg.n_frames, 10, side, side)
+        ok = tuple(da.shape) == want and da.dtype == np.uint16
+        return ok, {"shape": list(da.shape), "dtype": str(da.dtype), "expected": list(want)}
+
+    return _evaluate(context, storage.store("s2_frame_stack"), judge)
+
+
+@dg.asset_check(
+    asset=s2_frame_stack,
+    partitions_def=tile_year_partitions,
+    description="Mean clear fraction over the frames at least TileYearConfig.min_clear_fraction.",
+)
+def frame_stack_clear_fraction(
+    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
+) -> dg.AssetCheckResult:
+    floor = tile_year.min_clear_fraction
+
+    def judge(ds: Any, tile: str, year: int) -> Verdict:
+        clear = ds["clear_fraction"].values
+        mean = float(np.mean(clear))
+        return mean >= floor, {"mean_clear_fraction": round(mean, 4), "threshold": floor}
+
+    return _evaluate(
+        context, storage.store("s2_frame_stack"), judge, severity=dg.AssetCheckSeverity.WARN
+    )
+
+
+@dg.asset_check(
+    asset=normalized_tensors,
+    partitions_def=tile_year_partitions,
+    description="(chips, T, 10, S, S) float32, every value finite.",
+)
+def normalized_tensors_finite(
+    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
+) -> dg.AssetCheckResult:
+    cfg = tile_year.resolve()
+    n = cfg.chips_per_side**2
+
+    def judge(ds: Any, tile: str, year: int) -> Verdict:
+        x = ds["tensors"].values
+        want = (n, cfg.n_frames, 10, cfg.image_size, cfg.image_size)
+        finite = bool(np.isfinite(x).all())
+        ok = finite and tuple(x.shape) == want and x.dtype == np.float32
+        return ok, {"shape": list(x.shape), "expected": list(want), "finite": finite}
+
+    return _evaluate(context, storage.store("normalized_tensors"), judge)
+
+
+@dg.asset_check(
+    asset=agrifm_embedding_grid,
+    partitions_def=tile_year_partitions,
+    description="Embedding grid finite and float32.",
+)
+def embedding_finite(
+    context: dg.AssetCheckExecutionContext, storage: ZarrStorage
+) -> dg.AssetCheckResult:
+    def judge(ds: Any, tile: str, year: int) -> Verdict:
+        x = ds["embedding"].values
+        finite = bool(np.isfinite(x).all())
+        return finite and x.dtype == np.float32, {"finite": finite, "dtype": str(x.dtype)}
+
+    return _evaluate(context, storage.store("agrifm_embedding_grid"), judge)
+
+
+def degeneracy(grid: np.ndarray, chips_per_side: int) -> dict[str, Any]:
+    """Constant channels over the tile, and the least per-chip variance."""
+    d, h, w = grid.shape
+    flat = grid.reshape(d, -1)
+    constant = float(np.mean(flat.std(axis=1) == 0.0))
+    ch, cw = h // chips_per_side, w // chips_per_side
+    chips = grid.reshape(d, chips_per_side, ch, chips_per_side, cw).transpose(1, 3, 0, 2, 4)
+    chip_var = chips.reshape(chips_per_side**2, -1).var(axis=1)
+    return {
+        "constant_channel_share": round(constant, 4),
+        "min_chip_variance": float(chip_var.min()),
+    }
+
+
+@dg.asset_check(
+    asset=agrifm_embedding_grid,
+    partitions_def=tile_year_partitions,
+    description="Not degenerate: few constant channels, every chip's variance above a floor.",
+)
+def embedding_non_degenerate(
+    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
+) -> dg.AssetCheckResult:
+    per_side = tile_year.chips_per_side
+
+    def judge(ds: Any, tile: str, year: int) -> Verdict:
+        info = degeneracy(ds["embedding"].values, per_side)
+        ok = (
+            info["constant_channel_share"] <= MAX_CONSTANT_CHANNEL_SHARE
+            and info["min_chip_variance"] > MIN_CHIP_VARIANCE
+        )
+        return ok, info
+
+    return _evaluate(context, storage.store("agrifm_embedding_grid"), judge)
+
+
+all_checks = [
+    frame_stack_shape_and_dtype,
+    frame_stack_clear_fraction,
+    normalized_tensors_finite,
+    embedding_finite,
+    embedding_non_degenerate,
+]

@@ -1,0 +1,182 @@
+"""Resources: the tile-year settings, the Sentinel-2 source, the model and the stores.
+
+Every field left at ``None`` takes its value from the ``RS_EMBED_AGRIFM_*``
+environment when it is used (runs and sensors read the same environment), so
+the launchpad shows the overridable settings and the environment stays the
+single default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_engine
+from agrifm_pipeline.model import resolve_precision
+from agrifm_pipeline.providers import Provider, make_provider
+from agrifm_pipeline.registry import RegionRegistry
+from agrifm_pipeline.settings import AgriFMSettings, load_settings
+from agrifm_pipeline.storage import ZarrStore
+from agrifm_pipeline.tileyear import TileYearSettings
+
+DEFAULT_HOME = ".agrifm"
+
+
+def default_storage_root() -> str:
+    """``AGRIFM_PIPELINE_STORAGE`` or ``<AGRIFM_PIPELINE_HOME or .agrifm>/store``."""
+    explicit = os.environ.get("AGRIFM_PIPELINE_STORAGE")
+    if explicit:
+        return explicit
+    home = os.environ.get("AGRIFM_PIPELINE_HOME", DEFAULT_HOME)
+    return str(Path(home) / "store")
+
+
+class TileYearConfig(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """What a tile-year's arrays contain. ``None`` = the RS_EMBED_AGRIFM_* value."""
+
+    n_frames: int | None = Field(
+        default=None, description="frames per year (RS_EMBED_AGRIFM_FRAMES)"
+    )
+    image_size: int | None = Field(
+        default=None, description="chip resize target (RS_EMBED_AGRIFM_IMG)"
+    )
+    norm_mode: str | None = Field(
+        default=None, description="agrifm_stats | unit_scale | none (RS_EMBED_AGRIFM_NORM)"
+    )
+    chip_px: int = Field(default=224, description="chip side in pixels")
+    chips_per_side: int = Field(default=4, description="chips per tile side")
+    scale_m: float = Field(default=10.0, description="pixel size in metres (UTM)")
+    collection: str = "COPERNICUS/S2_SR_HARMONIZED"
+    cloudy_pct: float = Field(
+        default=30.0, description="scene filter: CLOUDY_PIXEL_PERCENTAGE <= this"
+    )
+    composite: str = Field(default="median", description="median | mosaic")
+    fill_value: float = 0.0
+    cloud_mask: str = Field(default="scl", description="scl (per-pixel SCL masking) | none")
+    min_clear_fraction: float = Field(
+        default=0.2, description="asset check: least mean clear fraction"
+    )
+
+    def agrifm_settings(self) -> AgriFMSettings:
+        overrides = {
+            k: v
+            for k, v in (
+                ("n_frames", self.n_frames),
+                ("image_size", self.image_size),
+                ("norm_mode", self.norm_mode),
+            )
+            if v is not None
+        }
+        return load_settings(**overrides)
+
+    def resolve(self) -> TileYearSettings:
+        return TileYearSettings.from_settings(
+            self.agrifm_settings(),
+            chip_px=self.chip_px,
+            chips_per_side=self.chips_per_side,
+            scale_m=self.scale_m,
+            collection=self.collection,
+            cloudy_pct=self.cloudy_pct,
+            composite=self.composite,
+            fill_value=self.fill_value,
+            cloud_mask=self.cloud_mask,
+        )
+
+
+class S2Source(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """Where Sentinel-2 frames come from: ``local`` files/STAC, Earth Engine, or ``synthetic``."""
+
+    backend: str = Field(default="local", description="local | gee | synthetic")
+    local_root: str = Field(
+        default="data/s2_sample", description="local: scene directory or STAC catalog"
+    )
+    gee_project: str | None = Field(default=None, description="gee: Cloud project id")
+    gee_service_account_key: str | None = Field(
+        default=None, description="gee: key file (else default credentials)"
+    )
+    gee_endpoint: str = Field(default="default", description="gee: default | highvolume | URL")
+    gee_max_concurrent: int = Field(
+        default=16, description="gee: concurrent requests per process (< 40)"
+    )
+    synthetic_seed: int = 0
+    fetch_workers: int | None = Field(
+        default=None, description="tile-years fetched at once (RS_EMBED_AGRIFM_FETCH_WORKERS)"
+    )
+
+    def provider(self) -> Provider:
+        if self.backend == "local":
+            return make_provider("local", root=self.local_root)
+        if self.backend == "gee":
+            return make_provider(
+                "gee",
+                project=self.gee_project,
+                service_account_key=self.gee_service_account_key,
+                endpoint=self.gee_endpoint,
+                max_concurrent=self.gee_max_concurrent,
+            )
+        return make_provider(self.backend, seed=self.synthetic_seed)
+
+    def identity(self) -> dict[str, Any]:
+        """What names the data source in lineage and fingerprints."""
+        if self.backend == "local":
+            return {"name": "local", "root": self.local_root}
+        if self.backend == "gee":
+            return {"name": "gee", "endpoint": self.gee_endpoint}
+        return {"name": self.backend, "seed": self.synthetic_seed}
+
+    def workers(self) -> int:
+        return self.fetch_workers or load_settings().fetch_workers
+
+
+class AgriFMModel(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """The encoder: checkpoint (None = RS_EMBED_AGRIFM_CKPT, then cache, then download), device, precision."""
+
+    checkpoint: str | None = Field(
+        default=None, description="path, or untrained:<seed> (never a fallback)"
+    )
+    device: str = Field(default="auto", description="cpu | cuda | auto")
+    precision: str = Field(default="float32", description="float32 | bfloat16 (autocast)")
+    batch_size: int = Field(default=8, description="chips per forward pass")
+    encoder: str = Field(default="ours", description="ours | official (needs the source tree)")
+
+    def resolved(self) -> ResolvedCheckpoint:
+        return resolve_checkpoint(self.checkpoint or None, load_settings())
+
+    def precision_class(self) -> str:
+        return resolve_precision(self.precision)[0]
+
+    def engine(self) -> EmbeddingEngine:
+        return get_engine(
+            self.checkpoint or None,
+            settings=load_settings(),
+            options=InferenceOptions(
+                device=self.device,
+                precision=self.precision,
+                batch_size=self.batch_size,
+                encoder=self.encoder,
+            ),
+        )
+
+
+class ZarrStorage(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """Where outputs live: a local directory or any fsspec URL (s3://, gs://, …)."""
+
+    root: str = Field(default_factory=default_storage_root, description="storage root")
+    zarr_format: int = Field(default=2, description="2 (GDAL/QGIS open it) or 3")
+    regions_dir: str = Field(
+        default="data/regions", description="region files watched by the sensor"
+    )
+
+    def store(self, asset: str) -> ZarrStore:
+        return ZarrStore(self.root, asset, zarr_format=self.zarr_format)
+
+    def registry(self) -> RegionRegistry:
+        return RegionRegistry(self.root)
+
+    def file_url(self, asset: str, year: str | int, tile: str, suffix: str) -> str:
+        return f"{self.root.rstrip('/')}/{asset}/{year}/{tile}{suffix}"

@@ -1,0 +1,373 @@
+"""One tile-year, stage by stage: the science the Dagster assets call.
+
+Nothing here knows about Dagster. Each function takes plain inputs and
+returns arrays plus the record of how they were made:
+
+    acquire            provider -> FrameStack (T, 10, H, W) uint16 on the tile grid
+    tile_chips         (T, 10, H, W) -> (chips, T, 10, chip, chip), row-major from the top-left
+    normalise_tile     chips -> (chips, T, 10, S, S) float32 (clip, normalise, resize)
+    embedding_grid     encoder features (chips, D, h, w) -> georeferenced (band, y, x) tile grid
+    chip_table         tile grid -> pooled mean/max per chip with geometry (GeoDataFrame)
+    preview_png        median RGB of the input beside a 3-component PCA of the grid
+    mosaic             tile grids of one CRS -> one grid
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from affine import Affine
+
+from agrifm_pipeline.errors import InputContractError, SettingsError
+from agrifm_pipeline.frames import frame_windows
+from agrifm_pipeline.lineage import Fingerprints, stage_fingerprints
+from agrifm_pipeline.preprocess import preprocess_chips
+from agrifm_pipeline.providers.base import DEFAULT_MASKED_SCL, CloudMask, FrameStack, Provider
+from agrifm_pipeline.settings import AgriFMSettings, canonical_norm_mode, load_settings
+from agrifm_pipeline.specs import AGRIFM_S2_BANDS, SensorSpec
+from agrifm_pipeline.tiles import DEFAULT_CHIP_PX, DEFAULT_CHIPS_PER_SIDE, Tile, tile_size_m
+
+
+@dataclass(frozen=True)
+class TileYearSettings:
+    """Everything that decides what a tile-year's arrays contain.
+
+    Defaults follow the ``RS_EMBED_AGRIFM_*`` settings (frames, image size,
+    normalisation) and the design's tile geometry (4 x 4 chips of 224 px at
+    10 m).
+    """
+
+    n_frames: int = 8
+    image_size: int = 224
+    norm_mode: str = "agrifm_stats"
+    chip_px: int = DEFAULT_CHIP_PX
+    chips_per_side: int = DEFAULT_CHIPS_PER_SIDE
+    scale_m: float = 10.0
+    collection: str = "COPERNICUS/S2_SR_HARMONIZED"
+    bands: tuple[str, ...] = AGRIFM_S2_BANDS
+    cloudy_pct: float = 30.0
+    composite: str = "median"
+    fill_value: float = 0.0
+    cloud_mask: str = "scl"
+    scl_classes: tuple[int, ...] = DEFAULT_MASKED_SCL
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm_mode", canonical_norm_mode(self.norm_mode))
+        object.__setattr__(self, "bands", tuple(self.bands))
+        object.__setattr__(self, "scl_classes", tuple(sorted(set(self.scl_classes))))
+        if self.n_frames < 1:
+            raise SettingsError(f"n_frames={self.n_frames}; use a whole number >= 1")
+        if self.chip_px < 16 or self.chips_per_side < 1:
+            raise SettingsError(
+                f"chip_px={self.chip_px}, chips_per_side={self.chips_per_side}; "
+                "use chip_px >= 16 and at least one chip per side"
+            )
+        tile_size_m(self.chip_px, self.chips_per_side, self.scale_m)
+        self.sensor()
+        self.mask()
+
+    @classmethod
+    def from_settings(
+        cls, settings: AgriFMSettings | None = None, **overrides: Any
+    ) -> TileYearSettings:
+        s = settings or load_settings()
+        base = {"n_frames": s.n_frames, "image_size": s.image_size, "norm_mode": s.norm_mode}
+        return cls(**{**base, **overrides})
+
+    @property
+    def tile_size_m(self) -> int:
+        return tile_size_m(self.chip_px, self.chips_per_side, self.scale_m)
+
+    def sensor(self) -> SensorSpec:
+        return SensorSpec(
+            collection=self.collection,
+            bands=self.bands,
+            scale_m=self.scale_m,
+            cloudy_pct=self.cloudy_pct,
+            composite=self.composite,
+            fill_value=self.fill_value,
+        )
+
+    def mask(self) -> CloudMask:
+        return CloudMask(mode=self.cloud_mask, scl_classes=self.scl_classes)
+
+    def as_record(self) -> dict[str, Any]:
+        rec = asdict(self)
+        rec["bands"], rec["scl_classes"] = list(self.bands), list(self.scl_classes)
+        return rec
+
+    def check_tile(self, tile: Tile) -> None:
+        if tile.size_m != self.tile_size_m:
+            raise SettingsError(
+                f"tile {tile.id} is {tile.size_m} m but the settings make {self.tile_size_m} m tiles "
+                f"({self.chips_per_side} x {self.chip_px} px at {self.scale_m} m); "
+                "register regions again with these settings or restore them"
+            )
+
+    # -- what each stage depends on (see agrifm_pipeline.lineage) -------------------------
+    def fingerprints(
+        self,
+        *,
+        provider: Mapping[str, Any],
+        checkpoint_sha256: str,
+        precision: str,
+        encoder: str = "ours",
+    ) -> Fingerprints:
+        return stage_fingerprints(
+            acquisition={
+                "provider": dict(provider),
+                "collection": self.collection,
+                "bands": list(self.bands),
+                "scale_m": self.scale_m,
+                "n_frames": self.n_frames,
+                "cloudy_pct": self.cloudy_pct,
+                "composite": self.composite,
+                "fill_value": self.fill_value,
+                "cloud_mask": self.cloud_mask,
+                "scl_classes": list(self.scl_classes) if self.cloud_mask == "scl" else [],
+                "tile_px": self.chip_px * self.chips_per_side,
+            },
+            normalisation={
+                "norm_mode": self.norm_mode,
+                "image_size": self.image_size,
+                "chip_px": self.chip_px,
+            },
+            embedding={
+                "checkpoint_sha256": checkpoint_sha256,
+                "precision": precision,
+                "encoder": encoder,
+            },
+        )
+
+
+# -- acquisition --------------------------------------------------------------------------
+def acquire(provider: Provider, tile: Tile, year: int, cfg: TileYearSettings) -> FrameStack:
+    """The tile-year's raw frame stack from ``provider`` on the tile's UTM grid."""
+    cfg.check_tile(tile)
+    windows = frame_windows(int(year), cfg.n_frames)
+    return provider.fetch(tile.geobox(cfg.scale_m), windows, cfg.sensor(), cfg.mask())
+
+
+def frame_stack_dataset(stack: FrameStack) -> xr.Dataset:
+    """The frame stack as a self-describing dataset (clear fraction per frame beside it)."""
+    da = stack.data
+    clear = xr.DataArray(
+        np.array([f.clear_fraction for f in stack.frames], dtype="float32"),
+        dims=("time",),
+        coords={"time": da.coords["time"]},
+        name="clear_fraction",
+    )
+    ds = da.rename("frames").to_dataset()
+    ds["clear_fraction"] = clear
+    ds["frames"].attrs.update(
+        long_name="Sentinel-2 L2A surface reflectance composites",
+        units="reflectance x 10000",
+    )
+    return ds
+
+
+# -- chips and normalisation ----------------------------------------------------------------
+def tile_chips(values: np.ndarray, chip_px: int) -> np.ndarray:
+    """(T, C, H, W) -> (chips, T, C, chip_px, chip_px), row-major from the top-left."""
+    t, c, h, w = values.shape
+    if h % chip_px or w % chip_px:
+        raise InputContractError(
+            f"a tile of {h} x {w} px is not a whole number of {chip_px} px chips"
+        )
+    ny, nx = h // chip_px, w // chip_px
+    chips = values.reshape(t, c, ny, chip_px, nx, chip_px).transpose(2, 4, 0, 1, 3, 5)
+    return np.ascontiguousarray(chips).reshape(ny * nx, t, c, chip_px, chip_px)
+
+
+def normalise_tile(
+    values: np.ndarray, cfg: TileYearSettings
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Raw (T, 10, H, W) -> model-ready (chips, T, 10, S, S) and its record."""
+    chips = tile_chips(np.asarray(values), cfg.chip_px)
+    out = preprocess_chips(
+        chips,
+        n_frames=cfg.n_frames,
+        image_size=cfg.image_size,
+        norm_mode=cfg.norm_mode,
+        fill_value=cfg.fill_value,
+    )
+    return out.tensor, out.record
+
+
+def normalized_dataset(tensor: torch.Tensor, cfg: TileYearSettings) -> xr.Dataset:
+    """(chips, T, 10, S, S) float32 with chip row/column coordinates."""
+    n = tensor.shape[0]
+    per_side = cfg.chips_per_side
+    da = xr.DataArray(
+        tensor.numpy(),
+        dims=("chip", "time", "band", "py", "px"),
+        coords={
+            "chip": np.arange(n),
+            "chip_row": ("chip", np.arange(n) // per_side),
+            "chip_col": ("chip", np.arange(n) % per_side),
+            "band": list(cfg.bands),
+        },
+        name="tensors",
+        attrs={"long_name": f"normalised model input ({cfg.norm_mode}), {cfg.image_size} px"},
+    )
+    return da.to_dataset()
+
+
+# -- embeddings -----------------------------------------------------------------------------
+def embedding_grid(
+    features: torch.Tensor | np.ndarray, tile: Tile, cfg: TileYearSettings
+) -> xr.DataArray:
+    """Chip features (chips, D, h, w) -> the tile's grid (band, y, x) with CRS and transform.
+
+    Chip ``i`` covers rows ``i // n`` and columns ``i % n`` of the tile; its
+    ``h x w`` cells cover its footprint exactly, so the cell size is the chip's
+    side divided by ``h`` (320 m for 224 px chips and the (4,4,4) patch).
+    """
+    import rioxarray  # noqa: F401
+
+    f = features.numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    n_chips, d, h, w = f.shape
+    per = cfg.chips_per_side
+    if n_chips != per * per:
+        raise InputContractError(f"{n_chips} chips do not make a {per} x {per} tile")
+    if h != w:
+        raise InputContractError(f"chip grids must be square; got {h} x {w}")
+    grid = f.reshape(per, per, d, h, w).transpose(2, 0, 3, 1, 4).reshape(d, per * h, per * w)
+    cell = cfg.chip_px * cfg.scale_m / h
+    x0, _, _, y1 = tile.bounds
+    transform = Affine(cell, 0.0, x0, 0.0, -cell, y1)
+    da = xr.DataArray(
+        grid.astype(np.float32, copy=False),
+        dims=("band", "y", "x"),
+        coords={
+            "band": np.arange(d),
+            "y": y1 - cell * (np.arange(per * h) + 0.5),
+            "x": x0 + cell * (np.arange(per * w) + 0.5),
+        },
+        name="embedding",
+        attrs={"long_name": "AgriFM S2 encoder features", "cell_size_m": cell},
+    )
+    return da.rio.write_crs(tile.crs).rio.write_transform(transform)
+
+
+@dataclass
+class ChipRow:
+    chip: int
+    row: int
+    col: int
+    bounds: tuple[float, float, float, float]
+    mean: np.ndarray
+    max: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def chip_table(grid: xr.DataArray, tile: Tile, year: int, cfg: TileYearSettings) -> Any:
+    """Pooled vectors per chip (spatial mean and max) with the chip's footprint.
+
+    Geometry is in WGS84 (one CRS for every zone, as GeoParquet wants one per
+    column); the chip's UTM bounds and EPSG code are columns beside it.
+    """
+    import geopandas as gpd
+    import shapely
+
+    per = cfg.chips_per_side
+    values = np.asarray(grid.values)
+    d, gh, gw = values.shape
+    h, w = gh // per, gw // per
+    blocks = values.reshape(d, per, h, per, w).transpose(1, 3, 0, 2, 4).reshape(per * per, d, h * w)
+    x0, _, _, y1 = tile.bounds
+    side = cfg.chip_px * cfg.scale_m
+    rows = np.arange(per * per) // per
+    cols = np.arange(per * per) % per
+    minx, maxy = x0 + cols * side, y1 - rows * side
+    boxes = shapely.box(minx, maxy - side, minx + side, maxy)
+    gdf = gpd.GeoDataFrame(
+        {
+            "tile": tile.id,
+            "year": int(year),
+            "chip": np.arange(per * per),
+            "chip_row": rows,
+            "chip_col": cols,
+            "epsg": tile.epsg,
+            "utm_minx": minx,
+            "utm_miny": maxy - side,
+            "utm_maxx": minx + side,
+            "utm_maxy": maxy,
+            "mean": list(blocks.mean(axis=2).astype(np.float32)),
+            "max": list(blocks.max(axis=2).astype(np.float32)),
+        },
+        geometry=gpd.GeoSeries(boxes, crs=tile.crs).to_crs("EPSG:4326"),
+    )
+    return gdf
+
+
+# -- preview --------------------------------------------------------------------------------
+def _stretch(rgb: np.ndarray) -> np.ndarray:
+    """Per-channel 2-98 % stretch to uint8; constant channels go mid-grey."""
+    out = np.empty(rgb.shape, dtype=np.uint8)
+    for i in range(rgb.shape[-1]):
+        ch = rgb[..., i].astype(np.float64)
+        lo, hi = np.nanpercentile(ch, [2, 98]) if np.isfinite(ch).any() else (0.0, 0.0)
+        if hi <= lo:
+            out[..., i] = 128
+        else:
+            out[..., i] = np.clip((ch - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+    return out
+
+
+def pca3(grid: np.ndarray) -> np.ndarray:
+    """(D, h, w) -> (h, w, 3): the first three principal components, per-pixel."""
+    d, h, w = grid.shape
+    x = grid.reshape(d, h * w).T.astype(np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    if h * w < 2:
+        return np.zeros((h, w, 3))
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = x @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    return comps.reshape(h, w, 3)
+
+
+def preview_png(
+    frames: np.ndarray, grid: np.ndarray, bands: Sequence[str], size: int = 320
+) -> bytes:
+    """PNG: the input's median frame in true colour beside a PCA of the embedding grid."""
+    from PIL import Image
+
+    idx = [list(bands).index(b) for b in ("B4", "B3", "B2")]
+    median = np.median(frames[:, idx].astype(np.float32), axis=0)  # (3, H, W)
+    rgb = _stretch(np.moveaxis(median, 0, -1))
+    pca = _stretch(pca3(grid))
+    left = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
+    right = Image.fromarray(pca).resize((size, size), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (2 * size + 8, size), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (size + 8, 0))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+# -- mosaics --------------------------------------------------------------------------------
+def mosaic(grids: Sequence[xr.DataArray]) -> xr.DataArray:
+    """Tile grids that share a CRS and cell size -> one grid over their union (NaN elsewhere)."""
+    from rioxarray.merge import merge_arrays
+
+    if not grids:
+        raise InputContractError("no tile grids to mosaic")
+    crs = {str(g.rio.crs) for g in grids}
+    if len(crs) != 1:
+        raise InputContractError(
+            f"tile grids in several CRSs {sorted(crs)}; mosaic one zone at a time"
+        )
+    nodata = [g.rio.write_nodata(np.nan) for g in grids]
+    merged = merge_arrays(list(nodata), nodata=np.nan)
+    merged.name = "embedding"
+    return merged

@@ -1,0 +1,248 @@
+"""The Dagster pipeline end to end on the real sample with the tiny reference checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import xarray as xr
+
+from agrifm_pipeline import inference
+from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
+from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
+from agrifm_pipeline.storage import LINEAGE_ATTR
+
+from .pipeline_helpers import TILES, YEARS, Pipeline, make_pipeline, write_region
+
+TILE_YEAR_ASSETS = [
+    "s2_frame_stack",
+    "normalized_tensors",
+    "agrifm_embedding_grid",
+    "chip_embeddings",
+    "embedding_preview",
+]
+
+
+@pytest.fixture(scope="module")
+def built(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Pipeline, dg.ExecuteInProcessResult, int]:
+    """2 tiles x 2 years in ONE run; counts how often the model was loaded."""
+    root = tmp_path_factory.mktemp("pipeline")
+    pipe = make_pipeline(root)
+    inference.clear_engine_cache()
+    loads = {"n": 0}
+    original = inference.EmbeddingEngine.create
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        loads["n"] += 1
+        return original(*a, **kw)
+
+    inference.EmbeddingEngine.create = counting  # type: ignore[method-assign]
+    try:
+        result = pipe.materialise(TILES, YEARS)
+    finally:
+        inference.EmbeddingEngine.create = original  # type: ignore[method-assign]
+    return pipe, result, loads["n"]
+
+
+def test_one_run_materialises_every_partition_and_loads_the_model_once(built) -> None:
+    pipe, result, loads = built
+    assert result.success
+    assert loads == 1
+    wanted = {str(tile_year_key(t, y)) for t in TILES for y in YEARS}
+    for asset in TILE_YEAR_ASSETS:
+        got = {str(m.partition) for m in result.asset_materializations_for_node(asset)}
+        assert got == wanted, asset
+    # Per-partition metadata differs per partition (not one blob copied to all).
+    grids = result.asset_materializations_for_node("agrifm_embedding_grid")
+    clear = {str(m.partition): m.metadata["mean_clear_fraction"].value for m in grids}
+    assert clear[str(tile_year_key(TILES[0], 2019))] < clear[str(tile_year_key(TILES[1], 2019))]
+
+
+def test_lineage_on_materialisations(built) -> None:
+    pipe, result, _ = built
+    (m,) = [
+        m
+        for m in result.asset_materializations_for_node("agrifm_embedding_grid")
+        if str(m.partition) == str(tile_year_key(TILES[1], 2019))
+    ]
+    md = m.metadata
+    assert md["n_frames"].value == 8 and md["norm_mode"].value == "agrifm_stats"
+    assert md["image_size"].value == 64
+    sha = json.loads(
+        (Path(__file__).parents[2] / "shared/fixtures/agrifm/tiny_p444_manifest.json").read_text()
+    )["checkpoint_sha256"]
+    assert md["checkpoint_sha256"].value == sha
+    lineage = md["lineage"].value
+    for key in (
+        "settings",
+        "acquisition",
+        "normalisation",
+        "embedding",
+        "fingerprints",
+        "output",
+        "inputs",
+    ):
+        assert key in lineage, key
+    frames = lineage["acquisition"]["frames"]
+    assert len(frames) == 8 and {"start", "end", "n_scenes", "clear_fraction"} <= set(frames[0])
+    assert lineage["acquisition"]["provider"] == "local"
+    assert lineage["embedding"]["checkpoint"]["sha256"] == sha
+    assert lineage["embedding"]["precision"] == "float32"
+    assert lineage["embedding"]["model_config"]["embed_dim"] == 16
+    assert lineage["output"]["grid_hw"] == [2, 2]
+    assert set(lineage["fingerprints"]) == {"acquisition", "normalisation", "embedding"}
+    assert lineage["package_version"]
+    # 2018 has scenes only in Nov-Dec: the other windows are back-filled, and say so.
+    (m18,) = [
+        m
+        for m in result.asset_materializations_for_node("s2_frame_stack")
+        if str(m.partition) == str(tile_year_key(TILES[1], 2018))
+    ]
+    assert m18.metadata["n_backfilled_frames"].value >= 6
+
+
+def test_outputs_open_cold_with_crs_coordinates_and_lineage(built) -> None:
+    pipe, _, _ = built
+    root = Path(pipe.storage.root)
+    path = root / "agrifm_embedding_grid.zarr" / "2019" / TILES[1]
+    ds = xr.open_zarr(path, decode_coords="all")
+    da = ds["embedding"]
+    assert da.dims == ("band", "y", "x") and da.shape == (128, 4, 4)
+    assert str(da.rio.crs) == "EPSG:32631"
+    # 2 chips of 64 px x 10 m over 2 cells each: 320 m cells, centres inside the tile.
+    x0 = 449 * 1280
+    np.testing.assert_allclose(ds["x"].values, x0 + 160 + 320 * np.arange(4))
+    np.testing.assert_allclose(ds["y"].values, 4393 * 1280 - 160 - 320 * np.arange(4))
+    lineage = json.loads(ds.attrs[LINEAGE_ATTR])
+    assert lineage["tile"] == TILES[1] and lineage["year"] == 2019
+    # GDAL itself reads the grid with its CRS and transform.
+    with rasterio.open(f'ZARR:"{path}":/embedding') as src:
+        assert src.crs.to_epsg() == 32631
+        assert src.transform.a == 320 and src.transform.c == x0 and src.count == 128
+        np.testing.assert_allclose(src.read(5), da.values[4], rtol=1e-6)
+    # Neighbouring tiles sit side by side on one lattice.
+    left = xr.open_zarr(
+        root / "agrifm_embedding_grid.zarr" / "2019" / TILES[0], decode_coords="all"
+    )
+    assert left["x"].values[-1] + 320 == ds["x"].values[0]
+    np.testing.assert_allclose(left["y"].values, ds["y"].values)
+    # Frame stacks and tensors describe themselves too.
+    fs = xr.open_zarr(root / "s2_frame_stack.zarr" / "2019" / TILES[1], decode_coords="all")
+    assert fs["frames"].dims == ("time", "band", "y", "x") and fs["frames"].dtype == np.uint16
+    assert fs["frames"].shape == (8, 10, 128, 128) and str(fs.rio.crs) == "EPSG:32631"
+    nt = xr.open_zarr(root / "normalized_tensors.zarr" / "2019" / TILES[1])
+    assert nt["tensors"].shape == (4, 8, 10, 64, 64)
+    # Chip vectors: GeoParquet with geometry, mean and max per chip.
+    table = pq.read_table(root / "chip_embeddings" / "2019" / f"{TILES[1]}.parquet")
+    assert table.num_rows == 4 and b"geo" in table.schema.metadata
+    row = table.slice(0, 1).to_pylist()[0]
+    np.testing.assert_allclose(row["mean"], da.values[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(row["max"], da.values[:, :2, :2].max(axis=(1, 2)), rtol=1e-6)
+    assert (root / "embedding_preview" / "2019" / f"{TILES[1]}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checks_ran_per_partition(built) -> None:
+    _, result, _ = built
+    evals = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evals) == {
+        "frame_stack_shape_and_dtype",
+        "frame_stack_clear_fraction",
+        "normalized_tensors_finite",
+        "embedding_finite",
+        "embedding_non_degenerate",
+    }
+    for name in ("frame_stack_shape_and_dtype", "normalized_tensors_finite", "embedding_finite",
+                 "embedding_non_degenerate"):  # fmt: skip
+        assert evals[name].passed, name
+        assert evals[name].metadata["partitions_checked"].value == 4
+    # The tile the sample barely touches is flagged by the clear-fraction check (a warning).
+    clear = evals["frame_stack_clear_fraction"]
+    assert not clear.passed and clear.severity == dg.AssetCheckSeverity.WARN
+    assert TILES[0] in clear.metadata["failed_partitions"].value
+    assert TILES[1] not in clear.metadata["failed_partitions"].value
+
+
+def test_region_sensor_mosaic_and_removal(built, tmp_path: Path) -> None:
+    pipe, _, _ = built
+    regions = Path(pipe.storage.regions_dir)
+    # Region A covers both tiles; region B only the second: the shared tile is produced once.
+    write_region(regions / "field_a.geojson", 573800, 5621900, 575800, 5622900)
+    write_region(regions / "field b.geojson", 575000, 5621900, 575600, 5622500)
+    instance = dg.DagsterInstance.ephemeral()
+    ctx = dg.build_sensor_context(instance=instance, resources=pipe.resources)
+    result = region_files_sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    adds = {
+        r.partitions_def_name: list(r.partition_keys) for r in result.dynamic_partitions_requests
+    }
+    assert sorted(adds["tiles"]) == TILES and len(adds["tiles"]) == 2
+    assert sorted(adds["regions"]) == ["field_a", "field_b"]
+    owners = pipe.storage.registry().owners()
+    assert owners[TILES[1]] == ["field_a", "field_b"] and owners[TILES[0]] == ["field_a"]
+    instance.add_dynamic_partitions("tiles", adds["tiles"])
+    instance.add_dynamic_partitions("regions", adds["regions"])
+    again = region_files_sensor(
+        dg.build_sensor_context(instance=instance, resources=pipe.resources)
+    )
+    assert isinstance(again, dg.SkipReason)
+
+    # The mosaic sensor asks for each region-year whose tiles all have grids.
+    pipe.instance.add_dynamic_partitions("regions", adds["regions"])
+    mctx = dg.build_sensor_context(instance=pipe.instance, resources=pipe.resources)
+    asked = region_mosaic_sensor(mctx)
+    assert isinstance(asked, dg.SensorResult)
+    keys = sorted(r.partition_key for r in asked.run_requests)
+    assert keys == sorted(str(region_year_key(r, y)) for r in ("field_a", "field_b") for y in YEARS)
+    job = pipe.defs.resolve_job_def("mosaic_regions")
+    out = job.execute_in_process(
+        instance=pipe.instance, partition_key=str(region_year_key("field_a", 2019))
+    )
+    assert out.success
+    root = Path(pipe.storage.root)
+    mosaic = xr.open_zarr(root / "region_mosaic.zarr" / "2019" / "field_a", decode_coords="all")
+    grid = mosaic["embedding"]
+    assert grid.shape == (128, 4, 8) and str(grid.rio.crs) == "EPSG:32631"
+    for i, tile in enumerate(TILES):
+        g = xr.open_zarr(root / "agrifm_embedding_grid.zarr" / "2019" / tile)["embedding"].values
+        np.testing.assert_array_equal(grid.values[:, :, 4 * i : 4 * i + 4], g)
+    with rasterio.open(
+        f'ZARR:"{root / "region_mosaic.zarr" / "2019" / "field_a"}":/embedding'
+    ) as src:
+        assert src.crs.to_epsg() == 32631 and src.width == 8 and src.transform.c == 448 * 1280
+    # Once made, the mosaic is current: no request for it again.
+    again = region_mosaic_sensor(
+        dg.build_sensor_context(instance=pipe.instance, resources=pipe.resources)
+    )
+    wanted = {r.partition_key for r in getattr(again, "run_requests", [])}
+    assert str(region_year_key("field_a", 2019)) not in wanted
+
+    # Removing a region file deletes nothing.
+    (regions / "field b.geojson").unlink()
+    region_files_sensor(dg.build_sensor_context(instance=instance, resources=pipe.resources))
+    doc = pipe.storage.registry().load()["regions"]
+    assert doc["field_b"]["status"] == "removed"
+    assert (root / "agrifm_embedding_grid.zarr" / "2019" / TILES[1]).is_dir()
+    assert TILES[1] in instance.get_dynamic_partitions("tiles")
+
+
+def test_bad_region_file_is_reported_not_fatal(tmp_path: Path) -> None:
+    pipe = make_pipeline(tmp_path)
+    regions = Path(pipe.storage.regions_dir)
+    regions.mkdir(parents=True)
+    (regions / "broken.geojson").write_text("{not json")
+    write_region(regions / "ok.geojson", 575000, 5621900, 575600, 5622500)
+    ctx = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources=pipe.resources)
+    result = region_files_sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    adds = {
+        r.partitions_def_name: list(r.partition_keys) for r in result.dynamic_partitions_requests
+    }
+    assert adds["regions"] == ["ok"]
+    assert "broken" not in pipe.storage.registry().load()["regions"]
