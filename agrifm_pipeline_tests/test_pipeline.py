@@ -52,7 +52,7 @@ def built(
 
 
 def test_one_run_materialises_every_partition_and_loads_the_model_once(built) -> None:
-    pipe, result, loads = built
+    _, result, loads = built
     assert result.success
     assert loads == 1
     wanted = {str(tile_year_key(t, y)) for t in TILES for y in YEARS}
@@ -66,7 +66,7 @@ def test_one_run_materialises_every_partition_and_loads_the_model_once(built) ->
 
 
 def test_lineage_on_materialisations(built) -> None:
-    pipe, result, _ = built
+    _, result, _ = built
     (m,) = [
         m
         for m in result.asset_materializations_for_node("agrifm_embedding_grid")
