@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo ui lint bench clean
 
 install: $(STAMP)
 
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest agrifm_pipeline_tests
 
+# The main job: the demo region (data/regions) for 2019 through every asset, into
+# .agrifm/ (SQLite Dagster home + local Zarr). CHECKPOINT=untrained:0 works offline.
 demo: $(STAMP)
-	$(PY) -m agrifm_pipeline.cli demo
+	$(PY) -m agrifm_pipeline.cli demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+# The Dagster UI over the same home.
+ui: $(STAMP)
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.agrifm/dagster} $(VENV)/bin/dagster dev -w workspace.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agrifm_pipeline agrifm_pipeline_tests bench

@@ -163,7 +163,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if report["agree_within_1e-4"] else 1
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_roi_demo(args: argparse.Namespace) -> int:
     """Embed the bundled Flanders sample: a real 8-frame S2 series, one ROI."""
     import xarray as xr
 
@@ -218,6 +218,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Register the demo region and materialise it through every asset, on local defaults."""
+    from agrifm_pipeline.demo import run_demo
+    from agrifm_pipeline.errors import CheckpointError
+
+    if args.checkpoint and str(args.checkpoint).startswith("untrained:"):
+        print(
+            f"NOTE: explicitly UNTRAINED weights ({args.checkpoint}); every output says untrained.",
+            file=sys.stderr,
+        )
+    try:
+        out = run_demo(
+            checkpoint=args.checkpoint,
+            device=args.device,
+            precision=args.precision,
+            year=args.year,
+            region=args.region,
+            home=args.home,
+        )
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}\n  offline? run the same job with explicitly untrained weights: "
+            "make demo CHECKPOINT=untrained:0"
+        ) from exc
+    ck = out["checkpoint"]
+    print(f"\n{out['region']} {out['year']}: {len(out['tiles'])} tile(s) in {out['seconds']:.1f} s")
+    print(f"checkpoint: {ck['source']} sha256 {ck['sha256'][:16]}… untrained={ck['untrained']}")
+    print("checks: " + ", ".join(f"{k}={v}" for k, v in out["checks"].items()))
+    print("\nembedding grids (Zarr, one group per tile-year):\n  " + "\n  ".join(out["grid"]))
+    print(f"region mosaic:\n  {out['mosaic']}")
+    print("chip vectors (GeoParquet):\n  " + "\n  ".join(out["chips"]))
+    print("previews (PNG):\n  " + "\n  ".join(out["previews"]))
+    print("\nopen them:")
+    print(
+        f"  python -c \"import xarray as xr, rioxarray; print(xr.open_zarr('{out['mosaic']}', decode_coords='all'))\""
+    )
+    print(f"  gdalinfo 'ZARR:\"{out['mosaic']}\":/embedding'")
+    print(f"  DAGSTER_HOME={out['dagster_home']} dagster dev   # or: make ui")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agrifm-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,10 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="embed the bundled Sentinel-2 sample")
+    p = sub.add_parser("roi-demo", help="embed the bundled Sentinel-2 sample as one ROI")
     runtime(p)
     p.add_argument("--data", default=str(DEMO_DATA))
     p.add_argument("--out", default=None, help="write the grid as a Zarr store (a directory)")
+    p.set_defaults(func=cmd_roi_demo)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: materialise the bundled demo region for 2019 through every asset",
+    )
+    runtime(p)
+    p.add_argument("--year", type=int, default=2019)
+    p.add_argument("--region", default="flanders_demo")
+    p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
     p.set_defaults(func=cmd_demo)
     return parser
 

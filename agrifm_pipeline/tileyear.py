@@ -308,16 +308,17 @@ def chip_table(grid: xr.DataArray, tile: Tile, year: int, cfg: TileYearSettings)
 
 
 # -- preview --------------------------------------------------------------------------------
-def _stretch(rgb: np.ndarray) -> np.ndarray:
-    """Per-channel 2-98 % stretch to uint8; constant channels go mid-grey."""
-    out = np.empty(rgb.shape, dtype=np.uint8)
+def _stretch(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel 2-98 % stretch (over ``valid`` pixels) to uint8; the rest dark grey."""
+    valid = np.ones(rgb.shape[:2], dtype=bool) if valid is None else valid
+    out = np.full(rgb.shape, 40, dtype=np.uint8)
+    if not valid.any():
+        return out
     for i in range(rgb.shape[-1]):
         ch = rgb[..., i].astype(np.float64)
-        lo, hi = np.nanpercentile(ch, [2, 98]) if np.isfinite(ch).any() else (0.0, 0.0)
-        if hi <= lo:
-            out[..., i] = 128
-        else:
-            out[..., i] = np.clip((ch - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8)
+        lo, hi = np.percentile(ch[valid], [2, 98])
+        scaled = np.full(ch.shape, 128.0) if hi <= lo else (ch - lo) / (hi - lo) * 255
+        out[..., i] = np.where(valid, np.clip(scaled, 0, 255), 40).astype(np.uint8)
     return out
 
 
@@ -343,7 +344,7 @@ def preview_png(
 
     idx = [list(bands).index(b) for b in ("B4", "B3", "B2")]
     median = np.median(frames[:, idx].astype(np.float32), axis=0)  # (3, H, W)
-    rgb = _stretch(np.moveaxis(median, 0, -1))
+    rgb = _stretch(np.moveaxis(median, 0, -1), valid=(median > 0).any(axis=0))
     pca = _stretch(pca3(grid))
     left = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
     right = Image.fromarray(pca).resize((size, size), Image.Resampling.NEAREST)

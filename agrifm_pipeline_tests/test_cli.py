@@ -24,7 +24,7 @@ def test_demo_runs_and_says_untrained(
 ) -> None:
     monkeypatch.delenv("RS_EMBED_AGRIFM_CKPT", raising=False)
     out = tmp_path / "demo.zarr"
-    assert main(["demo", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["roi-demo", "--device", "cpu", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "UNTRAINED" in captured.err
     assert "grid [1024, 7, 7]" in captured.out
@@ -63,3 +63,25 @@ def test_code_location_loads() -> None:
     from agrifm_pipeline.definitions import defs
 
     assert defs is not None
+
+
+def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
+    """`make demo`'s command: the demo region for 2019 through every asset, untrained weights."""
+    import xarray as xr
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    home = tmp_path / "home"
+    assert (
+        main(["demo", "--checkpoint", "untrained:0", "--device", "cpu", "--home", str(home)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "untrained=True" in out and "dagster dev" in out
+    mosaic = home / "store" / "region_mosaic.zarr" / "2019" / "flanders_demo"
+    ds = xr.open_zarr(mosaic, decode_coords="all")
+    assert str(ds.rio.crs) == "EPSG:32631" and ds["embedding"].shape == (1024, 28, 28)
+    grid = home / "store" / "agrifm_embedding_grid.zarr" / "2019" / "32631_8960m_E0064_N0627"
+    assert xr.open_zarr(grid).attrs["untrained"] == 1
+    # The runs are in the SQLite instance that `dagster dev` will read.
+    assert (tmp_path / "dagster" / "dagster.yaml").is_file()
+    assert any((tmp_path / "dagster").rglob("*.db"))

@@ -1,0 +1,125 @@
+"""The UI's view: dagster-webserver on 127.0.0.1 over a test instance, read through GraphQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from .pipeline_helpers import REPO_ROOT, TILES, make_pipeline
+
+WEBSERVER = Path(sys.executable).with_name("dagster-webserver")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _graphql(url: str, query: str) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url + "/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        body = json.loads(resp.read())
+    assert "errors" not in body, body
+    return body["data"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    defs_file = tmp_path / "test_defs.py"
+    defs_file.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(REPO_ROOT)!r})
+            from pathlib import Path
+            from agrifm_pipeline.definitions import build_defs
+            from agrifm_pipeline_tests.pipeline_helpers import make_resources
+            defs = build_defs(make_resources(Path({str(tmp_path)!r})))
+            """
+        )
+    )
+    instance = dg.DagsterInstance.from_config(str(home))
+    pipe = make_pipeline(tmp_path, instance=instance)
+    assert pipe.materialise(TILES[1:], [2019]).success
+    port = _free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    proc = subprocess.Popen(
+        [str(WEBSERVER), "-f", str(defs_file), "-h", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/server_info", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("dagster-webserver did not come up") from None
+                time.sleep(0.5)
+        yield url, tmp_path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_graph_partitions_and_lineage_through_graphql(served: tuple[str, Path]) -> None:
+    url, _ = served
+    nodes = _graphql(url, "{ assetNodes { assetKey { path } dependencyKeys { path } } }")
+    graph = {
+        n["assetKey"]["path"][0]: {d["path"][0] for d in n["dependencyKeys"]}
+        for n in nodes["assetNodes"]
+    }
+    assert graph["normalized_tensors"] == {"s2_frame_stack"}
+    assert graph["agrifm_embedding_grid"] == {"normalized_tensors", "agrifm_checkpoint"}
+    assert graph["region_mosaic"] == {"agrifm_embedding_grid"}
+    assert {"chip_embeddings", "embedding_preview"} <= set(graph)
+
+    dims = _graphql(
+        url,
+        '{ assetNodeOrError(assetKey: {path: ["agrifm_embedding_grid"]}) '
+        "{ ... on AssetNode { partitionKeysByDimension { name partitionKeys } } } }",
+    )["assetNodeOrError"]["partitionKeysByDimension"]
+    by_name = {d["name"]: d["partitionKeys"] for d in dims}
+    assert by_name["tile"] == TILES
+    assert by_name["year"][0] == "2017" and "2019" in by_name["year"]
+
+    key = f"{TILES[1]}|2019"
+    mats = _graphql(
+        url,
+        '{ assetOrError(assetKey: {path: ["agrifm_embedding_grid"]}) { ... on Asset { '
+        f'assetMaterializations(partitions: ["{key}"]) {{ partition metadataEntries {{ label '
+        "... on JsonMetadataEntry { jsonString } ... on TextMetadataEntry { text } "
+        "... on IntMetadataEntry { intValue } } } } } }",
+    )["assetOrError"]["assetMaterializations"]
+    assert [m["partition"] for m in mats] == [key]
+    entries = {e["label"]: e for e in mats[0]["metadataEntries"]}
+    assert entries["n_frames"]["intValue"] == 8
+    assert entries["norm_mode"]["text"] == "agrifm_stats"
+    lineage = json.loads(entries["lineage"]["jsonString"])
+    assert lineage["tile"] == TILES[1] and lineage["year"] == 2019
+    assert len(lineage["embedding"]["checkpoint"]["sha256"]) == 64
+    assert len(lineage["acquisition"]["frames"]) == 8
