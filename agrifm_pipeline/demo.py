@@ -116,7 +116,7 @@ def run_demo(
 
     # 1. Regions -> partitions (what the region sensor does on every tick).
     resolved = resources["model"].resolved()  # fail early: download or a clear error
-    changes, new_tiles, new_regions = register_regions(instance, resources["tile_year"], storage)
+    _, new_tiles, new_regions = register_regions(instance, resources["tile_year"], storage)
     if new_tiles:
         instance.add_dynamic_partitions("tiles", new_tiles)
     if new_regions:
