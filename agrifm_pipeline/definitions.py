@@ -40,7 +40,7 @@ def default_resources() -> dict[str, Any]:
 
 def build_defs(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
     return dg.Definitions(
-        assets=all_assets,
+        assets=list(all_assets),  # type: ignore[arg-type]
         asset_checks=all_checks,
         jobs=[embed_tile_years, mosaic_regions],
         sensors=all_sensors,

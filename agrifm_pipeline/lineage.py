@@ -66,7 +66,8 @@ class Fingerprints:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def for_stage(self, stage: str) -> StageFingerprint:
-        return getattr(self, stage)  # type: ignore[no-any-return]
+        fp: StageFingerprint = getattr(self, stage)
+        return fp
 
     def as_record(self) -> dict[str, Any]:
         return {s: self.for_stage(s).as_record() for s in STAGES}

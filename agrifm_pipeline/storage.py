@@ -45,7 +45,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
@@ -66,7 +66,7 @@ LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
 # zstd level 3 with byte shuffle: on float32 embedding grids and uint16 frame
 # stacks it measured the best ratio at a write speed far above the encoder's
 # output rate (bench/bench_storage.py; figures in the README).
-DEFAULT_COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 1}
+DEFAULT_COMPRESSOR: dict[str, Any] = {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 1}
 
 
 def _compressor(zarr_format: int) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def _compressor(zarr_format: int) -> dict[str, Any]:
     import zarr.codecs
     from numcodecs import Blosc
 
-    c = DEFAULT_COMPRESSOR
+    c: dict[str, Any] = DEFAULT_COMPRESSOR
     if zarr_format == 2:
         return {"compressors": [Blosc(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"])]}
     return {
@@ -173,6 +173,10 @@ class ZarrStore:
 
     # paths
     @property
+    def _fmt(self) -> Literal[2, 3]:
+        return 2 if self.zarr_format == 2 else 3
+
+    @property
     def store_path(self) -> str:
         return f"{self._root_path}/{self.asset}.zarr"
 
@@ -199,7 +203,7 @@ class ZarrStore:
             for path in (self.store_path, f"{self.store_path}/{year}"):
                 if not self._is_group(path):
                     with contextlib.suppress(ContainsGroupError):  # another process won
-                        zarr.open_group(self._mapper(path), mode="a", zarr_format=self.zarr_format)
+                        zarr.open_group(self._mapper(path), mode="a", zarr_format=self._fmt)
 
     def _is_group(self, path: str) -> bool:
         name = ".zgroup" if self.zarr_format == 2 else "zarr.json"
@@ -256,9 +260,7 @@ class ZarrStore:
             if "" not in groups:
                 import zarr
 
-                root = zarr.open_group(
-                    self._mapper(staging), mode="w", zarr_format=self.zarr_format
-                )
+                root = zarr.open_group(self._mapper(staging), mode="w", zarr_format=self._fmt)
                 if lineage is not None:
                     root.attrs[LINEAGE_ATTR] = json.dumps(
                         lineage, default=_json_default, sort_keys=True

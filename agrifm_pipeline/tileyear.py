@@ -344,7 +344,7 @@ def preview_png(
 
     idx = [list(bands).index(b) for b in ("B4", "B3", "B2")]
     median = np.median(frames[:, idx].astype(np.float32), axis=0)  # (3, H, W)
-    rgb = _stretch(np.moveaxis(median, 0, -1), valid=(median > 0).any(axis=0))
+    rgb = _stretch(np.moveaxis(median, 0, -1), valid=np.asarray((median > 0).any(axis=0)))
     pca = _stretch(pca3(grid))
     left = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
     right = Image.fromarray(pca).resize((size, size), Image.Resampling.NEAREST)

@@ -36,7 +36,7 @@ def default_storage_root() -> str:
     return str(Path(home) / "store")
 
 
-class TileYearConfig(dg.ConfigurableResource):  # type: ignore[type-arg]
+class TileYearConfig(dg.ConfigurableResource):
     """What a tile-year's arrays contain. ``None`` = the RS_EMBED_AGRIFM_* value."""
 
     n_frames: int | None = Field(
@@ -72,7 +72,7 @@ class TileYearConfig(dg.ConfigurableResource):  # type: ignore[type-arg]
             )
             if v is not None
         }
-        return load_settings(**overrides)
+        return load_settings(None, **overrides)
 
     def resolve(self) -> TileYearSettings:
         return TileYearSettings.from_settings(
@@ -88,7 +88,7 @@ class TileYearConfig(dg.ConfigurableResource):  # type: ignore[type-arg]
         )
 
 
-class S2Source(dg.ConfigurableResource):  # type: ignore[type-arg]
+class S2Source(dg.ConfigurableResource):
     """Where Sentinel-2 frames come from: ``local`` files/STAC, Earth Engine, or ``synthetic``."""
 
     backend: str = Field(default="local", description="local | gee | synthetic")
@@ -133,7 +133,7 @@ class S2Source(dg.ConfigurableResource):  # type: ignore[type-arg]
         return self.fetch_workers or load_settings().fetch_workers
 
 
-class AgriFMModel(dg.ConfigurableResource):  # type: ignore[type-arg]
+class AgriFMModel(dg.ConfigurableResource):
     """The encoder: checkpoint (None = RS_EMBED_AGRIFM_CKPT, then cache, then download), device, precision."""
 
     checkpoint: str | None = Field(
@@ -163,7 +163,7 @@ class AgriFMModel(dg.ConfigurableResource):  # type: ignore[type-arg]
         )
 
 
-class ZarrStorage(dg.ConfigurableResource):  # type: ignore[type-arg]
+class ZarrStorage(dg.ConfigurableResource):
     """Where outputs live: a local directory or any fsspec URL (s3://, gs://, …)."""
 
     root: str = Field(default_factory=default_storage_root, description="storage root")
