@@ -259,6 +259,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def pipeline_resources() -> dict[str, Any]:
+    """The resources the deployed code location uses (what "current" means)."""
+    from agrifm_pipeline.definitions import default_resources
+
+    return default_resources()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Every partition: checkpoint, frames, normalisation, maker, current or stale and why."""
+    import os
+
+    import dagster as dg
+
+    from agrifm_pipeline.audit import audit_rows, format_table
+    from agrifm_pipeline.defs.resources import AgriFMModel, ZarrStorage
+    from agrifm_pipeline.defs.staleness import _stores, current_fingerprints
+    from agrifm_pipeline.demo import prepare_home
+
+    home = Path(args.home or os.environ.get("AGRIFM_PIPELINE_HOME", ".agrifm"))
+    prepare_home(home)
+    res = pipeline_resources()
+    storage = ZarrStorage(root=args.store) if args.store else res["storage"]
+    model = AgriFMModel(checkpoint=args.checkpoint) if args.checkpoint else res["model"]
+    current, unknown, sha = current_fingerprints(res["tile_year"], res["s2"], model)
+    tiles = set(storage.registry().tiles_of(args.region)) if args.region else None
+    with dg.DagsterInstance.get() as instance:
+        rows = audit_rows(
+            instance, _stores(storage), current, tiles=tiles, year=args.year, unknown=unknown
+        )
+    print(format_table(rows, args.format))
+    if args.format == "table":
+        stale = sum(r.status == "stale" for r in rows)
+        odd = sum(bool(r.disagreement) for r in rows)
+        print(
+            f"\n{len(rows)} partition(s): {stale} stale, {odd} where Dagster and the store disagree; "
+            f"current checkpoint {sha[:16]}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agrifm-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", default="flanders_demo")
     p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "audit", help="list every partition with its lineage and whether it is current or stale"
+    )
+    p.add_argument("--region", default=None, help="only this registered region's tiles")
+    p.add_argument("--year", type=int, default=None)
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.add_argument(
+        "--checkpoint", default=None, help="judge against this checkpoint (default: settings)"
+    )
+    p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
+    p.add_argument("--store", default=None, help="storage root (default <home>/store)")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -16,6 +16,7 @@ from agrifm_pipeline.defs.checks import all_checks
 from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
 from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
+from agrifm_pipeline.defs.staleness import all_staleness_sensors, lineage_audit
 
 embed_tile_years = dg.define_asset_job(
     "embed_tile_years",
@@ -40,10 +41,10 @@ def default_resources() -> dict[str, Any]:
 
 def build_defs(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
     return dg.Definitions(
-        assets=list(all_assets),  # type: ignore[arg-type]
+        assets=[*all_assets, lineage_audit],  # type: ignore[list-item]
         asset_checks=all_checks,
         jobs=[embed_tile_years, mosaic_regions],
-        sensors=all_sensors,
+        sensors=[*all_sensors, *all_staleness_sensors],
         schedules=all_schedules,
         resources={**default_resources(), **(resources or {})},
     )

@@ -341,9 +341,23 @@ class ZarrStore:
             decode_coords="all",
         )
 
+    def attrs(self, year: str | int, tile: str) -> dict[str, Any]:
+        """The partition group's attributes, read from its metadata document alone."""
+        if not self.exists(year, tile):
+            raise StorageError(
+                f"{self.asset} has no partition {year}/{tile} under {self.root}; "
+                "materialise it first"
+            )
+        path = self.partition_path(year, tile)
+        if self.zarr_format == 2:
+            with self.fs.open(f"{path}/.zattrs", "r") as fh:
+                out: dict[str, Any] = json.load(fh)
+            return out
+        with self.fs.open(f"{path}/zarr.json", "r") as fh:
+            return dict(json.load(fh).get("attributes", {}))
+
     def lineage(self, year: str | int, tile: str) -> dict[str, Any]:
-        ds = self.open(year, tile)
-        text = ds.attrs.get(LINEAGE_ATTR)
+        text = self.attrs(year, tile).get(LINEAGE_ATTR)
         return json.loads(text) if text else {}
 
     def nbytes_on_disk(self, year: str | int, tile: str) -> int:

@@ -403,6 +403,9 @@ def embedding_preview(
                 "checkpoint_sha256": lineage.get("embedding", {})
                 .get("checkpoint", {})
                 .get("sha256", ""),
+                "fingerprint_embedding": lineage.get("fingerprints", {})
+                .get("embedding", {})
+                .get("fingerprint", ""),
             },
             partition_key=key,
         )

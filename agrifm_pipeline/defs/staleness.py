@@ -1,0 +1,215 @@
+"""Change that re-runs exactly what it invalidates: the checkpoint watch, the stale sensor, the audit asset."""
+
+import json
+import time
+import uuid
+from typing import Any
+
+import dagster as dg
+
+from agrifm_pipeline.audit import (
+    ORDER,
+    audit_rows,
+    current_checkpoint_sha,
+    markdown_table,
+    tile_year_state,
+)
+from agrifm_pipeline.defs.assets import GROUP, tile_year_assets
+from agrifm_pipeline.defs.partitions import split_key, tiles_partitions
+from agrifm_pipeline.defs.requests import tile_year_run_requests
+from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+from agrifm_pipeline.lineage import Fingerprints
+
+REQUEST_TAG = "agrifm/stale_request"
+# A request whose run has not appeared after this long is forgotten (and re-requested if still stale).
+PENDING_GRACE_S = 900
+IN_PROGRESS = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+}
+
+
+def current_fingerprints(
+    tile_year: TileYearConfig, s2: S2Source, model: AgriFMModel
+) -> tuple[Fingerprints, tuple[str, ...], str]:
+    """Fingerprints of the current settings; the embedding is unknown if the checkpoint is."""
+    sha, source = current_checkpoint_sha(model.checkpoint)
+    fps = tile_year.resolve().fingerprints(
+        provider=s2.identity(),
+        checkpoint_sha256=sha or "",
+        precision=model.precision_class(),
+        encoder=model.encoder,
+    )
+    return fps, (() if sha else ("embedding",)), (sha or f"unknown: {source}")
+
+
+def _stores(storage: ZarrStorage) -> dict[str, Any]:
+    return {a: storage.store(a) for a in ORDER[:3]}
+
+
+def _in_flight(instance: dg.DagsterInstance, cursor: dict[str, Any]) -> tuple[dict[str, Any], set]:
+    """Requests still queued or running (or not yet started), and the tile-year assets they cover."""
+    keep: dict[str, Any] = {}
+    covered: set[tuple[str, str, int]] = set()
+    now = time.time()
+    for req_id, req in cursor.get("inflight", {}).items():
+        runs = instance.get_runs(dg.RunsFilter(tags={REQUEST_TAG: req_id}))
+        if runs:
+            alive = any(r.status in IN_PROGRESS for r in runs)
+        else:
+            alive = now - req["t"] < PENDING_GRACE_S
+        if alive:
+            keep[req_id] = req
+            covered.update((a, t, req["year"]) for a in req["assets"] for t in req["tiles"])
+    return keep, covered
+
+
+@dg.sensor(
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    target=dg.AssetSelection.assets(*tile_year_assets),
+    description=(
+        "Compares every materialised tile-year's recorded stage fingerprints with the current "
+        "settings and checkpoint, and requests exactly the stale assets of exactly the stale "
+        "partitions, batched many tile-years per run. Work already queued or running is not "
+        "requested again; failed work is, on a later tick."
+    ),
+)
+def stale_partitions_sensor(
+    context: dg.SensorEvaluationContext,
+    tile_year: TileYearConfig,
+    s2: S2Source,
+    model: AgriFMModel,
+    storage: ZarrStorage,
+) -> dg.SensorResult | dg.SkipReason:
+    instance = context.instance
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    inflight, covered = _in_flight(instance, cursor)
+    current, unknown, sha = current_fingerprints(tile_year, s2, model)
+    if unknown:
+        context.log.warning(
+            f"checkpoint not resolvable without a download ({sha}); embeddings not judged"
+        )
+    stores = _stores(storage)
+    materialised: dict[str, set[tuple[str, int]]] = {}
+    for asset in ORDER:
+        materialised[asset] = {
+            split_key(pk) for pk in instance.get_materialized_partitions(dg.AssetKey(asset))
+        }
+    candidates = set().union(*(materialised[a] for a in ORDER[:3]))
+    groups: dict[tuple[tuple[str, ...], int], list[str]] = {}
+    reasons: dict[str, set[str]] = {}
+    for tile, year in sorted(candidates):
+        state = tile_year_state(stores, tile, year, current, unknown=unknown)
+        for st in state.stages.values():  # recorded by Dagster, gone from the store
+            if not st.present and (tile, year) in materialised[st.asset]:
+                st.present, st.reasons = True, [f"{st.asset} partition missing from the store"]
+        stale = state.stale_assets()
+        if not stale:
+            continue
+        # Only assets this partition has (the stale stage itself always).
+        selection = tuple(
+            a for i, a in enumerate(stale) if i == 0 or (tile, year) in materialised[a]
+        )
+        if any((a, tile, year) in covered for a in selection):
+            continue  # being re-made right now
+        groups.setdefault((selection, year), []).append(tile)
+        first = state.first_stale()
+        if first:
+            reasons.setdefault(stale[0], set()).update(state.stages[first].reasons)
+    if not groups:
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason("every materialised tile-year is current"),
+            cursor=json.dumps({"inflight": inflight}),
+        )
+    order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
+    requests: list[dg.RunRequest] = []
+    for (selection, year), tiles in sorted(groups.items()):
+        why = "; ".join(sorted(reasons.get(selection[0], set())))[:180]
+        for req in tile_year_run_requests(
+            order,
+            [(t, year) for t in tiles],
+            asset_selection=[dg.AssetKey(a) for a in selection],
+            reason=f"stale {selection[0]}: {why}",
+        ):
+            req_id = uuid.uuid4().hex[:16]
+            start, end = (
+                req.tags["dagster/asset_partition_range_start"],
+                req.tags["dagster/asset_partition_range_end"],
+            )
+            first, last = order.index(split_key(start)[0]), order.index(split_key(end)[0])
+            inflight[req_id] = {
+                "assets": list(selection),
+                "year": year,
+                "tiles": order[first : last + 1],
+                "t": time.time(),
+            }
+            requests.append(
+                dg.RunRequest(
+                    asset_selection=req.asset_selection, tags={**req.tags, REQUEST_TAG: req_id}
+                )
+            )
+            context.log.info(
+                f"stale: {', '.join(selection)} for {last - first + 1} tile(s) of {year} ({why})"
+            )
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps({"inflight": inflight}))
+
+
+@dg.sensor(
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Watches the checkpoint the model resource loads (same path, new content included) and "
+        "records an observation of agrifm_checkpoint whenever its sha256 changes."
+    ),
+)
+def checkpoint_sensor(
+    context: dg.SensorEvaluationContext, model: AgriFMModel
+) -> dg.SensorResult | dg.SkipReason:
+    sha, source = current_checkpoint_sha(model.checkpoint)
+    if sha is None:
+        return dg.SkipReason(f"checkpoint not available without a download: {source}")
+    if context.cursor == sha:
+        return dg.SkipReason(f"checkpoint unchanged ({sha[:12]}…)")
+    observation = dg.AssetObservation(
+        asset_key=dg.AssetKey("agrifm_checkpoint"),
+        metadata={"sha256": sha, "source": source, "previous_sha256": context.cursor or ""},
+        tags={"dagster/data_version": sha},
+    )
+    return dg.SensorResult(asset_events=[observation], cursor=sha)
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[*tile_year_assets],
+    kinds={"table"},
+    description="Every partition with its checkpoint, frames, normalisation, maker, and whether it is current.",
+)
+def lineage_audit(
+    context: dg.AssetExecutionContext,
+    tile_year: TileYearConfig,
+    s2: S2Source,
+    model: AgriFMModel,
+    storage: ZarrStorage,
+) -> dg.MaterializeResult:
+    current, unknown, sha = current_fingerprints(tile_year, s2, model)
+    rows = audit_rows(context.instance, _stores(storage), current, unknown=unknown)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    disagreements = [r for r in rows if r.disagreement]
+    return dg.MaterializeResult(
+        metadata={
+            "current_checkpoint_sha256": sha,
+            "partitions": len(rows),
+            **{f"n_{k.replace('-', '_')}": v for k, v in sorted(counts.items())},
+            "n_disagreements": len(disagreements),
+            "audit": dg.MetadataValue.md(markdown_table(rows)),
+        }
+    )
+
+
+all_staleness_sensors = [stale_partitions_sensor, checkpoint_sensor]

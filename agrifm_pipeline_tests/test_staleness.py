@@ -1,0 +1,236 @@
+"""Change re-runs exactly what it invalidates: fingerprints, the stale sensor, the checkpoint watch, the audit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import torch
+
+from agrifm_pipeline.audit import audit_rows
+from agrifm_pipeline.cli import main as cli_main
+from agrifm_pipeline.definitions import build_defs
+from agrifm_pipeline.defs.partitions import split_key
+from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
+from agrifm_pipeline.defs.resources import S2Source, TileYearConfig
+from agrifm_pipeline.defs.staleness import (
+    _stores,
+    checkpoint_sensor,
+    current_fingerprints,
+    stale_partitions_sensor,
+)
+
+from .pipeline_helpers import TILES, TINY, YEARS, Pipeline, make_pipeline, make_resources
+
+EMBED = {"agrifm_embedding_grid", "chip_embeddings", "embedding_preview"}
+NORM = {"normalized_tensors", *EMBED}
+ALL = {"s2_frame_stack", *NORM}
+
+
+def _everything(assets: set[str]) -> set[tuple[str, str, int]]:
+    return {(a, t, y) for a in assets for t in TILES for y in YEARS}
+
+
+class Ticker:
+    """Evaluates the stale sensor like the daemon does, carrying its cursor."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+        self.cursor: str | None = None
+
+    def tick(self, resources: dict[str, Any]) -> list[dg.RunRequest]:
+        ctx = dg.build_sensor_context(
+            instance=self.pipe.instance, cursor=self.cursor, resources=resources
+        )
+        result = stale_partitions_sensor(ctx)
+        assert isinstance(result, dg.SensorResult)
+        self.cursor = result.cursor
+        return list(result.run_requests or [])
+
+    def covered(self, requests: list[dg.RunRequest]) -> set[tuple[str, str, int]]:
+        order = self.pipe.instance.get_dynamic_partitions("tiles")
+        out = set()
+        for r in requests:
+            (t0, y0), (t1, y1) = split_key(r.tags[RANGE_START]), split_key(r.tags[RANGE_END])
+            assert y0 == y1
+            tiles = order[order.index(t0) : order.index(t1) + 1]
+            out |= {(k.path[-1], t, y0) for k in r.asset_selection or [] for t in tiles}
+        return out
+
+    def execute(self, requests: list[dg.RunRequest], resources: dict[str, Any]) -> list[bool]:
+        defs = build_defs(resources)
+        job = defs.resolve_job_def("embed_tile_years")
+        return [
+            job.execute_in_process(
+                instance=self.pipe.instance,
+                tags=r.tags,
+                asset_selection=list(r.asset_selection or []),
+                raise_on_error=False,
+            ).success
+            for r in requests
+        ]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Pipeline, Ticker, Path]]:
+    ckpt = tmp_path / "weights" / "AgriFM.pth"
+    ckpt.parent.mkdir()
+    shutil.copy(TINY, ckpt)
+    with dg.instance_for_test() as instance:
+        pipe = make_pipeline(tmp_path, instance=instance, checkpoint=ckpt)
+        assert pipe.materialise(TILES, YEARS).success
+        yield pipe, Ticker(pipe), ckpt
+
+
+def _resources(pipe: Pipeline, ckpt: Path, **tile_year: Any) -> dict[str, Any]:
+    return make_resources(pipe.root, checkpoint=ckpt, **tile_year)
+
+
+def _replace_checkpoint(ckpt: Path) -> None:
+    """Same path, new content (same keys and shapes)."""
+    state = torch.load(ckpt, weights_only=True)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, ckpt)
+
+
+def test_nothing_changed_requests_nothing(world) -> None:
+    pipe, ticker, ckpt = world
+    assert ticker.tick(_resources(pipe, ckpt)) == []
+
+
+def test_norm_mode_change_reruns_normalised_tensors_and_below_then_settles(world) -> None:
+    pipe, ticker, ckpt = world
+    changed = _resources(pipe, ckpt, norm_mode="unit_scale")
+    reqs = ticker.tick(changed)
+    assert ticker.covered(reqs) == _everything(NORM)
+    assert len(reqs) == 2  # batched: one run per year with both tiles, not one per partition
+    assert all("norm_mode changed" in r.tags["agrifm/reason"] for r in reqs)
+    # A second tick while that work is pending asks for nothing new.
+    assert ticker.tick(changed) == []
+    # The audit names the reason before, and the state after.
+    current, unknown, _ = current_fingerprints(
+        changed["tile_year"], changed["s2"], changed["model"]
+    )
+    before = audit_rows(pipe.instance, _stores(pipe.storage), current, unknown=unknown)
+    by = {(r.asset, r.tile, r.year): r for r in before}
+    assert by[("s2_frame_stack", TILES[0], 2019)].status == "current"
+    row = by[("normalized_tensors", TILES[0], 2019)]
+    assert row.status == "stale" and "norm_mode changed ('agrifm_stats' -> 'unit_scale')" in row.why
+    assert by[("agrifm_embedding_grid", TILES[0], 2019)].status == "stale"
+    assert ticker.execute(reqs, changed) == [True, True]
+    assert ticker.tick(changed) == []
+    after = audit_rows(pipe.instance, _stores(pipe.storage), current, unknown=unknown)
+    assert {r.status for r in after} == {"current"} and len(after) == 12
+    assert all(r.norm_mode in ("", "unit_scale") for r in after)
+
+
+def test_replaced_checkpoint_reruns_only_the_embedding_assets(world) -> None:
+    pipe, ticker, ckpt = world
+    res = _resources(pipe, ckpt)
+    watch = dg.build_sensor_context(instance=pipe.instance, resources=res)
+    first = checkpoint_sensor(watch)
+    assert isinstance(first, dg.SensorResult)
+    old_sha = first.cursor
+    _replace_checkpoint(ckpt)
+    # The watch sees new content behind the same path and records a new data version.
+    seen = checkpoint_sensor(
+        dg.build_sensor_context(instance=pipe.instance, cursor=old_sha, resources=res)
+    )
+    assert isinstance(seen, dg.SensorResult) and seen.cursor != old_sha
+    (obs,) = seen.asset_events
+    assert (
+        obs.asset_key == dg.AssetKey("agrifm_checkpoint")
+        and obs.tags["dagster/data_version"] == seen.cursor
+    )
+    reqs = ticker.tick(res)
+    assert ticker.covered(reqs) == _everything(EMBED)
+    assert all("checkpoint changed" in r.tags["agrifm/reason"] for r in reqs)
+    assert ticker.execute(reqs, res) == [True, True]
+    assert ticker.tick(res) == []
+    grid = pipe.storage.store("agrifm_embedding_grid").lineage(2019, TILES[0])
+    assert grid["embedding"]["checkpoint"]["sha256"] == seen.cursor
+    # Acquisition was never re-run: its partitions still carry the first run's id.
+    frames = pipe.storage.store("s2_frame_stack").lineage(2019, TILES[0])
+    assert frames["run_id"] != grid["run_id"]
+
+
+def test_n_frames_change_reruns_everything_and_a_failed_partition_is_retried(
+    world, tmp_path: Path
+) -> None:
+    pipe, ticker, ckpt = world
+    changed = _resources(pipe, ckpt, n_frames=6)
+    reqs = ticker.tick(changed)
+    assert ticker.covered(reqs) == _everything(ALL)
+    assert ticker.tick(changed) == []
+    # The 2018 run fails (its source is unreadable); 2019 succeeds.
+    broken = {**changed, "s2": S2Source(local_root=str(tmp_path / "nowhere"))}
+    by_year = {split_key(r.tags[RANGE_START])[1]: r for r in reqs}
+    assert ticker.execute([by_year[2018]], broken) == [False]
+    assert ticker.execute([by_year[2019]], changed) == [True]
+    again = ticker.tick(changed)
+    assert ticker.covered(again) == {(a, t, 2018) for a in ALL for t in TILES}
+
+
+def test_partition_deleted_outside_the_pipeline_is_reported_and_remade(world) -> None:
+    pipe, ticker, ckpt = world
+    res = _resources(pipe, ckpt)
+    shutil.rmtree(Path(pipe.storage.root) / "normalized_tensors.zarr" / "2019" / TILES[1])
+    current, unknown, _ = current_fingerprints(res["tile_year"], res["s2"], res["model"])
+    rows = audit_rows(pipe.instance, _stores(pipe.storage), current, unknown=unknown)
+    (row,) = [r for r in rows if r.status != "current"]
+    assert (row.asset, row.tile, row.year, row.status) == (
+        "normalized_tensors", TILES[1], 2019, "missing-in-store"
+    )  # fmt: skip
+    assert "store has no partition" in row.disagreement
+    reqs = ticker.tick(res)
+    assert ticker.covered(reqs) == {(a, TILES[1], 2019) for a in NORM}
+
+
+def test_fingerprints_depend_on_exactly_their_settings() -> None:
+    base = TileYearConfig(chip_px=64, chips_per_side=2).resolve()
+    kw: dict[str, Any] = {
+        "provider": {"name": "local"},
+        "checkpoint_sha256": "a",
+        "precision": "float32",
+    }
+    f0 = base.fingerprints(**kw)
+    f_ck = base.fingerprints(**{**kw, "checkpoint_sha256": "b"})
+    f_norm = (
+        TileYearConfig(chip_px=64, chips_per_side=2, norm_mode="none").resolve().fingerprints(**kw)
+    )
+    f_t = TileYearConfig(chip_px=64, chips_per_side=2, n_frames=4).resolve().fingerprints(**kw)
+    f_bf = base.fingerprints(**{**kw, "precision": "bfloat16"})
+
+    def moved(f) -> list[str]:  # type: ignore[no-untyped-def]
+        return [
+            s
+            for s in ("acquisition", "normalisation", "embedding")
+            if f.for_stage(s).value != f0.for_stage(s).value
+        ]
+
+    assert moved(f_ck) == ["embedding"]
+    assert moved(f_bf) == ["embedding"]
+    assert moved(f_norm) == ["normalisation", "embedding"]
+    assert moved(f_t) == ["acquisition", "normalisation", "embedding"]
+
+
+def test_audit_command(world, capsys, monkeypatch) -> None:
+    pipe, _, ckpt = world
+    monkeypatch.setenv("DAGSTER_HOME", pipe.instance.root_directory)
+    args = ["audit", "--store", pipe.storage.root, "--checkpoint", str(ckpt), "--format", "json"]
+    # Judge with this test's resources (64 px chips) instead of the product defaults.
+    monkeypatch.setattr(
+        "agrifm_pipeline.cli.pipeline_resources",
+        lambda: _resources(pipe, ckpt, norm_mode="unit_scale"),
+    )
+    assert cli_main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 12
+    stale = {(r["asset"], r["status"]) for r in rows}
+    assert ("s2_frame_stack", "current") in stale and ("normalized_tensors", "stale") in stale
+    assert all(r["run_id"] for r in rows) and all(r["dagster_run_id"] == r["run_id"] for r in rows)
