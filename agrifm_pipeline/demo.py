@@ -99,18 +99,31 @@ def run_demo(
     import dagster as dg
 
     from agrifm_pipeline.definitions import build_defs, default_resources
-    from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
-    from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
     from agrifm_pipeline.defs.resources import AgriFMModel, ZarrStorage
-    from agrifm_pipeline.defs.sensors import register_regions
-    from agrifm_pipeline.errors import RegionError
 
     resources = default_resources()
     resources["model"] = AgriFMModel(checkpoint=checkpoint, device=device, precision=precision)
     resources["storage"] = ZarrStorage(root=str((home / "store").resolve()))
-    storage: ZarrStorage = resources["storage"]
+    storage = resources["storage"]
     defs = build_defs(resources)
-    instance = dg.DagsterInstance.get()
+    with dg.DagsterInstance.get() as instance:
+        return _materialise(defs, instance, resources, storage, dagster_home, region, year)
+
+
+def _materialise(
+    defs: Any,
+    instance: Any,
+    resources: dict[str, Any],
+    storage: Any,
+    dagster_home: Path,
+    region: str,
+    year: int,
+) -> dict[str, Any]:
+    from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
+    from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
+    from agrifm_pipeline.defs.sensors import register_regions
+    from agrifm_pipeline.errors import RegionError
+
     for pool, limit in POOL_LIMITS.items():
         instance.event_log_storage.set_concurrency_slots(pool, limit)
 

@@ -58,9 +58,9 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             """
         )
     )
-    instance = dg.DagsterInstance.from_config(str(home))
-    pipe = make_pipeline(tmp_path, instance=instance)
-    assert pipe.materialise(TILES[1:], [2019]).success
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        pipe = make_pipeline(tmp_path, instance=instance)
+        assert pipe.materialise(TILES[1:], [2019]).success
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     proc = subprocess.Popen(

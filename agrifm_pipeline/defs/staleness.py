@@ -140,11 +140,11 @@ def stale_partitions_sensor(
                 req.tags["dagster/asset_partition_range_start"],
                 req.tags["dagster/asset_partition_range_end"],
             )
-            first, last = order.index(split_key(start)[0]), order.index(split_key(end)[0])
+            i0, i1 = order.index(split_key(start)[0]), order.index(split_key(end)[0])
             inflight[req_id] = {
                 "assets": list(selection),
                 "year": year,
-                "tiles": order[first : last + 1],
+                "tiles": order[i0 : i1 + 1],
                 "t": time.time(),
             }
             requests.append(
@@ -153,7 +153,7 @@ def stale_partitions_sensor(
                 )
             )
             context.log.info(
-                f"stale: {', '.join(selection)} for {last - first + 1} tile(s) of {year} ({why})"
+                f"stale: {', '.join(selection)} for {i1 - i0 + 1} tile(s) of {year} ({why})"
             )
     return dg.SensorResult(run_requests=requests, cursor=json.dumps({"inflight": inflight}))
 
