@@ -208,6 +208,16 @@ def _clip_and_normalise(t: torch.Tensor, norm_mode: str, fill_value: float) -> d
     return {"nonfinite_pixels": nonfinite, "clipped_low": low, "clipped_high": high}
 
 
+def _from_integers(arr: np.ndarray) -> tuple[torch.Tensor, dict[str, int]]:
+    """Integer DN -> clipped float32 tensor (fresh memory) and the clip counts."""
+    high = int(np.count_nonzero(arr > RAW_MAX))
+    low = int(np.count_nonzero(arr < 0)) if arr.dtype.kind == "i" else 0
+    t = torch.from_numpy(arr.astype(np.float32))
+    if high or low:
+        t.clamp_(0.0, RAW_MAX)
+    return t, {"clipped_low": low, "clipped_high": high}
+
+
 def preprocess_input(
     x: Any, *, n_frames: int, image_size: int, norm_mode: str, fill_value: float = 0.0
 ) -> Preprocessed:
@@ -227,16 +237,21 @@ def preprocess_chips(
     """A stack of raw chips (N, T, 10, H, W), T == n_frames -> (N, T, 10, S, S), vectorised."""
     mode = canonical_norm_mode(norm_mode)
     _check_image_size(image_size)
-    t = _as_tensor(chips, "chips", own=True)
-    if t.ndim != 5 or t.shape[1] != n_frames or t.shape[2] != N_BANDS or 0 in t.shape:
+    shape = tuple(getattr(chips, "shape", ()))
+    if len(shape) != 5 or shape[1] != n_frames or shape[2] != N_BANDS or 0 in shape:
         raise InputContractError(
-            f"chips have shape {tuple(t.shape)}; expected (N, {n_frames}, {N_BANDS}, H, W) raw DN"
+            f"chips have shape {shape}; expected (N, {n_frames}, {N_BANDS}, H, W) raw DN"
         )
-    record: dict[str, Any] = {
-        "input_hw": [int(t.shape[3]), int(t.shape[4])],
-        "n_chips": int(t.shape[0]),
-    }
-    record.update(_clip_and_normalise(t, mode, fill_value))
+    record: dict[str, Any] = {"input_hw": [int(shape[3]), int(shape[4])], "n_chips": int(shape[0])}
+    if isinstance(chips, np.ndarray) and chips.dtype.kind in "ui":
+        # Raw DN as integers (what providers give): nothing can be non-finite, and the
+        # clip bounds are counted in the integer domain; one conversion pass to float32.
+        t, counts = _from_integers(chips)
+        record.update(nonfinite_pixels=0, **counts)
+        _normalize_(t, mode)
+    else:
+        t = _as_tensor(chips, "chips", own=True)
+        record.update(_clip_and_normalise(t, mode, fill_value))
     t, resize_rec = resize_frames(t, image_size)
     record.update(
         resize_rec,

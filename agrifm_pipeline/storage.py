@@ -339,6 +339,7 @@ class ZarrStore:
             zarr_format=self.zarr_format,
             consolidated=self.zarr_format == 2,
             decode_coords="all",
+            chunks=None,  # lazy numpy-backed arrays: a partition is read whole, dask adds copies
         )
 
     def attrs(self, year: str | int, tile: str) -> dict[str, Any]:

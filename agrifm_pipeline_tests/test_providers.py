@@ -345,3 +345,20 @@ def test_make_provider() -> None:
         make_provider("local")
     with pytest.raises(Exception, match="not known"):
         make_provider("sentinelhub")
+
+
+def test_partial_coverage_reads_only_the_footprint_and_matches_the_full_read(sample_dir: Path) -> None:
+    """A tile the sample covers in one corner: restricting the work to the footprint changes nothing."""
+    from agrifm_pipeline.tiles import Tile
+
+    area = Tile.from_id("32631_1280m_E0449_N4392").geobox()
+    provider = LocalProvider(sample_dir)
+    wins = frame_windows(2019, 4)
+    assert provider._footprint(area, wins[0].start, wins[-1].end) is not None
+    fast = provider.fetch(area, wins, SensorSpec(), CloudMask())
+    provider._footprint = lambda *a: None  # type: ignore[method-assign]
+    full = provider.fetch(area, wins, SensorSpec(), CloudMask())
+    np.testing.assert_array_equal(fast.data.values, full.data.values)
+    for a, b in zip(fast.frames, full.frames, strict=True):
+        assert a.clear_fraction == pytest.approx(b.clear_fraction, abs=1e-12)
+        assert (a.n_scenes, a.scenes, a.backfilled) == (b.n_scenes, b.scenes, b.backfilled)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -267,6 +268,34 @@ class LocalProvider:
             scenes.append(Scene(item.id, day, None if cloudy is None else float(cloudy), load))
         return scenes
 
+    def _footprint(self, area: GeoBox, start: dt.date, end: dt.date) -> tuple[slice, slice] | None:
+        """Rows/columns of ``area`` that any directory scene in [start, end) can cover.
+
+        Reading and compositing only there is exact (outside it every scene
+        is no data); None when the scenes cover the whole area or nothing.
+        """
+        if self.catalog is not None:
+            return None
+        inv = ~area.affine
+        h, w = area.shape
+        r0, c0, r1, c1 = h, w, 0, 0
+        for path in self._files:
+            m = _DATE_FILE.match(path.name)
+            assert m is not None
+            if not start <= dt.date.fromisoformat(m.group(1)) < end:
+                continue
+            with rasterio.open(path) as src:
+                if src.crs is None:
+                    return None
+                left, bottom, right, top = transform_bounds(src.crs, _wkt(area), *src.bounds, densify_pts=21)
+            xs, ys = zip(*(inv * (x, y) for x, y in ((left, top), (right, bottom))), strict=True)
+            c0, c1 = min(c0, math.floor(min(xs)) - 1), max(c1, math.ceil(max(xs)) + 1)
+            r0, r1 = min(r0, math.floor(min(ys)) - 1), max(r1, math.ceil(max(ys)) + 1)
+        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
+        if r1 <= r0 or c1 <= c0 or (r0, c0, r1, c1) == (0, 0, h, w):
+            return None
+        return slice(r0, r1), slice(c0, c1)
+
     # -- the interface -----------------------------------------------------------------
     def fetch(
         self,
@@ -275,10 +304,12 @@ class LocalProvider:
         sensor: SensorSpec,
         cloud_mask: CloudMask,
     ) -> FrameStack:
+        box = self._footprint(area, windows[0].start, windows[-1].end)
+        sub = area if box is None else area[box]
         if self.catalog is not None:
-            scenes = self._stac_scenes(area, windows, sensor, cloud_mask)
+            scenes = self._stac_scenes(sub, windows, sensor, cloud_mask)
         else:
-            scenes = self._directory_scenes(area, windows, sensor, cloud_mask)
+            scenes = self._directory_scenes(sub, windows, sensor, cloud_mask)
         values, records = composite_windows(
             scenes,
             windows,
@@ -286,6 +317,15 @@ class LocalProvider:
             cloud_mask,
             area_label=f"{area.crs} {tuple(area.extent.boundingbox)}",
         )
+        if box is not None:
+            # Outside the scenes' footprint every pixel is fill; clear fractions are of the area.
+            fill = np.uint16(np.clip(round(sensor.fill_value), 0, 65535))
+            full = np.full((*values.shape[:2], *area.shape), fill, dtype=np.uint16)
+            full[(slice(None), slice(None), *box)] = values
+            values = full
+            share = sub.shape[0] * sub.shape[1] / (area.shape[0] * area.shape[1])
+            for rec in records:
+                rec.clear_fraction *= share
         return FrameStack(
             data=frame_stack_array(values, area, windows, sensor.bands),
             frames=records,
