@@ -228,11 +228,15 @@ def test_integer_chips_take_the_fast_path_with_identical_results(dtype) -> None:
     from agrifm_pipeline.preprocess import preprocess_chips
 
     rng = np.random.default_rng(3)
-    raw = rng.integers(-50 if dtype == np.int32 else 0, 12000, size=(3, 4, 10, 20, 20)).astype(dtype)
+    raw = rng.integers(-50 if dtype == np.int32 else 0, 12000, size=(3, 4, 10, 20, 20)).astype(
+        dtype
+    )
     for mode in ("agrifm_stats", "unit_scale", "none"):
         fast = preprocess_chips(raw, n_frames=4, image_size=16, norm_mode=mode)
         slow = preprocess_chips(raw.astype(np.float64), n_frames=4, image_size=16, norm_mode=mode)
         assert torch.equal(fast.tensor, slow.tensor)
         for key in ("clipped_low", "clipped_high", "nonfinite_pixels", "resized_hw"):
             assert fast.record[key] == slow.record[key], key
-    assert fast.record["clipped_high"] > 0 and (dtype == np.uint16 or fast.record["clipped_low"] > 0)
+    assert fast.record["clipped_high"] > 0 and (
+        dtype == np.uint16 or fast.record["clipped_low"] > 0
+    )

@@ -347,7 +347,9 @@ def test_make_provider() -> None:
         make_provider("sentinelhub")
 
 
-def test_partial_coverage_reads_only_the_footprint_and_matches_the_full_read(sample_dir: Path) -> None:
+def test_partial_coverage_reads_only_the_footprint_and_matches_the_full_read(
+    sample_dir: Path,
+) -> None:
     """A tile the sample covers in one corner: restricting the work to the footprint changes nothing."""
     from agrifm_pipeline.tiles import Tile
 

@@ -287,7 +287,9 @@ class LocalProvider:
             with rasterio.open(path) as src:
                 if src.crs is None:
                     return None
-                left, bottom, right, top = transform_bounds(src.crs, _wkt(area), *src.bounds, densify_pts=21)
+                left, bottom, right, top = transform_bounds(
+                    src.crs, _wkt(area), *src.bounds, densify_pts=21
+                )
             xs, ys = zip(*(inv * (x, y) for x, y in ((left, top), (right, bottom))), strict=True)
             c0, c1 = min(c0, math.floor(min(xs)) - 1), max(c1, math.ceil(max(xs)) + 1)
             r0, r1 = min(r0, math.floor(min(ys)) - 1), max(r1, math.ceil(max(ys)) + 1)
