@@ -234,3 +234,19 @@ def test_audit_command(world, capsys, monkeypatch) -> None:
     stale = {(r["asset"], r["status"]) for r in rows}
     assert ("s2_frame_stack", "current") in stale and ("normalized_tensors", "stale") in stale
     assert all(r["run_id"] for r in rows) and all(r["dagster_run_id"] == r["run_id"] for r in rows)
+
+
+def test_audit_table_is_an_asset_in_the_ui(world) -> None:
+    pipe, _, ckpt = world
+    res = _resources(pipe, ckpt, norm_mode="unit_scale")
+    defs = build_defs(res)
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=pipe.instance, asset_selection=[dg.AssetKey("lineage_audit")]
+    )
+    (mat,) = result.asset_materializations_for_node("lineage_audit")
+    md = mat.metadata
+    assert md["partitions"].value == 12
+    assert md["n_stale"].value == 8 and md["n_current"].value == 4  # tensors + grids stale
+    table = md["audit"].value
+    assert "norm_mode changed" in table and TILES[0] in table

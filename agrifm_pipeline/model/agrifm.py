@@ -114,6 +114,11 @@ def _version(t: torch.Tensor) -> tuple[int, int | None]:
         return t.data_ptr(), None
 
 
+def _no_grad() -> bool:
+    """True when no autograd graph is being recorded (in-place updates are safe)."""
+    return not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -122,7 +127,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if _no_grad():
+            torch.ops.aten.gelu_(h)  # in place: fc1's output is ours, nothing else holds it
+        else:
+            h = self.act(h)
+        return self.fc2(h)
 
 
 class WindowAttention3D(nn.Module):
@@ -248,8 +258,13 @@ class SwinBlock3D(nn.Module):
             y = torch.roll(y, shifts=shift, dims=(1, 2, 3))
         if any(pads):
             y = y[:, :d, :h, :w, :]
-        x = x + y
-        return x + self.mlp(self.norm2(x))
+        if not _no_grad():
+            x = x + y
+            return x + self.mlp(self.norm2(x))
+        # Inference: the residual sums go into buffers this block made (``y``, then the
+        # MLP output), never into ``x``, which the caller may still hold.
+        x = y.add_(x)
+        return self.mlp(self.norm2(x)).add_(x)
 
 
 class PatchMerging3D(nn.Module):
