@@ -53,6 +53,8 @@ class StandIn:
     in_flight_max: int = 0
     delay_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    tokens: list[dict[str, str]] = field(default_factory=list)  # OAuth token grants received
+    auth_headers: list[str] = field(default_factory=list)  # Authorization of API calls
 
     def fail_next(self, n: int, status: int, message: str = "") -> None:
         with self.lock:
@@ -133,7 +135,18 @@ def ee_standin(project: str = "test-project") -> Iterator[StandIn]:
         def do_POST(self) -> None:
             s = state["s"]
             length = int(self.headers.get("Content-Length", 0))
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
+            if self.path == "/token":  # OAuth 2 token endpoint (service-account JWT grant)
+                from urllib.parse import parse_qs
+
+                form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
+                s.tokens.append(form)
+                grant = {"access_token": f"standin-token-{len(s.tokens)}", "expires_in": 3600,
+                         "token_type": "Bearer"}  # fmt: skip
+                self._send(200, json.dumps(grant).encode())
+                return
+            s.auth_headers.append(self.headers.get("Authorization", ""))
+            body = json.loads(raw or b"{}")
             with s.lock:
                 s.requests.append(("POST", self.path, body))
                 failure = s.failures.pop(0) if s.failures else None

@@ -172,3 +172,81 @@ def test_missing_key_file(tmp_path) -> None:
     provider = EarthEngineProvider(project="p", service_account_key=tmp_path / "key.json")
     with pytest.raises(ProviderError, match="does not exist"):
         provider.initialise()
+
+
+def _service_account_key(path, token_uri: str) -> str:
+    """A real service-account key file (fresh RSA key) whose token endpoint is the stand-in."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "test-project",
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": "embedder@test-project.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": token_uri,
+            }
+        )
+    )
+    return str(path)
+
+
+def test_pipeline_acquires_from_earth_engine_with_a_service_account(
+    standin: StandIn, tmp_path
+) -> None:
+    """The Dagster asset with the `gee` source: key-file auth, UTM grid request, lineage."""
+    import dagster as dg
+
+    from agrifm_pipeline.definitions import build_defs
+    from agrifm_pipeline.defs.partitions import tile_year_key
+    from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
+    from agrifm_pipeline.defs.resources import S2Source
+
+    from .pipeline_helpers import TILES, make_resources
+
+    key = _service_account_key(tmp_path / "key.json", standin.url + "/token")
+    resources = make_resources(tmp_path)
+    resources["s2"] = S2Source(
+        backend="gee",
+        gee_project=standin.project,
+        gee_service_account_key=key,
+        gee_endpoint=standin.url,
+    )
+    job = build_defs(resources).resolve_job_def("embed_tile_years")
+    k = str(tile_year_key(TILES[1], 2019))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("tiles", TILES)
+        result = job.execute_in_process(
+            instance=instance,
+            tags={RANGE_START: k, RANGE_END: k},
+            asset_selection=[dg.AssetKey("s2_frame_stack")],
+        )
+    assert result.success
+    # Authenticated with the key: a signed JWT grant, then the bearer token on every call.
+    assert standin.tokens and standin.tokens[0]["grant_type"].endswith("jwt-bearer")
+    assert all(h.startswith("Bearer standin-token-") for h in standin.auth_headers)
+    # One pixel request on the tile's UTM grid at 10 m.
+    (body,) = standin.bodies("image:computePixels")
+    grid = body["grid"]
+    assert grid["crsCode"] == "EPSG:32631" and grid["affineTransform"]["scaleX"] == 10
+    assert grid["affineTransform"]["translateX"] == 449 * 1280
+    (mat,) = result.asset_materializations_for_node("s2_frame_stack")
+    lineage = mat.metadata["lineage"].value
+    assert (
+        lineage["acquisition"]["provider"] == "gee" and len(lineage["acquisition"]["frames"]) == 8
+    )
+    stack = resources["storage"].store("s2_frame_stack").open(2019, TILES[1])["frames"]
+    assert stack.shape == (8, 10, 128, 128)
+    np.testing.assert_array_equal(
+        stack.values[0, 2], _expected(Tile.from_id(TILES[1]).geobox(), "f0_B4")
+    )
