@@ -6,6 +6,7 @@ with :func:`build_defs` and the resources they need.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig
 from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
 from agrifm_pipeline.defs.staleness import all_staleness_sensors, lineage_audit
+from agrifm_pipeline.errors import SettingsError
 
 embed_tile_years = dg.define_asset_job(
     "embed_tile_years",
@@ -30,10 +32,28 @@ mosaic_regions = dg.define_asset_job(
 )
 
 
-def default_resources() -> dict[str, Any]:
+def _s2_from_env(env: Mapping[str, str]) -> S2Source:
+    """The deployment's Sentinel-2 source: ``AGRIFM_PIPELINE_S2_*`` variables, else the demo data."""
+    fields = {
+        "backend": "AGRIFM_PIPELINE_S2_BACKEND",
+        "local_root": "AGRIFM_PIPELINE_S2_LOCAL_ROOT",
+        "gee_project": "AGRIFM_PIPELINE_GEE_PROJECT",
+        "gee_service_account_key": "AGRIFM_PIPELINE_GEE_KEY",
+        "gee_endpoint": "AGRIFM_PIPELINE_GEE_ENDPOINT",
+    }
+    given = {k: env[v] for k, v in fields.items() if env.get(v)}
+    backend = given.get("backend", "local")
+    if backend not in ("local", "gee", "synthetic"):
+        raise SettingsError(f"AGRIFM_PIPELINE_S2_BACKEND={backend!r}; use local, gee or synthetic")
+    return S2Source(**given)
+
+
+def default_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Resources on the embedded defaults; the environment picks the source and storage root."""
+    env = os.environ if env is None else env
     return {
         "tile_year": TileYearConfig(),
-        "s2": S2Source(),
+        "s2": _s2_from_env(env),
         "model": AgriFMModel(),
         "storage": ZarrStorage(),
     }

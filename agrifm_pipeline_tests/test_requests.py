@@ -61,3 +61,14 @@ def _schedule_case(tmp_path: Path, instance: dg.DagsterInstance) -> None:
     assert len(reqs) == 1
     assert reqs[0].tags[RANGE_START] == f"{TILES[0]}|2026"
     assert reqs[0].tags[RANGE_END] == f"{TILES[1]}|2026"
+
+
+def test_deployment_picks_its_source_from_the_environment() -> None:
+    from agrifm_pipeline.definitions import default_resources
+    from agrifm_pipeline.errors import SettingsError
+
+    res = default_resources({"AGRIFM_PIPELINE_S2_BACKEND": "gee", "AGRIFM_PIPELINE_GEE_PROJECT": "p1"})
+    assert res["s2"].backend == "gee" and res["s2"].gee_project == "p1"
+    assert default_resources({})["s2"].identity() == {"name": "local", "root": "data/s2_sample"}
+    with pytest.raises(SettingsError, match="AGRIFM_PIPELINE_S2_BACKEND"):
+        default_resources({"AGRIFM_PIPELINE_S2_BACKEND": "sentinelhub"})
