@@ -25,7 +25,8 @@ demo: $(STAMP)
 
 # The Dagster UI over the same home.
 ui: $(STAMP)
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.agrifm/dagster} $(VENV)/bin/dagster dev -w workspace.yaml
+	home=$${DAGSTER_HOME:-$(CURDIR)/.agrifm/dagster}; mkdir -p "$$home"; \
+	DAGSTER_HOME="$$home" $(VENV)/bin/dagster dev -w workspace.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agrifm_pipeline agrifm_pipeline_tests bench

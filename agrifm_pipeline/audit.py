@@ -152,7 +152,13 @@ def current_checkpoint_sha(checkpoint: str | None) -> tuple[str | None, str]:
     try:
         resolved = resolve_checkpoint(checkpoint or None, settings.replace(auto_download=False))
     except CheckpointError as exc:
-        return None, str(exc)
+        if checkpoint or settings.checkpoint:
+            return None, str(exc)
+        return None, (
+            f"no checkpoint set (RS_EMBED_AGRIFM_CKPT) and none cached at "
+            f"{settings.checkpoint_cache_path}; sensors never download it — run "
+            "`agrifm-pipeline checkpoint` or any embedding run to fetch it"
+        )
     return resolved.sha256, resolved.source
 
 
