@@ -67,7 +67,9 @@ def test_deployment_picks_its_source_from_the_environment() -> None:
     from agrifm_pipeline.definitions import default_resources
     from agrifm_pipeline.errors import SettingsError
 
-    res = default_resources({"AGRIFM_PIPELINE_S2_BACKEND": "gee", "AGRIFM_PIPELINE_GEE_PROJECT": "p1"})
+    res = default_resources(
+        {"AGRIFM_PIPELINE_S2_BACKEND": "gee", "AGRIFM_PIPELINE_GEE_PROJECT": "p1"}
+    )
     assert res["s2"].backend == "gee" and res["s2"].gee_project == "p1"
     assert default_resources({})["s2"].identity() == {"name": "local", "root": "data/s2_sample"}
     with pytest.raises(SettingsError, match="AGRIFM_PIPELINE_S2_BACKEND"):

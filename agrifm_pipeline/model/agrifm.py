@@ -360,14 +360,24 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, C, H, W) -> (N, E, D, H', W')."""
-        x = x.transpose(1, 2)  # (N, C, T, H, W)
-        _, _, t, h, w = x.shape
+        """(N, T, C, H, W) -> (N, D, H', W', E), channels last.
+
+        A stride-equals-kernel convolution is a matmul over flattened patches;
+        written as one, it reads the (N, T, C, H, W) input in place of a
+        transposed copy plus the convolution's own reorders, and its output is
+        already channels-last. ``proj`` keeps the Conv3d weights (the
+        checkpoint's layout), flattened in their own (C, pt, ph, pw) order.
+        """
+        n, t, c, h, w = x.shape
         pt, ph, pw = self.patch
         pads = ((-w) % pw, (-h) % ph, (-t) % pt)
         if any(pads):
-            x = F.pad(x, (0, pads[0], 0, pads[1], 0, pads[2]))
-        return self.proj(x)
+            x = F.pad(x, (0, pads[0], 0, pads[1], 0, 0, 0, pads[2]))
+        d, hp, wp = (t + pads[2]) // pt, (h + pads[1]) // ph, (w + pads[0]) // pw
+        x = x.view(n, d, pt, c, hp, ph, wp, pw).permute(0, 1, 4, 6, 3, 2, 5, 7)
+        x = x.reshape(n, d, hp, wp, c * pt * ph * pw)  # (N, D, H', W', C*pt*ph*pw)
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (E, C*pt*ph*pw)
+        return F.linear(x, weight, self.proj.bias)
 
 
 def fold_time(x: torch.Tensor) -> torch.Tensor:
@@ -404,7 +414,7 @@ class AgriFMEncoder(nn.Module):
                 f"encoder input must be (N, T, {self.cfg.in_chans}, H, W) or "
                 f"(N, {self.cfg.in_chans}, H, W); got {tuple(x.shape)}"
             )
-        return self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (N, D, H', W', E)
+        return self.patch_embed(x)  # (N, D, H', W', E)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, 10, H, W) normalised float -> (N, 8E * D_last, h, w) float32."""
