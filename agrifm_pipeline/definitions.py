@@ -41,7 +41,7 @@ def _s2_from_env(env: Mapping[str, str]) -> S2Source:
         "gee_service_account_key": "AGRIFM_PIPELINE_GEE_KEY",
         "gee_endpoint": "AGRIFM_PIPELINE_GEE_ENDPOINT",
     }
-    given = {k: env[v] for k, v in fields.items() if env.get(v)}
+    given: dict[str, Any] = {k: env[v] for k, v in fields.items() if env.get(v)}
     backend = given.get("backend", "local")
     if backend not in ("local", "gee", "synthetic"):
         raise SettingsError(f"AGRIFM_PIPELINE_S2_BACKEND={backend!r}; use local, gee or synthetic")
