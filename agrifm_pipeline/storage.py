@@ -285,7 +285,8 @@ class ZarrStore:
         encoding = {
             name: {
                 **_compressor(self.zarr_format),
-                "chunks": var.shape,
+                # One chunk per variable unless the dataset asks otherwise (encoding["chunks"]).
+                "chunks": tuple(var.encoding.get("chunks") or var.shape),
                 # rioxarray keeps the CRS link in the encoding; passing ours must not drop it.
                 **{k: v for k, v in var.encoding.items() if k == "grid_mapping"},
             }

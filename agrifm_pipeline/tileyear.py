@@ -169,6 +169,8 @@ def frame_stack_dataset(stack: FrameStack) -> xr.Dataset:
         long_name="Sentinel-2 L2A surface reflectance composites",
         units="reflectance x 10000",
     )
+    # One chunk per frame and band: readers of a few bands (previews) touch only those.
+    ds["frames"].encoding["chunks"] = (1, 1, *da.shape[2:])
     return ds
 
 
@@ -216,7 +218,17 @@ def normalized_dataset(tensor: torch.Tensor, cfg: TileYearSettings) -> xr.Datase
         name="tensors",
         attrs={"long_name": f"normalised model input ({cfg.norm_mode}), {cfg.image_size} px"},
     )
-    return da.to_dataset()
+    da.encoding["chunks"] = (1, *da.shape[1:])  # one chunk per chip
+    x = tensor.numpy()
+    finite = np.isfinite(x)
+    ds = da.to_dataset()
+    # Summary the asset check reads instead of the whole array again.
+    ds.attrs.update(
+        n_nonfinite=int(x.size - int(finite.sum())),
+        value_min=float(x.min()) if x.size else 0.0,
+        value_max=float(x.max()) if x.size else 0.0,
+    )
+    return ds
 
 
 # -- embeddings -----------------------------------------------------------------------------

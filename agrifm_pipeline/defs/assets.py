@@ -380,15 +380,15 @@ def _parquet_bytes(gdf: Any, lineage: dict[str, Any]) -> bytes:
     description="Median true-colour input beside a 3-component PCA of the embedding grid.",
 )
 def embedding_preview(
-    context: dg.AssetExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
+    context: dg.AssetExecutionContext, storage: ZarrStorage
 ) -> dg.MaterializeResult:
-    cfg = tile_year.resolve()
     grids, stacks = storage.store("agrifm_embedding_grid"), storage.store("s2_frame_stack")
     items = _tile_years(context)
     for key, tile, year in items:
         grid = _upstream(grids, tile, year, "agrifm_embedding_grid")
-        frames = _upstream(stacks, tile, year, "s2_frame_stack")["frames"].values
-        png = preview_png(frames, grid["embedding"].values, cfg.bands)
+        rgb = ["B4", "B3", "B2"]  # only these planes are read (one chunk per frame and band)
+        frames = _upstream(stacks, tile, year, "s2_frame_stack")["frames"].sel(band=rgb).values
+        png = preview_png(frames, grid["embedding"].values, rgb)
         url = storage.file_url("embedding_preview", year, tile.id, ".png")
         _write_bytes(url, png)
         lineage = _lineage_of(grid)
