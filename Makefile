@@ -25,7 +25,8 @@ demo: $(STAMP)
 
 # The Dagster UI over the same home.
 ui: $(STAMP)
-	home=$${DAGSTER_HOME:-$(CURDIR)/.agrifm/dagster}; mkdir -p "$$home"; \
+	home=$${DAGSTER_HOME:-$(CURDIR)/.agrifm/dagster}; \
+	DAGSTER_HOME="$$home" $(PY) -m agrifm_pipeline.cli home && \
 	DAGSTER_HOME="$$home" $(VENV)/bin/dagster dev -w workspace.yaml
 
 lint: $(STAMP)

@@ -300,6 +300,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_home(args: argparse.Namespace) -> int:
+    """Create the project-local Dagster home (config, pool limits) and print it."""
+    from agrifm_pipeline.demo import POOL_LIMITS, init_home
+
+    home = init_home(args.home)
+    limits = ", ".join(f"{k}={v}" for k, v in POOL_LIMITS.items())
+    print(f"DAGSTER_HOME={home}  (pool limits: {limits})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agrifm-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", default="flanders_demo")
     p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("home", help="create the project-local Dagster home with pool limits")
+    p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
+    p.set_defaults(func=cmd_home)
 
     p = sub.add_parser(
         "audit", help="list every partition with its lineage and whether it is current or stale"

@@ -40,6 +40,22 @@ def prepare_home(home: Path) -> Path:
     return dagster_home
 
 
+def set_pool_limits(instance: Any, limits: dict[str, int] | None = None) -> None:
+    """Pool limits (concurrent steps): the encoder one at a time, acquisition a few."""
+    for pool, limit in (limits or POOL_LIMITS).items():
+        instance.event_log_storage.set_concurrency_slots(pool, limit)
+
+
+def init_home(home: str | Path | None = None) -> Path:
+    """Create the project-local Dagster home with its config and pool limits."""
+    import dagster as dg
+
+    dagster_home = prepare_home(Path(home or os.environ.get("AGRIFM_PIPELINE_HOME", ".agrifm")))
+    with dg.DagsterInstance.get() as instance:
+        set_pool_limits(instance)
+    return dagster_home
+
+
 def _run_with_progress(job: Any, instance: Any, label: str, total_steps: int, **kwargs: Any) -> Any:
     """Execute a job in process while a progress bar follows its steps."""
     from dagster import DagsterEventType
@@ -124,8 +140,7 @@ def _materialise(
     from agrifm_pipeline.defs.sensors import register_regions
     from agrifm_pipeline.errors import RegionError
 
-    for pool, limit in POOL_LIMITS.items():
-        instance.event_log_storage.set_concurrency_slots(pool, limit)
+    set_pool_limits(instance)
 
     # 1. Regions -> partitions (what the region sensor does on every tick).
     resolved = resources["model"].resolved()  # fail early: download or a clear error

@@ -85,3 +85,14 @@ def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
     # The runs are in the SQLite instance that `dagster dev` will read.
     assert (tmp_path / "dagster" / "dagster.yaml").is_file()
     assert any((tmp_path / "dagster").rglob("*.db"))
+
+
+def test_home_sets_pool_limits(tmp_path, monkeypatch, capsys) -> None:
+    import dagster as dg
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    assert main(["home"]) == 0
+    assert "agrifm_encoder=1" in capsys.readouterr().out
+    with dg.DagsterInstance.get() as instance:
+        info = instance.event_log_storage.get_concurrency_info("agrifm_encoder")
+    assert info.slot_count == 1
