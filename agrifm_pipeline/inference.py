@@ -199,6 +199,47 @@ class EmbeddingEngine:
         yield from ready()
 
 
+def prefetch(items: Iterable[K], depth: int = 1) -> Iterator[K]:
+    """Produce ``items`` on a background thread, up to ``depth`` ahead of the consumer.
+
+    Reading and decompressing the next tile-year's chips then overlaps the
+    forward pass of the current one (the encoder's own threads, or the GPU,
+    stay busy). Order is kept; an exception in the producer is raised here.
+    """
+    import queue
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(("item", item))
+            q.put(("done", None))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="agrifm-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
 _ENGINES: OrderedDict[tuple[Any, ...], EmbeddingEngine] = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 _MAX_ENGINES = 2

@@ -284,3 +284,36 @@ def test_synthetic_provider_instance_is_labelled(tiny: str, settings) -> None:
     )
     assert emb.meta["synthetic"] is True and emb.meta["source"] == "provider:synthetic"
     assert emb.meta["backend"] == "provider:synthetic"
+
+
+def test_prefetch_keeps_order_and_raises_producer_errors() -> None:
+    from agrifm_pipeline.inference import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("unreadable partition")
+
+    it = prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="unreadable partition"):
+        next(it)
+    # A consumer that stops early does not leave the producer stuck.
+    gen = prefetch(iter(range(1000)), depth=1)
+    assert next(gen) == 0
+    gen.close()
+
+
+def test_embed_stream_matches_per_group_embedding() -> None:
+    from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
+
+    engine = EmbeddingEngine.create(
+        str(Path(__file__).resolve().parents[2] / "shared/fixtures/agrifm/tiny_p444.pth"),
+        options=InferenceOptions(device="cpu", batch_size=3),
+    )
+    groups = [(i, torch.randn(n, 4, 10, 32, 32)) for i, n in enumerate([2, 5, 1, 4])]
+    got = list(engine.embed_stream(iter(groups)))
+    assert [k for k, _ in got] == [0, 1, 2, 3]
+    for (_, chips), (_, feats) in zip(groups, got, strict=True):
+        torch.testing.assert_close(feats, engine.embed(chips), atol=1e-5, rtol=1e-5)

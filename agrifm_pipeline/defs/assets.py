@@ -34,6 +34,7 @@ from agrifm_pipeline.defs.partitions import (
 )
 from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
 from agrifm_pipeline.errors import InputContractError
+from agrifm_pipeline.inference import prefetch
 from agrifm_pipeline.lineage import CODE_VERSIONS
 from agrifm_pipeline.storage import ZarrStore
 from agrifm_pipeline.tiles import Tile
@@ -276,7 +277,10 @@ def agrifm_embedding_grid(
         f"encoder {engine.encoder} on {engine.device} ({engine.precision}), checkpoint "
         f"{str(resolved['sha256'])[:12]}… untrained={engine.untrained}; {len(items)} tile-years"
     )
-    for (key, tile, year, upstream), feats in engine.embed_stream(_chip_groups(src, items)):
+    # The next tile-year's chips are read while the current one is embedded.
+    for (key, tile, year, upstream), feats in engine.embed_stream(
+        prefetch(_chip_groups(src, items))
+    ):
         grid = embedding_grid(feats, tile, cfg)
         lineage = {**upstream, **_base_lineage(context, "embedding", tile, year, cfg)}
         lineage["embedding"] = record
