@@ -169,8 +169,6 @@ def frame_stack_dataset(stack: FrameStack) -> xr.Dataset:
         long_name="Sentinel-2 L2A surface reflectance composites",
         units="reflectance x 10000",
     )
-    # One chunk per frame and band: readers of a few bands (previews) touch only those.
-    ds["frames"].encoding["chunks"] = (1, 1, *da.shape[2:])
     return ds
 
 

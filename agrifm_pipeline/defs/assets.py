@@ -390,7 +390,7 @@ def embedding_preview(
     items = _tile_years(context)
     for key, tile, year in items:
         grid = _upstream(grids, tile, year, "agrifm_embedding_grid")
-        rgb = ["B4", "B3", "B2"]  # only these planes are read (one chunk per frame and band)
+        rgb = ["B4", "B3", "B2"]
         frames = _upstream(stacks, tile, year, "s2_frame_stack")["frames"].sel(band=rgb).values
         png = preview_png(frames, grid["embedding"].values, rgb)
         url = storage.file_url("embedding_preview", year, tile.id, ".png")
