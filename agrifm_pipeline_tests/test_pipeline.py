@@ -246,3 +246,63 @@ def test_bad_region_file_is_reported_not_fatal(tmp_path: Path) -> None:
     }
     assert adds["regions"] == ["ok"]
     assert "broken" not in pipe.storage.registry().load()["regions"]
+
+
+def test_region_across_two_utm_zones_gets_one_mosaic_per_zone(tmp_path: Path) -> None:
+    """A region on the 6°E zone boundary: tiles in EPSG:32631 and 32632, a mosaic group for each."""
+    import geopandas as gpd
+    import shapely
+
+    from agrifm_pipeline.definitions import build_defs
+    from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
+    from agrifm_pipeline.defs.resources import S2Source
+    from agrifm_pipeline.defs.sensors import register_regions
+
+    from .pipeline_helpers import make_resources
+
+    resources = make_resources(tmp_path)
+    resources["s2"] = S2Source(backend="synthetic", synthetic_seed=3)
+    storage = resources["storage"]
+    regions = Path(storage.regions_dir)
+    regions.mkdir(parents=True)
+    gpd.GeoDataFrame(geometry=[shapely.box(5.995, 50.0, 6.005, 50.004)], crs="EPSG:4326").to_file(
+        regions / "border.geojson", driver="GeoJSON"
+    )
+    defs = build_defs(resources)
+    with dg.instance_for_test() as instance:
+        _, tiles, regs = register_regions(instance, resources["tile_year"], storage)
+        assert {t.split("_")[0] for t in tiles} == {"32631", "32632"}
+        instance.add_dynamic_partitions("tiles", tiles)
+        instance.add_dynamic_partitions("regions", regs)
+        job = defs.resolve_job_def("embed_tile_years")
+        order = instance.get_dynamic_partitions("tiles")
+        result = job.execute_in_process(
+            instance=instance,
+            tags={
+                RANGE_START: str(tile_year_key(order[0], 2020)),
+                RANGE_END: str(tile_year_key(order[-1], 2020)),
+            },
+            asset_selection=[
+                dg.AssetKey("s2_frame_stack"),
+                dg.AssetKey("normalized_tensors"),
+                dg.AssetKey("agrifm_embedding_grid"),
+            ],
+        )
+        assert result.success
+        out = defs.resolve_job_def("mosaic_regions").execute_in_process(
+            instance=instance, partition_key=str(region_year_key("border", 2020))
+        )
+        assert out.success
+    root = Path(storage.root) / "region_mosaic.zarr" / "2020" / "border"
+    for epsg in (32631, 32632):
+        group = root / f"utm_{epsg}"
+        ds = xr.open_zarr(group, decode_coords="all")
+        assert ds.rio.crs.to_epsg() == epsg and ds["embedding"].shape[0] == 128
+        with rasterio.open(f'ZARR:"{group}":/embedding') as src:
+            assert src.crs.to_epsg() == epsg
+    lineage = json.loads(zarr_attrs(root)[LINEAGE_ATTR])
+    assert lineage["zones"] == [32631, 32632] and sorted(lineage["tiles"]) == sorted(tiles)
+
+
+def zarr_attrs(path: Path) -> dict:
+    return json.loads((path / ".zattrs").read_text())
