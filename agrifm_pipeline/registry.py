@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import fsspec
 
 from agrifm_pipeline.errors import RegionError
 from agrifm_pipeline.regions import tiles_for_region
+from agrifm_pipeline.storage import write_file_atomic
 
 REGION_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".fgb", ".parquet")
 _ID = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -80,19 +80,7 @@ class RegionRegistry:
         return doc
 
     def save(self, doc: dict[str, Any]) -> None:
-        text = json.dumps(doc, indent=2, sort_keys=True)
-        parent = self.path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        ):
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".regions.", suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, self.path)
-        else:
-            with self.fs.open(self.path, "w") as fh:
-                fh.write(text)
+        write_file_atomic(self.url, json.dumps(doc, indent=2, sort_keys=True).encode())
 
     # queries
     def active_regions(self) -> dict[str, dict[str, Any]]:

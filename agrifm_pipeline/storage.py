@@ -39,6 +39,7 @@ import ctypes.util
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -84,6 +85,32 @@ def _compressor(zarr_format: int) -> dict[str, Any]:
             zarr.codecs.BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle="bitshuffle")
         ]
     }
+
+
+def is_local(fs: Any) -> bool:
+    """Whether an fsspec filesystem is the local one (atomic renames available)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
+
+
+def write_file_atomic(url: str, data: bytes) -> None:
+    """Whole-file write to any fsspec URL; locally a temporary name beside it, then one rename."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if is_local(fs):
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def lineage_from_attrs(attrs: Any) -> dict[str, Any]:
+    """The lineage record kept in a group's attributes ({} when there is none)."""
+    text = attrs.get(LINEAGE_ATTR)
+    return json.loads(text) if text else {}
 
 
 # -- atomic directory exchange ------------------------------------------------------------
@@ -169,9 +196,7 @@ class ZarrStore:
         self.asset = asset
         self.zarr_format = zarr_format
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
-        self.local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
+        self.local = is_local(self.fs)
 
     # paths
     @property
@@ -258,21 +283,20 @@ class ZarrStore:
         self._ensure_groups(year)
         self.sweep_staging()
         staging = f"{self._staging_root()}/{uuid.uuid4().hex}"
+        text = None
+        if lineage is not None:
+            text = json.dumps(lineage, default=_json_default, sort_keys=True)
         try:
             if "" not in groups:
                 import zarr
 
                 root = zarr.open_group(self._mapper(staging), mode="w", zarr_format=self._fmt)
-                if lineage is not None:
-                    root.attrs[LINEAGE_ATTR] = json.dumps(
-                        lineage, default=_json_default, sort_keys=True
-                    )
+                if text is not None:
+                    root.attrs[LINEAGE_ATTR] = text
             for name, ds in sorted(groups.items()):
                 ds = ds.copy()
-                if lineage is not None:
-                    ds.attrs[LINEAGE_ATTR] = json.dumps(
-                        lineage, default=_json_default, sort_keys=True
-                    )
+                if text is not None:
+                    ds.attrs[LINEAGE_ATTR] = text
                 self._write_dataset(f"{staging}/{name}" if name else staging, ds)
             self._commit(staging, self.partition_path(year, tile))
         except BaseException:
@@ -359,8 +383,7 @@ class ZarrStore:
             return dict(json.load(fh).get("attributes", {}))
 
     def lineage(self, year: str | int, tile: str) -> dict[str, Any]:
-        text = self.attrs(year, tile).get(LINEAGE_ATTR)
-        return json.loads(text) if text else {}
+        return lineage_from_attrs(self.attrs(year, tile))
 
     def nbytes_on_disk(self, year: str | int, tile: str) -> int:
         return int(self.fs.du(self.partition_path(year, tile)))

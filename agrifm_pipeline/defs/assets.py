@@ -10,14 +10,11 @@ per run and the chips of all the run's tile-years share batches.
 import base64
 import datetime as dt
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dagster as dg
-import fsspec
 import numpy as np
 import torch
 import xarray as xr
@@ -36,7 +33,7 @@ from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.inference import prefetch
 from agrifm_pipeline.lineage import CODE_VERSIONS
-from agrifm_pipeline.storage import ZarrStore
+from agrifm_pipeline.storage import ZarrStore, lineage_from_attrs, write_file_atomic
 from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import (
     TileYearSettings,
@@ -131,13 +128,6 @@ def _upstream(store: ZarrStore, tile: Tile, year: int, what: str) -> xr.Dataset:
     return store.open(year, tile.id)
 
 
-def _lineage_of(ds: xr.Dataset) -> dict[str, Any]:
-    from agrifm_pipeline.storage import LINEAGE_ATTR
-
-    text = ds.attrs.get(LINEAGE_ATTR)
-    return json.loads(text) if text else {}
-
-
 # -- assets ----------------------------------------------------------------------------------
 @dg.observable_source_asset(
     group_name=GROUP,
@@ -211,7 +201,7 @@ def normalized_tensors(
     items = _tile_years(context)
     for key, tile, year in items:
         up = _upstream(src, tile, year, "s2_frame_stack")
-        upstream = _lineage_of(up)
+        upstream = lineage_from_attrs(up.attrs)
         values = up["frames"].values
         if values.shape[0] != cfg.n_frames:
             raise InputContractError(
@@ -246,7 +236,10 @@ def _chip_groups(
 ) -> Iterator[tuple[tuple[str, Tile, int, dict[str, Any]], torch.Tensor]]:
     for key, tile, year in items:
         ds = _upstream(store, tile, year, "normalized_tensors")
-        yield (key, tile, year, _lineage_of(ds)), torch.from_numpy(ds["tensors"].values)
+        yield (
+            (key, tile, year, lineage_from_attrs(ds.attrs)),
+            torch.from_numpy(ds["tensors"].values),
+        )
 
 
 @dg.asset(
@@ -316,20 +309,6 @@ def agrifm_embedding_grid(
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
 
-def _write_bytes(url: str, data: bytes) -> None:
-    """Whole-file write: a temporary name beside the target, then one rename."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
 @dg.asset(
     partitions_def=tile_year_partitions,
     backfill_policy=tile_year_backfill,
@@ -347,12 +326,12 @@ def chip_embeddings(
     items = _tile_years(context)
     for key, tile, year in items:
         ds = _upstream(src, tile, year, "agrifm_embedding_grid")
-        lineage = _lineage_of(ds)
+        lineage = lineage_from_attrs(ds.attrs)
         gdf = chip_table(ds["embedding"], tile, year, cfg)
         gdf["checkpoint_sha256"] = ds.attrs.get("checkpoint_sha256", "")
         url = storage.file_url("chip_embeddings", year, tile.id, ".parquet")
         buf = _parquet_bytes(gdf, lineage)
-        _write_bytes(url, buf)
+        write_file_atomic(url, buf)
         meta = _summary({**lineage, "asset": "chip_embeddings"}, url)
         meta["n_chips"] = len(gdf)
         context.add_asset_metadata(meta, partition_key=key)
@@ -394,8 +373,8 @@ def embedding_preview(
         frames = _upstream(stacks, tile, year, "s2_frame_stack")["frames"].sel(band=rgb).values
         png = preview_png(frames, grid["embedding"].values, rgb)
         url = storage.file_url("embedding_preview", year, tile.id, ".png")
-        _write_bytes(url, png)
-        lineage = _lineage_of(grid)
+        write_file_atomic(url, png)
+        lineage = lineage_from_attrs(grid.attrs)
         b64 = base64.b64encode(png).decode()
         context.add_asset_metadata(
             {
