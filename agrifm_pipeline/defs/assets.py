@@ -87,6 +87,33 @@ def _base_lineage(
     }
 
 
+def _derived_lineage(
+    context: dg.AssetExecutionContext,
+    stage: str,
+    tile: Tile,
+    year: int,
+    cfg: TileYearSettings,
+    upstream: dict[str, Any],
+    fingerprint: Any,
+    source: ZarrStore,
+    upstream_stage: str,
+) -> dict[str, Any]:
+    """A stage's lineage: the upstream partition's record, this stage's fields, its
+    fingerprint added to the chain, and the upstream partition it read."""
+    lineage = {**upstream, **_base_lineage(context, stage, tile, year, cfg)}
+    lineage["fingerprints"] = {**upstream.get("fingerprints", {}), stage: fingerprint.as_record()}
+    lineage["inputs"] = {
+        source.asset: {
+            "url": source.partition_url(year, tile.id),
+            "run_id": upstream.get("run_id"),
+            "fingerprint": upstream.get("fingerprints", {})
+            .get(upstream_stage, {})
+            .get("fingerprint"),
+        }
+    }
+    return lineage
+
+
 def _summary(lineage: dict[str, Any], url: str) -> dict[str, Any]:
     """The metadata users scan in the UI; the whole record is under ``lineage``."""
     settings = lineage["settings"]
@@ -209,21 +236,18 @@ def normalized_tensors(
                 f"{cfg.n_frames}; re-materialise s2_frame_stack with the current settings"
             )
         tensor, record = normalise_tile(values, cfg)
-        lineage = {**upstream, **_base_lineage(context, "normalisation", tile, year, cfg)}
+        lineage = _derived_lineage(
+            context,
+            "normalisation",
+            tile,
+            year,
+            cfg,
+            upstream,
+            fps.normalisation,
+            src,
+            "acquisition",
+        )
         lineage["normalisation"] = record
-        lineage["fingerprints"] = {
-            **upstream.get("fingerprints", {}),
-            "normalisation": fps.normalisation.as_record(),
-        }
-        lineage["inputs"] = {
-            "s2_frame_stack": {
-                "url": src.partition_url(year, tile.id),
-                "run_id": upstream.get("run_id"),
-                "fingerprint": upstream.get("fingerprints", {})
-                .get("acquisition", {})
-                .get("fingerprint"),
-            }
-        }
         lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
         ds = normalized_dataset(tensor, cfg)
         url = store.write(year, tile.id, ds, lineage)
@@ -275,22 +299,11 @@ def agrifm_embedding_grid(
         prefetch(_chip_groups(src, items))
     ):
         grid = embedding_grid(feats, tile, cfg)
-        lineage = {**upstream, **_base_lineage(context, "embedding", tile, year, cfg)}
+        lineage = _derived_lineage(
+            context, "embedding", tile, year, cfg, upstream, fps.embedding, src, "normalisation"
+        )
         lineage["embedding"] = record
-        lineage["fingerprints"] = {
-            **upstream.get("fingerprints", {}),
-            "embedding": fps.embedding.as_record(),
-        }
-        lineage["inputs"] = {
-            "normalized_tensors": {
-                "url": src.partition_url(year, tile.id),
-                "run_id": upstream.get("run_id"),
-                "fingerprint": upstream.get("fingerprints", {})
-                .get("normalisation", {})
-                .get("fingerprint"),
-            },
-            "agrifm_checkpoint": {"sha256": resolved["sha256"]},
-        }
+        lineage["inputs"]["agrifm_checkpoint"] = {"sha256": resolved["sha256"]}
         lineage["output"] = {
             "shape": list(grid.shape),
             "grid_hw": list(feats.shape[-2:]),
@@ -432,9 +445,13 @@ def region_mosaic(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg
             by_zone.setdefault(t.epsg, []).append(t)
         groups: dict[str, xr.Dataset] = {}
         shas: set[str] = set()
+        tile_lineage: dict[str, dict[str, Any]] = {}
         for epsg, zone_tiles in sorted(by_zone.items()):
             opened = [src.open(year, t.id) for t in zone_tiles]
             shas.update(str(o.attrs.get("checkpoint_sha256", "")) for o in opened)
+            tile_lineage.update(
+                (t.id, lineage_from_attrs(o.attrs)) for t, o in zip(zone_tiles, opened, strict=True)
+            )
             merged = mosaic([o["embedding"].load() for o in opened]).to_dataset()
             name = "" if len(by_zone) == 1 else f"utm_{epsg}"
             groups[name] = merged
@@ -448,8 +465,8 @@ def region_mosaic(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg
             "package_version": __version__,
             "run_id": context.run.run_id,
             "created_at": _now(),
-            "inputs": {t.id: src.lineage(year, t.id).get("fingerprints", {}) for t in tiles},
-            "input_runs": {t.id: str(src.lineage(year, t.id).get("run_id")) for t in tiles},
+            "inputs": {t: lin.get("fingerprints", {}) for t, lin in tile_lineage.items()},
+            "input_runs": {t: str(lin.get("run_id")) for t, lin in tile_lineage.items()},
         }
         url = store.write_groups(year, region, groups, lineage)
         context.add_asset_metadata(
