@@ -7,8 +7,8 @@ they were added, years from..to), so a set of wanted tile-years is cut into
 rectangles of one year and a run of consecutive wanted tiles, at most
 ``max_per_run`` tiles each. This is the public way to batch; Dagster's
 ``RunRequest.for_asset_graph_subset`` (a real backfill from a sensor) is
-marked private, and everything that builds requests goes through
-:func:`tile_year_run_requests` so it can change in one place.
+marked private, and every request is built by :func:`range_run_request` so it
+can change in one place.
 """
 
 from collections.abc import Iterable, Sequence
@@ -46,6 +46,28 @@ def tile_rectangles(
     return blocks
 
 
+def range_run_request(
+    year: int,
+    tiles: Sequence[str],
+    *,
+    asset_selection: Sequence[dg.AssetKey],
+    reason: str,
+    tags: dict[str, str] | None = None,
+) -> dg.RunRequest:
+    """One run over a rectangle: ``tiles`` (consecutive in partition order) x ``year``."""
+    start, end = tile_year_key(tiles[0], year), tile_year_key(tiles[-1], year)
+    return dg.RunRequest(
+        asset_selection=list(asset_selection),
+        tags={
+            RANGE_START: str(start),
+            RANGE_END: str(end),
+            "agrifm/reason": reason[:200],
+            "agrifm/n_tile_years": str(len(tiles)),
+            **(tags or {}),
+        },
+    )
+
+
 def tile_year_run_requests(
     tile_order: Sequence[str],
     wanted: Iterable[tuple[str, int]],
@@ -53,22 +75,9 @@ def tile_year_run_requests(
     asset_selection: Sequence[dg.AssetKey],
     reason: str,
     max_per_run: int = MAX_PARTITIONS_PER_RUN,
-    key_prefix: str = "",
 ) -> list[dg.RunRequest]:
     """Run requests covering ``wanted`` (tile, year) pairs for ``asset_selection``."""
-    requests = []
-    for year, tiles in tile_rectangles(tile_order, wanted, max_per_run):
-        start, end = tile_year_key(tiles[0], year), tile_year_key(tiles[-1], year)
-        requests.append(
-            dg.RunRequest(
-                run_key=f"{key_prefix}{year}:{tiles[0]}..{tiles[-1]}" if key_prefix else None,
-                asset_selection=list(asset_selection),
-                tags={
-                    RANGE_START: str(start),
-                    RANGE_END: str(end),
-                    "agrifm/reason": reason[:200],
-                    "agrifm/n_tile_years": str(len(tiles)),
-                },
-            )
-        )
-    return requests
+    return [
+        range_run_request(year, tiles, asset_selection=asset_selection, reason=reason)
+        for year, tiles in tile_rectangles(tile_order, wanted, max_per_run)
+    ]

@@ -25,7 +25,8 @@ def current_year_refresh(
     year = (context.scheduled_execution_time or dt.datetime.now(dt.UTC)).year
     tiles = sorted(storage.registry().owners())
     order = context.instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
-    wanted = [(t, year) for t in tiles if t in set(order)]
+    known = set(order)
+    wanted = [(t, year) for t in tiles if t in known]
     if not wanted:
         return dg.SkipReason(
             "no registered region has tiles yet; add a file under the regions directory"

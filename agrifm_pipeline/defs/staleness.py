@@ -15,8 +15,8 @@ from agrifm_pipeline.audit import (
     tile_year_state,
 )
 from agrifm_pipeline.defs.assets import GROUP, tile_year_assets
-from agrifm_pipeline.defs.partitions import split_key, tiles_partitions
-from agrifm_pipeline.defs.requests import tile_year_run_requests
+from agrifm_pipeline.defs.partitions import MAX_PARTITIONS_PER_RUN, split_key, tiles_partitions
+from agrifm_pipeline.defs.requests import range_run_request, tile_rectangles
 from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
 from agrifm_pipeline.lineage import Fingerprints
 
@@ -129,31 +129,25 @@ def stale_partitions_sensor(
     requests: list[dg.RunRequest] = []
     for (selection, year), tiles in sorted(groups.items()):
         why = "; ".join(sorted(reasons.get(selection[0], set())))[:180]
-        for req in tile_year_run_requests(
-            order,
-            [(t, year) for t in tiles],
-            asset_selection=[dg.AssetKey(a) for a in selection],
-            reason=f"stale {selection[0]}: {why}",
-        ):
+        for _, block in tile_rectangles(order, [(t, year) for t in tiles], MAX_PARTITIONS_PER_RUN):
             req_id = uuid.uuid4().hex[:16]
-            start, end = (
-                req.tags["dagster/asset_partition_range_start"],
-                req.tags["dagster/asset_partition_range_end"],
-            )
-            i0, i1 = order.index(split_key(start)[0]), order.index(split_key(end)[0])
             inflight[req_id] = {
                 "assets": list(selection),
                 "year": year,
-                "tiles": order[i0 : i1 + 1],
+                "tiles": list(block),
                 "t": time.time(),
             }
             requests.append(
-                dg.RunRequest(
-                    asset_selection=req.asset_selection, tags={**req.tags, REQUEST_TAG: req_id}
+                range_run_request(
+                    year,
+                    block,
+                    asset_selection=[dg.AssetKey(a) for a in selection],
+                    reason=f"stale {selection[0]}: {why}",
+                    tags={REQUEST_TAG: req_id},
                 )
             )
             context.log.info(
-                f"stale: {', '.join(selection)} for {i1 - i0 + 1} tile(s) of {year} ({why})"
+                f"stale: {', '.join(selection)} for {len(block)} tile(s) of {year} ({why})"
             )
     return dg.SensorResult(run_requests=requests, cursor=json.dumps({"inflight": inflight}))
 
