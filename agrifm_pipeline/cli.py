@@ -268,7 +268,6 @@ def pipeline_resources() -> dict[str, Any]:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Every partition: checkpoint, frames, normalisation, maker, current or stale and why."""
-    import os
 
     import dagster as dg
 
@@ -277,8 +276,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from agrifm_pipeline.defs.staleness import _stores, current_fingerprints
     from agrifm_pipeline.demo import prepare_home
 
-    home = Path(args.home or os.environ.get("AGRIFM_PIPELINE_HOME", ".agrifm"))
-    prepare_home(home)
+    prepare_home(args.home)
     res = pipeline_resources()
     storage = ZarrStorage(root=args.store) if args.store else res["storage"]
     model = AgriFMModel(checkpoint=args.checkpoint) if args.checkpoint else res["model"]

@@ -25,9 +25,11 @@ DEMO_YEAR = 2019
 POOL_LIMITS = {"agrifm_encoder": 1, "s2_acquisition": 4}
 
 
-def prepare_home(home: Path) -> Path:
+def prepare_home(home: str | Path | None = None) -> Path:
     """A project-local Dagster home with an instance config; returns DAGSTER_HOME."""
-    dagster_home = Path(os.environ.get("DAGSTER_HOME") or home / "dagster").resolve()
+    from agrifm_pipeline.settings import pipeline_home
+
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or pipeline_home(home) / "dagster").resolve()
     dagster_home.mkdir(parents=True, exist_ok=True)
     cfg = dagster_home / "dagster.yaml"
     if not cfg.exists():
@@ -50,7 +52,7 @@ def init_home(home: str | Path | None = None) -> Path:
     """Create the project-local Dagster home with its config and pool limits."""
     import dagster as dg
 
-    dagster_home = prepare_home(Path(home or os.environ.get("AGRIFM_PIPELINE_HOME", ".agrifm")))
+    dagster_home = prepare_home(home)
     with dg.DagsterInstance.get() as instance:
         set_pool_limits(instance)
     return dagster_home
@@ -109,7 +111,9 @@ def run_demo(
     home: str | Path | None = None,
 ) -> dict[str, Any]:
     """Register the demo region, materialise its tile-years and mosaic; return where things are."""
-    home = Path(home or os.environ.get("AGRIFM_PIPELINE_HOME", ".agrifm"))
+    from agrifm_pipeline.settings import pipeline_home
+
+    home = pipeline_home(home)
     dagster_home = prepare_home(home)
 
     import dagster as dg

@@ -222,3 +222,14 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Agr
             continue
         values[name] = spec.parse(label, raw)
     return AgriFMSettings(**values)
+
+
+DEFAULT_PIPELINE_HOME = ".agrifm"
+
+
+def pipeline_home(home: str | Path | None = None) -> Path:
+    """The project-local home: ``home``, else ``AGRIFM_PIPELINE_HOME``, else ``.agrifm``.
+
+    It holds the demo's Dagster instance (``dagster/``) and the default store (``store/``).
+    """
+    return Path(home or os.environ.get("AGRIFM_PIPELINE_HOME", DEFAULT_PIPELINE_HOME))

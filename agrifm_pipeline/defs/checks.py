@@ -4,7 +4,6 @@ A check passes when every partition in the run passes; its metadata lists
 each partition's value, so a failing tile-year is named.
 """
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,6 @@ MIN_CHIP_VARIANCE = 1e-8
 # Share of channels allowed to be constant over a whole tile.
 MAX_CONSTANT_CHANNEL_SHARE = 0.5
 
-warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
 Verdict = tuple[bool, dict[str, Any]]
 

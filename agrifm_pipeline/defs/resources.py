@@ -9,7 +9,6 @@ single default.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -20,20 +19,14 @@ from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_eng
 from agrifm_pipeline.model import resolve_precision
 from agrifm_pipeline.providers import Provider, make_provider
 from agrifm_pipeline.registry import RegionRegistry
-from agrifm_pipeline.settings import AgriFMSettings, load_settings
+from agrifm_pipeline.settings import AgriFMSettings, load_settings, pipeline_home
 from agrifm_pipeline.storage import ZarrStore
 from agrifm_pipeline.tileyear import TileYearSettings
-
-DEFAULT_HOME = ".agrifm"
 
 
 def default_storage_root() -> str:
     """``AGRIFM_PIPELINE_STORAGE`` or ``<AGRIFM_PIPELINE_HOME or .agrifm>/store``."""
-    explicit = os.environ.get("AGRIFM_PIPELINE_STORAGE")
-    if explicit:
-        return explicit
-    home = os.environ.get("AGRIFM_PIPELINE_HOME", DEFAULT_HOME)
-    return str(Path(home) / "store")
+    return os.environ.get("AGRIFM_PIPELINE_STORAGE") or str(pipeline_home() / "store")
 
 
 class TileYearConfig(dg.ConfigurableResource):
