@@ -37,7 +37,6 @@ STAGE_ASSET = {
 }
 DERIVED = ("chip_embeddings", "embedding_preview")
 ORDER = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid", *DERIVED)
-ASSET_STAGE = {**{a: s for s, a in STAGE_ASSET.items()}, **dict.fromkeys(DERIVED, "embedding")}
 
 
 def downstream_of(stage: str) -> tuple[str, ...]:

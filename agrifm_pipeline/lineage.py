@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Bump a stage's version when its code changes what it writes; the stage and
@@ -63,7 +63,6 @@ class Fingerprints:
     acquisition: StageFingerprint
     normalisation: StageFingerprint
     embedding: StageFingerprint
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def for_stage(self, stage: str) -> StageFingerprint:
         fp: StageFingerprint = getattr(self, stage)

@@ -43,7 +43,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -385,9 +384,6 @@ class ZarrStore:
     def lineage(self, year: str | int, tile: str) -> dict[str, Any]:
         return lineage_from_attrs(self.attrs(year, tile))
 
-    def nbytes_on_disk(self, year: str | int, tile: str) -> int:
-        return int(self.fs.du(self.partition_path(year, tile)))
-
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
@@ -399,7 +395,3 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "isoformat"):
         return obj.isoformat()
     return str(obj)
-
-
-def iter_partition_files(store: ZarrStore, year: str | int, tile: str) -> Iterator[str]:
-    yield from store.fs.find(store.partition_path(year, tile))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -264,17 +264,6 @@ def embedding_grid(
         attrs={"long_name": "AgriFM S2 encoder features", "cell_size_m": cell},
     )
     return da.rio.write_crs(tile.crs).rio.write_transform(transform)
-
-
-@dataclass
-class ChipRow:
-    chip: int
-    row: int
-    col: int
-    bounds: tuple[float, float, float, float]
-    mean: np.ndarray
-    max: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def chip_table(grid: xr.DataArray, tile: Tile, year: int, cfg: TileYearSettings) -> Any:
