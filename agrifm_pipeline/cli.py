@@ -273,7 +273,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from agrifm_pipeline.audit import audit_rows, format_table
     from agrifm_pipeline.defs.resources import AgriFMModel, ZarrStorage
-    from agrifm_pipeline.defs.staleness import _stores, current_fingerprints
+    from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
     from agrifm_pipeline.demo import prepare_home
 
     prepare_home(args.home)
@@ -284,7 +284,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     tiles = set(storage.registry().tiles_of(args.region)) if args.region else None
     with dg.DagsterInstance.get() as instance:
         rows = audit_rows(
-            instance, _stores(storage), current, tiles=tiles, year=args.year, unknown=unknown
+            instance, stage_stores(storage), current, tiles=tiles, year=args.year, unknown=unknown
         )
     print(format_table(rows, args.format))
     if args.format == "table":

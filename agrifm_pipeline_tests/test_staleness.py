@@ -19,9 +19,9 @@ from agrifm_pipeline.defs.partitions import split_key
 from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
 from agrifm_pipeline.defs.resources import S2Source, TileYearConfig
 from agrifm_pipeline.defs.staleness import (
-    _stores,
     checkpoint_sensor,
     current_fingerprints,
+    stage_stores,
     stale_partitions_sensor,
 )
 
@@ -116,7 +116,7 @@ def test_norm_mode_change_reruns_normalised_tensors_and_below_then_settles(world
     current, unknown, _ = current_fingerprints(
         changed["tile_year"], changed["s2"], changed["model"]
     )
-    before = audit_rows(pipe.instance, _stores(pipe.storage), current, unknown=unknown)
+    before = audit_rows(pipe.instance, stage_stores(pipe.storage), current, unknown=unknown)
     by = {(r.asset, r.tile, r.year): r for r in before}
     assert by[("s2_frame_stack", TILES[0], 2019)].status == "current"
     row = by[("normalized_tensors", TILES[0], 2019)]
@@ -124,7 +124,7 @@ def test_norm_mode_change_reruns_normalised_tensors_and_below_then_settles(world
     assert by[("agrifm_embedding_grid", TILES[0], 2019)].status == "stale"
     assert ticker.execute(reqs, changed) == [True, True]
     assert ticker.tick(changed) == []
-    after = audit_rows(pipe.instance, _stores(pipe.storage), current, unknown=unknown)
+    after = audit_rows(pipe.instance, stage_stores(pipe.storage), current, unknown=unknown)
     assert {r.status for r in after} == {"current"} and len(after) == 12
     assert all(r.norm_mode in ("", "unit_scale") for r in after)
 
@@ -181,7 +181,7 @@ def test_partition_deleted_outside_the_pipeline_is_reported_and_remade(world) ->
     res = _resources(pipe, ckpt)
     shutil.rmtree(Path(pipe.storage.root) / "normalized_tensors.zarr" / "2019" / TILES[1])
     current, unknown, _ = current_fingerprints(res["tile_year"], res["s2"], res["model"])
-    rows = audit_rows(pipe.instance, _stores(pipe.storage), current, unknown=unknown)
+    rows = audit_rows(pipe.instance, stage_stores(pipe.storage), current, unknown=unknown)
     (row,) = [r for r in rows if r.status != "current"]
     assert (row.asset, row.tile, row.year, row.status) == (
         "normalized_tensors", TILES[1], 2019, "missing-in-store"

@@ -29,7 +29,13 @@ from agrifm_pipeline.defs.partitions import (
     tile_year_backfill,
     tile_year_partitions,
 )
-from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+from agrifm_pipeline.defs.resources import (
+    AgriFMModel,
+    S2Source,
+    TileYearConfig,
+    ZarrStorage,
+    run_fingerprints,
+)
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.inference import prefetch
 from agrifm_pipeline.lineage import CODE_VERSIONS
@@ -58,14 +64,6 @@ def _tile_years(context: dg.AssetExecutionContext) -> list[tuple[str, Tile, int]
     return [
         (key, Tile.from_id(t), y) for key in context.partition_keys for t, y in [split_key(key)]
     ]
-
-
-def _fingerprints(cfg: TileYearSettings, s2: S2Source, ckpt_sha: str, model: AgriFMModel | None):
-    precision = model.precision_class() if model is not None else "float32"
-    encoder = model.encoder if model is not None else "ours"
-    return cfg.fingerprints(
-        provider=s2.identity(), checkpoint_sha256=ckpt_sha, precision=precision, encoder=encoder
-    )
 
 
 def _base_lineage(
@@ -189,7 +187,7 @@ def s2_frame_stack(
     cfg = tile_year.resolve()
     provider = s2.provider()
     store = storage.store("s2_frame_stack")
-    fps = _fingerprints(cfg, s2, "", None)
+    fps = run_fingerprints(cfg, s2, "", None)
     items = _tile_years(context)
 
     def one(item: tuple[str, Tile, int]) -> tuple[str, dict[str, Any], str]:
@@ -224,7 +222,7 @@ def normalized_tensors(
 ) -> dg.MaterializeResult:
     cfg = tile_year.resolve()
     src, store = storage.store("s2_frame_stack"), storage.store("normalized_tensors")
-    fps = _fingerprints(cfg, s2, "", None)
+    fps = run_fingerprints(cfg, s2, "", None)
     items = _tile_years(context)
     for key, tile, year in items:
         up = _upstream(src, tile, year, "s2_frame_stack")
@@ -288,7 +286,7 @@ def agrifm_embedding_grid(
     items = _tile_years(context)
     engine = model.engine()  # loaded once per run (and cached per process)
     resolved: dict[str, Any] = engine.checkpoint
-    fps = _fingerprints(cfg, s2, str(resolved["sha256"]), model)
+    fps = run_fingerprints(cfg, s2, str(resolved["sha256"]), model)
     record = {**engine.record(), "model_config": resolved.get("model_config")}
     context.log.info(
         f"encoder {engine.encoder} on {engine.device} ({engine.precision}), checkpoint "

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
 from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_engine
+from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.model import resolve_precision
 from agrifm_pipeline.providers import Provider, make_provider
 from agrifm_pipeline.registry import RegionRegistry
@@ -173,3 +174,17 @@ class ZarrStorage(dg.ConfigurableResource):
 
     def file_url(self, asset: str, year: str | int, tile: str, suffix: str) -> str:
         return f"{self.root.rstrip('/')}/{asset}/{year}/{tile}{suffix}"
+
+
+def run_fingerprints(
+    cfg: TileYearSettings, s2: S2Source, checkpoint_sha256: str, model: AgriFMModel | None = None
+) -> Fingerprints:
+    """Stage fingerprints for these resources: what the assets record and the stale
+    sensor compares against, computed in one place so the two always agree.
+    (Without a model only the acquisition and normalisation stages are meaningful.)"""
+    return cfg.fingerprints(
+        provider=s2.identity(),
+        checkpoint_sha256=checkpoint_sha256,
+        precision=model.precision_class() if model is not None else "float32",
+        encoder=model.encoder if model is not None else "ours",
+    )

@@ -17,7 +17,13 @@ from agrifm_pipeline.audit import (
 from agrifm_pipeline.defs.assets import GROUP, tile_year_assets
 from agrifm_pipeline.defs.partitions import MAX_PARTITIONS_PER_RUN, split_key, tiles_partitions
 from agrifm_pipeline.defs.requests import range_run_request, tile_rectangles
-from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+from agrifm_pipeline.defs.resources import (
+    AgriFMModel,
+    S2Source,
+    TileYearConfig,
+    ZarrStorage,
+    run_fingerprints,
+)
 from agrifm_pipeline.lineage import Fingerprints
 
 REQUEST_TAG = "agrifm/stale_request"
@@ -37,16 +43,12 @@ def current_fingerprints(
 ) -> tuple[Fingerprints, tuple[str, ...], str]:
     """Fingerprints of the current settings; the embedding is unknown if the checkpoint is."""
     sha, source = current_checkpoint_sha(model.checkpoint)
-    fps = tile_year.resolve().fingerprints(
-        provider=s2.identity(),
-        checkpoint_sha256=sha or "",
-        precision=model.precision_class(),
-        encoder=model.encoder,
-    )
+    fps = run_fingerprints(tile_year.resolve(), s2, sha or "", model)
     return fps, (() if sha else ("embedding",)), (sha or f"unknown: {source}")
 
 
-def _stores(storage: ZarrStorage) -> dict[str, Any]:
+def stage_stores(storage: ZarrStorage) -> dict[str, Any]:
+    """The stores of the three fingerprinted stages, by asset name."""
     return {a: storage.store(a) for a in ORDER[:3]}
 
 
@@ -93,7 +95,7 @@ def stale_partitions_sensor(
         context.log.warning(
             f"checkpoint not resolvable without a download ({sha}); embeddings not judged"
         )
-    stores = _stores(storage)
+    stores = stage_stores(storage)
     materialised: dict[str, set[tuple[str, int]]] = {}
     for asset in ORDER:
         materialised[asset] = {
@@ -190,7 +192,7 @@ def lineage_audit(
     storage: ZarrStorage,
 ) -> dg.MaterializeResult:
     current, unknown, sha = current_fingerprints(tile_year, s2, model)
-    rows = audit_rows(context.instance, _stores(storage), current, unknown=unknown)
+    rows = audit_rows(context.instance, stage_stores(storage), current, unknown=unknown)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
