@@ -11,6 +11,7 @@ bottom/right.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,14 +209,30 @@ def _clip_and_normalise(t: torch.Tensor, norm_mode: str, fill_value: float) -> d
     return {"nonfinite_pixels": nonfinite, "clipped_low": low, "clipped_high": high}
 
 
+_TORCH_INTS = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64)
+
+
 def _from_integers(arr: np.ndarray) -> tuple[torch.Tensor, dict[str, int]]:
-    """Integer DN -> clipped float32 tensor (fresh memory) and the clip counts."""
-    high = int(np.count_nonzero(arr > RAW_MAX))
-    low = int(np.count_nonzero(arr < 0)) if arr.dtype.kind == "i" else 0
-    t = torch.from_numpy(arr.astype(np.float32))
+    """Integer DN (any strides, e.g. a chip view of a tile) -> clipped float32 tensor
+    (fresh, contiguous memory) and the clip counts.
+
+    One strided copy with the type conversion, on torch's threads: reordering
+    a tile into chips and converting to float32 are the same pass.
+    """
+    out = torch.empty(arr.shape, dtype=torch.float32)
+    if arr.dtype.type in _TORCH_INTS and all(s >= 0 for s in arr.strides):
+        out.copy_(torch.from_numpy(arr))
+    else:  # integer types torch cannot wrap (uint32, uint64): numpy converts
+        out.copy_(torch.from_numpy(arr.astype(np.float32, order="C")))
+    high = int(torch.count_nonzero(out > RAW_MAX)) if out.numel() and out.max() > RAW_MAX else 0
+    low = (
+        int(torch.count_nonzero(out < 0))
+        if arr.dtype.kind == "i" and out.numel() and out.min() < 0
+        else 0
+    )
     if high or low:
-        t.clamp_(0.0, RAW_MAX)
-    return t, {"clipped_low": low, "clipped_high": high}
+        out.clamp_(0.0, RAW_MAX)
+    return out, {"clipped_low": low, "clipped_high": high}
 
 
 def preprocess_input(
@@ -234,23 +251,28 @@ def preprocess_input(
 def preprocess_chips(
     chips: Any, *, n_frames: int, image_size: int, norm_mode: str, fill_value: float = 0.0
 ) -> Preprocessed:
-    """A stack of raw chips (N, T, 10, H, W), T == n_frames -> (N, T, 10, S, S), vectorised."""
+    """Raw chips (N, T, 10, H, W), or a tile's block of them (rows, cols, T, 10, H, W),
+    T == n_frames -> (N, T, 10, S, S) with N = rows x cols in row-major order, vectorised."""
     mode = canonical_norm_mode(norm_mode)
     _check_image_size(image_size)
     shape = tuple(getattr(chips, "shape", ()))
-    if len(shape) != 5 or shape[1] != n_frames or shape[2] != N_BANDS or 0 in shape:
+    lead = shape[:-4]
+    if len(lead) not in (1, 2) or shape[-4] != n_frames or shape[-3] != N_BANDS or 0 in shape:
         raise InputContractError(
-            f"chips have shape {shape}; expected (N, {n_frames}, {N_BANDS}, H, W) raw DN"
+            f"chips have shape {shape}; expected (N, {n_frames}, {N_BANDS}, H, W) or "
+            f"(rows, cols, {n_frames}, {N_BANDS}, H, W) raw DN"
         )
-    record: dict[str, Any] = {"input_hw": [int(shape[3]), int(shape[4])], "n_chips": int(shape[0])}
+    n = math.prod(lead)
+    record: dict[str, Any] = {"input_hw": [int(shape[-2]), int(shape[-1])], "n_chips": n}
     if isinstance(chips, np.ndarray) and chips.dtype.kind in "ui":
         # Raw DN as integers (what providers give): nothing can be non-finite, and the
-        # clip bounds are counted in the integer domain; one conversion pass to float32.
+        # clip bounds are counted after one strided conversion pass to float32.
         t, counts = _from_integers(chips)
         record.update(nonfinite_pixels=0, **counts)
+        t = t.view(n, *shape[-4:])
         _normalize_(t, mode)
     else:
-        t = _as_tensor(chips, "chips", own=True)
+        t = _as_tensor(chips, "chips", own=True).reshape(n, *shape[-4:])
         record.update(_clip_and_normalise(t, mode, fill_value))
     t, resize_rec = resize_frames(t, image_size)
     record.update(

@@ -322,6 +322,10 @@ class ZarrStore:
             zarr_format=self.zarr_format,
             consolidated=self.zarr_format == 2,
             encoding=encoding,
+            # A partition's chunks are whole variables, so zarr's default scan for chunks
+            # that are all fill value (to skip writing them) costs a full extra pass over
+            # the data and almost never skips anything; readers get the same values either way.
+            write_empty_chunks=True,
         )
 
     def _commit(self, staging: str, final: str) -> None:

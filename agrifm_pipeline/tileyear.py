@@ -4,8 +4,10 @@ Nothing here knows about Dagster. Each function takes plain inputs and
 returns arrays plus the record of how they were made:
 
     acquire            provider -> FrameStack (T, 10, H, W) uint16 on the tile grid
-    tile_chips         (T, 10, H, W) -> (chips, T, 10, chip, chip), row-major from the top-left
+    tile_chips         (T, 10, H, W) -> (rows, cols, T, 10, chip, chip) view, rows from the top
     normalise_tile     chips -> (chips, T, 10, S, S) float32 (clip, normalise, resize)
+    normalized_dataset the normalised tile as stored: per-chip statistics, the tensors if kept
+    model_input        the encoder's input again: stored tensors, or the frames re-normalised
     embedding_grid     encoder features (chips, D, h, w) -> georeferenced (band, y, x) tile grid
     chip_table         tile grid -> pooled mean/max per chip with geometry (GeoDataFrame)
     preview_png        median RGB of the input beside a 3-component PCA of the grid
@@ -15,7 +17,8 @@ returns arrays plus the record of how they were made:
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +34,7 @@ from agrifm_pipeline.preprocess import preprocess_chips
 from agrifm_pipeline.providers.base import DEFAULT_MASKED_SCL, CloudMask, FrameStack, Provider
 from agrifm_pipeline.settings import AgriFMSettings, canonical_norm_mode, load_settings
 from agrifm_pipeline.specs import AGRIFM_S2_BANDS, SensorSpec
+from agrifm_pipeline.storage import lineage_from_attrs
 from agrifm_pipeline.tiles import DEFAULT_CHIP_PX, DEFAULT_CHIPS_PER_SIDE, Tile, tile_size_m
 
 
@@ -96,6 +100,12 @@ class TileYearSettings:
 
     def mask(self) -> CloudMask:
         return CloudMask(mode=self.cloud_mask, scl_classes=self.scl_classes)
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> TileYearSettings:
+        """Settings from :meth:`as_record` (e.g. a partition's lineage)."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in rec.items() if k in names})
 
     def as_record(self) -> dict[str, Any]:
         rec = asdict(self)
@@ -169,20 +179,27 @@ def frame_stack_dataset(stack: FrameStack) -> xr.Dataset:
         long_name="Sentinel-2 L2A surface reflectance composites",
         units="reflectance x 10000",
     )
+    # One chunk per frame: the frames of a tile-year are compressed and read back in
+    # parallel (a single 128 MB chunk is one thread's work).
+    ds["frames"].encoding["chunks"] = (1, *da.shape[1:])
     return ds
 
 
 # -- chips and normalisation ----------------------------------------------------------------
 def tile_chips(values: np.ndarray, chip_px: int) -> np.ndarray:
-    """(T, C, H, W) -> (chips, T, C, chip_px, chip_px), row-major from the top-left."""
+    """(T, C, H, W) -> (rows, cols, T, C, chip_px, chip_px), rows from the top.
+
+    A strided view of ``values`` (no copy): the conversion to float32 in
+    :func:`preprocess_chips` writes the chips contiguously, row-major, in the
+    same pass.
+    """
     t, c, h, w = values.shape
     if h % chip_px or w % chip_px:
         raise InputContractError(
             f"a tile of {h} x {w} px is not a whole number of {chip_px} px chips"
         )
     ny, nx = h // chip_px, w // chip_px
-    chips = values.reshape(t, c, ny, chip_px, nx, chip_px).transpose(2, 4, 0, 1, 3, 5)
-    return np.ascontiguousarray(chips).reshape(ny * nx, t, c, chip_px, chip_px)
+    return values.reshape(t, c, ny, chip_px, nx, chip_px).transpose(2, 4, 0, 1, 3, 5)
 
 
 def normalise_tile(
@@ -200,33 +217,110 @@ def normalise_tile(
     return out.tensor, out.record
 
 
-def normalized_dataset(tensor: torch.Tensor, cfg: TileYearSettings) -> xr.Dataset:
-    """(chips, T, 10, S, S) float32 with chip row/column coordinates."""
+STATS = ("mean", "std", "min", "max")
+
+
+def chip_statistics(tensor: torch.Tensor) -> torch.Tensor:
+    """(chips, T, C, S, S) -> (chips, T, C, 4): mean, std (population), min, max per plane.
+
+    Plain reductions over the last axis (torch's fused ``std_mean``/``aminmax`` over
+    an axis are several times slower here); the std is two-pass, a chip at a time,
+    so its temporary stays small.
+    """
+    flat = tensor.flatten(3)  # (chips, T, C, S*S)
+    mean = flat.mean(-1)
+    std = torch.empty_like(mean)
+    for i in range(flat.shape[0]):
+        std[i] = torch.linalg.vector_norm(flat[i] - mean[i, ..., None], dim=-1)
+    std /= math.sqrt(flat.shape[-1])
+    return torch.stack([mean, std, flat.amin(-1), flat.amax(-1)], dim=-1)
+
+
+def normalized_dataset(
+    tensor: torch.Tensor, cfg: TileYearSettings, *, keep_tensors: bool = True
+) -> xr.Dataset:
+    """The normalised tile as stored: ``chip_stats`` (chip, time, band, stat) always, and the
+    (chips, T, 10, S, S) float32 ``tensors`` themselves when ``keep_tensors``.
+
+    The tensors are four times the raw frames' bytes and an exact, cheap function of
+    them (:func:`model_input` recomputes them), so keeping them is a choice; the
+    statistics and the value summary in the attrs are what checks and audits read.
+    """
     n = tensor.shape[0]
     per_side = cfg.chips_per_side
-    da = xr.DataArray(
-        tensor.numpy(),
-        dims=("chip", "time", "band", "py", "px"),
-        coords={
-            "chip": np.arange(n),
-            "chip_row": ("chip", np.arange(n) // per_side),
-            "chip_col": ("chip", np.arange(n) % per_side),
-            "band": list(cfg.bands),
-        },
-        name="tensors",
-        attrs={"long_name": f"normalised model input ({cfg.norm_mode}), {cfg.image_size} px"},
+    coords = {
+        "chip": np.arange(n),
+        "chip_row": ("chip", np.arange(n) // per_side),
+        "chip_col": ("chip", np.arange(n) % per_side),
+        "band": list(cfg.bands),
+    }
+    stats = xr.DataArray(
+        chip_statistics(tensor).numpy(),
+        dims=("chip", "time", "band", "stat"),
+        coords={**coords, "stat": list(STATS)},
+        name="chip_stats",
+        attrs={"long_name": "per chip, frame and band statistics of the normalised input"},
     )
-    da.encoding["chunks"] = (1, *da.shape[1:])  # one chunk per chip
-    x = tensor.numpy()
-    finite = np.isfinite(x)
-    ds = da.to_dataset()
-    # Summary the asset check reads instead of the whole array again.
+    ds = stats.to_dataset()
+    if keep_tensors:
+        da = xr.DataArray(
+            tensor.numpy(),
+            dims=("chip", "time", "band", "py", "px"),
+            coords=coords,
+            name="tensors",
+            attrs={"long_name": f"normalised model input ({cfg.norm_mode}), {cfg.image_size} px"},
+        )
+        da.encoding["chunks"] = (1, *da.shape[1:])  # one chunk per chip
+        ds["tensors"] = da
+    # Summary the asset check reads instead of the whole array again (NaN propagates
+    # through min and max, so the non-finite count is only taken when there are some).
+    lo, hi = stats.sel(stat="min").values, stats.sel(stat="max").values
+    finite = bool(np.isfinite(lo).all() and np.isfinite(hi).all())
     ds.attrs.update(
-        n_nonfinite=int(x.size - int(finite.sum())),
-        value_min=float(x.min()) if x.size else 0.0,
-        value_max=float(x.max()) if x.size else 0.0,
+        n_nonfinite=0 if finite else int((~torch.isfinite(tensor)).sum()),
+        value_min=float(lo.min()) if n else 0.0,
+        value_max=float(hi.max()) if n else 0.0,
+        tensors_kept=int(keep_tensors),
     )
     return ds
+
+
+def model_input(
+    normalized: xr.Dataset,
+    frames: Callable[[], xr.Dataset],
+    lineage: Mapping[str, Any],
+    where: str,
+) -> torch.Tensor:
+    """The (chips, T, 10, S, S) tensor a ``normalized_tensors`` partition stands for.
+
+    Its stored ``tensors`` when it kept them; otherwise the frame stack it was
+    made from (``frames()`` opens it), normalised again with the settings in its
+    lineage. That is exact only for the very frames it read, so the frames'
+    run id must match the one recorded, and the result must reproduce the
+    recorded statistics; either mismatch names the partition to re-make.
+    """
+    if "tensors" in normalized:
+        return torch.from_numpy(normalized["tensors"].values)
+    src = frames()
+    made_from = lineage.get("inputs", {}).get("s2_frame_stack", {}).get("run_id")
+    now = lineage_from_attrs(src.attrs).get("run_id")
+    if made_from is None or made_from != now:
+        raise InputContractError(
+            f"normalized_tensors {where} was computed from s2_frame_stack run {made_from}, "
+            f"but the frames stored now are from run {now}; re-materialise normalized_tensors "
+            "for this partition (it is stale)"
+        )
+    cfg = TileYearSettings.from_record(lineage["settings"])
+    tensor, _ = normalise_tile(src["frames"].values, cfg)
+    stats = normalized["chip_stats"].sel(stat=["min", "max"]).values
+    flat = tensor.flatten(3)
+    again = torch.stack([flat.amin(-1), flat.amax(-1)], dim=-1).numpy()
+    if again.shape != stats.shape or not np.array_equal(again, stats, equal_nan=True):
+        raise InputContractError(
+            f"normalising s2_frame_stack {where} again does not reproduce the statistics "
+            "recorded in normalized_tensors; re-materialise normalized_tensors for it"
+        )
+    return tensor
 
 
 # -- embeddings -----------------------------------------------------------------------------
@@ -324,12 +418,18 @@ def _stretch(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
 def pca3(grid: np.ndarray) -> np.ndarray:
     """(D, h, w) -> (h, w, 3): the first three principal components, per-pixel."""
     d, h, w = grid.shape
-    x = grid.reshape(d, h * w).T.astype(np.float64)
+    x = grid.reshape(d, h * w).T.astype(np.float64)  # (pixels, D)
     x = x - x.mean(axis=0, keepdims=True)
     if h * w < 2:
         return np.zeros((h, w, 3))
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    comps = x @ vt[:3].T
+    # Scores = U·S of x's SVD, from the eigenvectors of the smaller Gram matrix:
+    # pixels² when a tile has fewer cells than channels (4x faster than the SVD).
+    if x.shape[0] <= x.shape[1]:
+        vals, vecs = np.linalg.eigh(x @ x.T)  # ascending
+        comps = vecs[:, ::-1][:, :3] * np.sqrt(np.clip(vals[::-1][:3], 0, None))
+    else:
+        _, vecs = np.linalg.eigh(x.T @ x)
+        comps = x @ vecs[:, ::-1][:, :3]
     if comps.shape[1] < 3:
         comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
     return comps.reshape(h, w, 3)

@@ -51,13 +51,17 @@ class Pipeline:
         )
 
 
-def make_resources(root: Path, checkpoint: str | Path = TINY, **tile_year: Any) -> dict[str, Any]:
+def make_resources(
+    root: Path, checkpoint: str | Path = TINY, keep_tensors: bool = False, **tile_year: Any
+) -> dict[str, Any]:
     cfg = {"chip_px": 64, "chips_per_side": 2, "image_size": 64, "n_frames": 8, **tile_year}
     return {
         "tile_year": TileYearConfig(**cfg),
         "s2": S2Source(local_root=str(REPO_ROOT / "data" / "s2_sample")),
         "model": AgriFMModel(checkpoint=str(checkpoint), device="cpu"),
-        "storage": ZarrStorage(root=str(root / "store"), regions_dir=str(root / "regions")),
+        "storage": ZarrStorage(
+            root=str(root / "store"), regions_dir=str(root / "regions"), keep_tensors=keep_tensors
+        ),
     }
 
 

@@ -10,12 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+import torch
 import xarray as xr
 
 from agrifm_pipeline import inference
 from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
 from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
-from agrifm_pipeline.storage import LINEAGE_ATTR
+from agrifm_pipeline.errors import InputContractError
+from agrifm_pipeline.storage import LINEAGE_ATTR, lineage_from_attrs
+from agrifm_pipeline.tileyear import TileYearSettings, model_input, normalise_tile
 
 from .pipeline_helpers import TILES, YEARS, Pipeline, make_pipeline, write_region
 
@@ -138,7 +141,9 @@ def test_outputs_open_cold_with_crs_coordinates_and_lineage(built) -> None:
     assert fs["frames"].dims == ("time", "band", "y", "x") and fs["frames"].dtype == np.uint16
     assert fs["frames"].shape == (8, 10, 128, 128) and str(fs.rio.crs) == "EPSG:32631"
     nt = xr.open_zarr(root / "normalized_tensors.zarr" / "2019" / TILES[1])
-    assert nt["tensors"].shape == (4, 8, 10, 64, 64)
+    assert nt["chip_stats"].dims == ("chip", "time", "band", "stat")
+    assert nt["chip_stats"].shape == (4, 8, 10, 4) and "tensors" not in nt  # the default
+    assert nt.attrs["tensors_kept"] == 0 and nt.attrs["n_nonfinite"] == 0
     # Chip vectors: GeoParquet with geometry, mean and max per chip.
     table = pq.read_table(root / "chip_embeddings" / "2019" / f"{TILES[1]}.parquet")
     assert table.num_rows == 4 and b"geo" in table.schema.metadata
@@ -146,6 +151,47 @@ def test_outputs_open_cold_with_crs_coordinates_and_lineage(built) -> None:
     np.testing.assert_allclose(row["mean"], da.values[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
     np.testing.assert_allclose(row["max"], da.values[:, :2, :2].max(axis=(1, 2)), rtol=1e-6)
     assert (root / "embedding_preview" / "2019" / f"{TILES[1]}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kept_tensors_are_what_the_encoder_sees(built, tmp_path: Path) -> None:
+    """storage.keep_tensors stores the model input; without it the embedding step
+    normalises the stored frames again. Both give the same tensors and grids."""
+    pipe, _, _ = built
+    kept = make_pipeline(tmp_path, keep_tensors=True)
+    assert kept.materialise(TILES[1:], [2019]).success
+    part = ("2019", TILES[1])
+    nt = kept.storage.store("normalized_tensors").open(*part)
+    assert nt.attrs["tensors_kept"] == 1 and nt["tensors"].shape == (4, 8, 10, 64, 64)
+    frames = pipe.storage.store("s2_frame_stack").open(*part)
+    cfg = TileYearSettings.from_record(lineage_from_attrs(nt.attrs)["settings"])
+    again, _ = normalise_tile(frames["frames"].values, cfg)
+    np.testing.assert_array_equal(nt["tensors"].values, again.numpy())
+    # The statistics agree with the tensors they summarise.
+    stats = nt["chip_stats"].sel(stat=["min", "max"]).values
+    np.testing.assert_array_equal(stats[..., 0], again.flatten(3).min(-1).values.numpy())
+    grid_kept = kept.storage.store("agrifm_embedding_grid").open(*part)["embedding"].values
+    grid = pipe.storage.store("agrifm_embedding_grid").open(*part)["embedding"].values
+    np.testing.assert_array_equal(grid_kept, grid)
+
+
+def test_model_input_refuses_frames_it_was_not_made_from(built) -> None:
+    pipe, _, _ = built
+    part = ("2019", TILES[1])
+    nt = pipe.storage.store("normalized_tensors").open(*part)
+    frames = pipe.storage.store("s2_frame_stack").open(*part)
+    lineage = lineage_from_attrs(nt.attrs)
+    x = model_input(nt, lambda: frames, lineage, "t|2019")
+    assert x.shape == (4, 8, 10, 64, 64) and x.dtype == torch.float32
+    # Frames re-made since (another run id): the partition is stale, not silently re-derived.
+    other = json.loads(json.dumps(lineage))
+    other["inputs"]["s2_frame_stack"]["run_id"] = "another-run"
+    with pytest.raises(InputContractError, match="re-materialise normalized_tensors"):
+        model_input(nt, lambda: frames, other, "t|2019")
+    # Frames whose values no longer give the recorded statistics.
+    changed = frames.copy(deep=True)
+    changed["frames"].values[:, :, :8, :8] = 9999  # above every recorded maximum
+    with pytest.raises(InputContractError, match="does not reproduce the statistics"):
+        model_input(nt, lambda: changed, lineage, "t|2019")
 
 
 def test_checks_ran_per_partition(built) -> None:

@@ -240,3 +240,38 @@ def test_integer_chips_take_the_fast_path_with_identical_results(dtype) -> None:
     assert fast.record["clipped_high"] > 0 and (
         dtype == np.uint16 or fast.record["clipped_low"] > 0
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_a_tiles_chip_block_is_read_through_its_strides(dtype) -> None:
+    """A (rows, cols, T, C, S, S) view of a tile gives the chips row-major, exactly as
+    the same chips given contiguously; uint32 (no torch type) takes numpy's conversion."""
+    from agrifm_pipeline.tileyear import tile_chips
+
+    rng = np.random.default_rng(5)
+    tile = rng.integers(0, 12000, size=(4, 10, 48, 72)).astype(dtype)
+    view = tile_chips(tile, 24)
+    assert view.shape == (2, 3, 4, 10, 24, 24) and np.shares_memory(view, tile)
+    chips = np.stack([tile[:, :, r * 24 : (r + 1) * 24, c * 24 : (c + 1) * 24]
+                      for r in range(2) for c in range(3)])  # fmt: skip
+    a = preprocess_chips(view, n_frames=4, image_size=24, norm_mode="agrifm_stats")
+    b = preprocess_chips(chips, n_frames=4, image_size=24, norm_mode="agrifm_stats")
+    assert a.tensor.shape == (6, 4, 10, 24, 24) and a.tensor.is_contiguous()
+    assert torch.equal(a.tensor, b.tensor) and a.record == b.record
+    assert a.record["n_chips"] == 6 and a.record["clipped_high"] == int((tile > 10000).sum())
+    with pytest.raises(InputContractError, match=r"\(rows, cols, 4, 10, H, W\)"):
+        preprocess_chips(view[None], n_frames=4, image_size=24, norm_mode="none")
+
+
+def test_chip_statistics_match_numpy() -> None:
+    from agrifm_pipeline.tileyear import chip_statistics
+
+    x = torch.randn(3, 2, 10, 16, 16) * 2 + 1
+    x[1, 1, 4] = 7.0  # a constant plane: std exactly 0
+    got = chip_statistics(x).numpy()
+    ref = x.double().flatten(3).numpy()
+    np.testing.assert_allclose(got[..., 0], ref.mean(-1), atol=1e-6)
+    np.testing.assert_allclose(got[..., 1], ref.std(-1), atol=1e-5)
+    np.testing.assert_array_equal(got[..., 2], x.flatten(3).amin(-1).numpy())
+    np.testing.assert_array_equal(got[..., 3], x.flatten(3).amax(-1).numpy())
+    assert got[1, 1, 4, 1] == 0.0

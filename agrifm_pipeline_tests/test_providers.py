@@ -364,3 +364,24 @@ def test_partial_coverage_reads_only_the_footprint_and_matches_the_full_read(
     for a, b in zip(fast.frames, full.frames, strict=True):
         assert a.clear_fraction == pytest.approx(b.clear_fraction, abs=1e-12)
         assert (a.n_scenes, a.scenes, a.backfilled) == (b.n_scenes, b.scenes, b.backfilled)
+
+
+def test_scenes_on_the_tile_lattice_are_read_without_the_warper(
+    sample_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sample is on the zone's 10 m lattice: the direct windowed read gives exactly
+    what the warper gives, for areas inside, across the edge of, and outside a scene."""
+    from agrifm_pipeline.providers import local
+
+    scene = sorted(sample_dir.glob("2019-*.tif"))[0]
+    with rasterio.open(scene) as src:
+        assert local._aligned_offset(src, SAMPLE_GRID) == (0, 0)
+    areas = [SAMPLE_GRID, SAMPLE_GRID.pad(7)[:30, :80], SAMPLE_GRID.pad(200)[:40, :40]]
+    shifted = GeoBox.from_bbox(SAMPLE_BOUNDS, "EPSG:32631", resolution=10).translate_pix(0.5, 0)
+    with rasterio.open(scene) as src:
+        assert local._aligned_offset(src, shifted) is None  # off the lattice: warped
+    direct = [local._read_onto(scene, a, [3, 2, 1], "uint16") for a in areas]
+    monkeypatch.setattr(local, "_aligned_offset", lambda *a: None)
+    for area, got in zip(areas, direct, strict=True):
+        np.testing.assert_array_equal(got, local._read_onto(scene, area, [3, 2, 1], "uint16"))
+    assert direct[0].any() and direct[1].any() and not direct[2].any()

@@ -5,16 +5,19 @@ Two measurements of one default tile-year (the demo tile
 32631_8960m_E0064_N0627, 2019, T=8, 16 chips of 224², full-size encoder with
 ``untrained:0`` weights — the same cost as the released ones):
 
-1. **Stages**, timed around the same library calls the assets make:
-   acquire (read, mask, composite) -> write frames -> normalise -> write
-   tensors -> read tensors -> encode -> write grid -> chip table + preview.
+1. **Stages**, timed around the same library calls the assets make, each
+   asset reading its input back from the store as it does in a run:
+   acquire (read, mask, composite) -> write frames -> normalise (frames read
+   back) -> write normalized_tensors -> model input (stored tensors, or the
+   frames normalised again) -> encode -> write grid -> chip table + preview.
 2. **The Dagster job** (``embed_tile_years``) in process on a temporary
    instance and store: wall time of the run, and each step's duration.
 
 Reports the encoder's share of the tile-year, tile-years/hour and km²/hour,
 and the bytes each store holds per tile-year.
 
-    python bench/bench_pipeline.py [--precision float32|bfloat16] [--repeats 2] [--provider local|synthetic]
+    python bench/bench_pipeline.py [--precision float32|bfloat16] [--repeats 2]
+        [--provider local|synthetic] [--keep-tensors]
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def stages(provider: Any, precision: str, batch: int, root: Path) -> dict[str, float]:
+def stages(
+    provider: Any, precision: str, batch: int, root: Path, keep_tensors: bool
+) -> dict[str, float]:
     from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
-    from agrifm_pipeline.storage import ZarrStore
+    from agrifm_pipeline.storage import ZarrStore, lineage_from_attrs
     from agrifm_pipeline.tiles import Tile
     from agrifm_pipeline.tileyear import (
         TileYearSettings,
@@ -53,6 +58,7 @@ def stages(provider: Any, precision: str, batch: int, root: Path) -> dict[str, f
         chip_table,
         embedding_grid,
         frame_stack_dataset,
+        model_input,
         normalise_tile,
         normalized_dataset,
         preview_png,
@@ -74,25 +80,50 @@ def stages(provider: Any, precision: str, batch: int, root: Path) -> dict[str, f
     frames_store = ZarrStore(root, "s2_frame_stack")
     tensors_store = ZarrStore(root, "normalized_tensors")
     grid_store = ZarrStore(root, "agrifm_embedding_grid")
+    # s2_frame_stack
     stack = clock("acquire", lambda: acquire(provider, tile, YEAR, cfg))
-    clock("write_frames", lambda: frames_store.write(YEAR, tile.id, frame_stack_dataset(stack), {}))
-    tensor, _ = clock("normalise", lambda: normalise_tile(stack.data.values, cfg))
+    lineage = {"run_id": "bench"}
     clock(
-        "write_tensors",
-        lambda: tensors_store.write(YEAR, tile.id, normalized_dataset(tensor, cfg), {}),
+        "write_frames",
+        lambda: frames_store.write(YEAR, tile.id, frame_stack_dataset(stack), lineage),
     )
-    x = clock(
-        "read_tensors",
-        lambda: torch.from_numpy(tensors_store.open(YEAR, tile.id)["tensors"].values),
+    # normalized_tensors: reads the frames it normalises from the store, as the asset does
+    tensor, _ = clock(
+        "normalise",
+        lambda: normalise_tile(frames_store.open(YEAR, tile.id)["frames"].values, cfg),
     )
+    norm_lineage = {"settings": cfg.as_record(), "inputs": {"s2_frame_stack": lineage}}
+    clock(
+        "write_normalized",
+        lambda: tensors_store.write(
+            YEAR, tile.id, normalized_dataset(tensor, cfg, keep_tensors=keep_tensors), norm_lineage
+        ),
+    )
+    # agrifm_embedding_grid: the model input again (stored tensors, or frames re-normalised)
+
+    def again() -> Any:
+        nt = tensors_store.open(YEAR, tile.id)
+        return model_input(
+            nt,
+            lambda: frames_store.open(YEAR, tile.id),
+            lineage_from_attrs(nt.attrs),
+            TILE_ID,
+        )
+
+    x = clock("model_input", again)
     feats = clock("encode", lambda: engine.embed(x))
     grid = embedding_grid(feats, tile, cfg)
     clock("write_grid", lambda: grid_store.write(YEAR, tile.id, grid.to_dataset(), {}))
+    # chip_embeddings and embedding_preview (the preview reads the RGB frames back)
     clock(
         "chips_and_preview",
         lambda: (
             chip_table(grid, tile, YEAR, cfg),
-            preview_png(stack.data.values, grid.values, cfg.bands),
+            preview_png(
+                frames_store.open(YEAR, tile.id)["frames"].sel(band=["B4", "B3", "B2"]).values,
+                grid.values,
+                ["B4", "B3", "B2"],
+            ),
         ),
     )
     t["bytes_frames"] = du(root / "s2_frame_stack.zarr" / str(YEAR) / tile.id)
@@ -101,7 +132,9 @@ def stages(provider: Any, precision: str, batch: int, root: Path) -> dict[str, f
     return t
 
 
-def dagster_run(provider_name: str, precision: str, batch: int, root: Path) -> dict[str, Any]:
+def dagster_run(
+    provider_name: str, precision: str, batch: int, root: Path, keep_tensors: bool
+) -> dict[str, Any]:
     import dagster as dg
 
     from agrifm_pipeline.definitions import build_defs
@@ -116,7 +149,9 @@ def dagster_run(provider_name: str, precision: str, batch: int, root: Path) -> d
             "model": AgriFMModel(
                 checkpoint="untrained:0", device="cpu", precision=precision, batch_size=batch
             ),
-            "storage": ZarrStorage(root=str(root), regions_dir=str(root / "regions")),
+            "storage": ZarrStorage(
+                root=str(root), regions_dir=str(root / "regions"), keep_tensors=keep_tensors
+            ),
         }
     )
     with dg.instance_for_test() as instance:
@@ -145,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--provider", default="local", choices=["local", "synthetic"])
+    ap.add_argument(
+        "--keep-tensors",
+        action="store_true",
+        help="store the float32 model input too (storage.keep_tensors)",
+    )
     ap.add_argument("--json", default="bench/results/bench_pipeline.json")
     args = ap.parse_args(argv)
 
@@ -157,19 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        stages(
-            provider, args.precision, args.batch, Path(tmp) / "warm"
-        )  # warm-up: caches, allocator
+        common = (args.precision, args.batch)
+        # warm-up: caches, allocator
+        stages(provider, *common, Path(tmp) / "warm", args.keep_tensors)
         for i in range(args.repeats):
-            runs.append(stages(provider, args.precision, args.batch, Path(tmp) / f"r{i}"))
-        job = dagster_run(args.provider, args.precision, args.batch, Path(tmp) / "dagster")
+            runs.append(stages(provider, *common, Path(tmp) / f"r{i}", args.keep_tensors))
+        job = dagster_run(args.provider, *common, Path(tmp) / "dagster", args.keep_tensors)
     keys = [k for k in runs[0] if not k.startswith("bytes_")]
     med = {k: statistics.median(r[k] for r in runs) for k in keys}
     total = sum(med.values())
     share = med["encode"] / total
     km2 = 8.96**2
     print(f"# one tile-year ({TILE_ID}, {YEAR}, T=8, 16 chips of 224², full-size encoder, "
-          f"{args.precision}, batch {args.batch}); provider {args.provider}; torch {torch.__version__}, "
+          f"{args.precision}, batch {args.batch}); provider {args.provider}; "
+          f"keep_tensors={args.keep_tensors}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     for k in keys:
         print(f"{k:>18}: {med[k]:7.2f} s  {100 * med[k] / total:5.1f} %")

@@ -9,6 +9,7 @@ per run and the chips of all the run's tile-years share batches.
 
 import base64
 import datetime as dt
+import functools
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ from agrifm_pipeline.tileyear import (
     chip_table,
     embedding_grid,
     frame_stack_dataset,
+    model_input,
     mosaic,
     normalise_tile,
     normalized_dataset,
@@ -215,7 +217,10 @@ def s2_frame_stack(
     group_name=GROUP,
     deps=[s2_frame_stack],
     kinds={"zarr"},
-    description="Model input (chips, T, 10, S, S) float32: clip 0..10000, normalise, resize.",
+    description=(
+        "Model input (chips, T, 10, S, S) float32: clip 0..10000, normalise, resize. Stored as "
+        "per-chip statistics and lineage, plus the tensors themselves with storage.keep_tensors."
+    ),
 )
 def normalized_tensors(
     context: dg.AssetExecutionContext, tile_year: TileYearConfig, s2: S2Source, storage: ZarrStorage
@@ -247,21 +252,26 @@ def normalized_tensors(
         )
         lineage["normalisation"] = record
         lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
-        ds = normalized_dataset(tensor, cfg)
+        lineage["normalisation"]["tensors_kept"] = storage.keep_tensors
+        ds = normalized_dataset(tensor, cfg, keep_tensors=storage.keep_tensors)
         url = store.write(year, tile.id, ds, lineage)
         context.add_asset_metadata(_summary(lineage, url), partition_key=key)
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
 
 def _chip_groups(
-    store: ZarrStore, items: list[tuple[str, Tile, int]]
+    store: ZarrStore, frames: ZarrStore, items: list[tuple[str, Tile, int]]
 ) -> Iterator[tuple[tuple[str, Tile, int, dict[str, Any]], torch.Tensor]]:
     for key, tile, year in items:
         ds = _upstream(store, tile, year, "normalized_tensors")
-        yield (
-            (key, tile, year, lineage_from_attrs(ds.attrs)),
-            torch.from_numpy(ds["tensors"].values),
+        lineage = lineage_from_attrs(ds.attrs)
+        x = model_input(
+            ds,
+            functools.partial(_upstream, frames, tile, year, "s2_frame_stack"),
+            lineage,
+            f"{tile.id}|{year}",
         )
+        yield (key, tile, year, lineage), x
 
 
 @dg.asset(
@@ -283,6 +293,7 @@ def agrifm_embedding_grid(
 ) -> dg.MaterializeResult:
     cfg = tile_year.resolve()
     src, store = storage.store("normalized_tensors"), storage.store("agrifm_embedding_grid")
+    frames = storage.store("s2_frame_stack")
     items = _tile_years(context)
     engine = model.engine()  # loaded once per run (and cached per process)
     resolved: dict[str, Any] = engine.checkpoint
@@ -292,9 +303,9 @@ def agrifm_embedding_grid(
         f"encoder {engine.encoder} on {engine.device} ({engine.precision}), checkpoint "
         f"{str(resolved['sha256'])[:12]}… untrained={engine.untrained}; {len(items)} tile-years"
     )
-    # The next tile-year's chips are read while the current one is embedded.
+    # The next tile-year's chips are read (or normalised) while the current one is embedded.
     for (key, tile, year, upstream), feats in engine.embed_stream(
-        prefetch(_chip_groups(src, items))
+        prefetch(_chip_groups(src, frames, items))
     ):
         grid = embedding_grid(feats, tile, cfg)
         lineage = _derived_lineage(

@@ -165,6 +165,14 @@ class ZarrStorage(dg.ConfigurableResource):
     regions_dir: str = Field(
         default="data/regions", description="region files watched by the sensor"
     )
+    keep_tensors: bool = Field(
+        default=False,
+        description=(
+            "normalized_tensors: also store the float32 model input (4x the raw frames' "
+            "bytes); off = per-chip statistics and lineage, and the embedding step "
+            "normalises the stored frames again (exactly, verified)"
+        ),
+    )
 
     def store(self, asset: str) -> ZarrStore:
         return ZarrStore(self.root, asset, zarr_format=self.zarr_format)

@@ -150,7 +150,9 @@ def frame_stack_array(
         },
         name="s2_frames",
     )
-    return da.rio.write_crs(str(gbox.crs)).rio.write_transform(gbox.affine)
+    # In place: ``da`` is ours, and a copy of a whole frame stack is ~130 MB per tile-year.
+    da.rio.write_crs(str(gbox.crs), inplace=True)
+    return da.rio.write_transform(gbox.affine, inplace=True)
 
 
 @runtime_checkable

@@ -30,11 +30,13 @@ fraction rather than failing.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from odc.geo.geobox import GeoBox
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 
 from agrifm_pipeline.compositing import Scene, composite_windows
 from agrifm_pipeline.errors import ProviderError
@@ -61,6 +64,50 @@ def _package_version() -> str:
     return __version__
 
 
+@dataclass(frozen=True)
+class _Header:
+    """What the provider needs to know about a file before reading pixels from it."""
+
+    crs: Any  # rasterio CRS or None
+    bounds: tuple[float, float, float, float]
+    transform: tuple[float, ...]
+    shape: tuple[int, int]
+    count: int
+    descriptions: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=8192)
+def _header_of(path: str, mtime_ns: int, size: int) -> _Header:
+    with rasterio.open(path) as src:
+        return _Header(
+            crs=src.crs,
+            bounds=tuple(src.bounds),
+            transform=tuple(src.transform),
+            shape=tuple(src.shape),
+            count=src.count,
+            descriptions=tuple(d or "" for d in src.descriptions),
+        )
+
+
+def _header(path: Path) -> _Header:
+    """The file's header, opened once per process and version of the file.
+
+    A tile-year asks for every scene's bounds, bands and mask layout several
+    times, and a backfill asks again for every tile; keyed by modification
+    time and size, so a replaced file is read afresh.
+    """
+    st = path.stat()
+    return _header_of(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8192)
+def _cloudy_pct_of(path: str, mtime_ns: int, size: int, index: int) -> float:
+    with rasterio.open(path) as m:
+        scl = m.read(index)
+    valid = scl != 0
+    return 100.0 * float(np.isin(scl[valid], CLOUDY_SCL).sum()) / max(1, int(valid.sum()))
+
+
 def _wkt(area: GeoBox) -> str:
     assert area.crs is not None, "an area grid always has a CRS"
     return area.crs.to_wkt()
@@ -72,10 +119,38 @@ def _overlaps(src_bounds: Any, src_crs: Any, area: GeoBox) -> bool:
     return left < a.right and right > a.left and bottom < a.top and top > a.bottom
 
 
+def _aligned_offset(src: Any, area: GeoBox) -> tuple[int, int] | None:
+    """(row, col) of ``area``'s top-left pixel in ``src`` when both share CRS, pixel size
+    and lattice (a scene already on the tile's UTM grid); None otherwise."""
+    a, s = area.affine, src.transform
+    if a.b or a.d or s.b or s.d or (a.a, a.e) != (s.a, s.e) or area.crs is None:
+        return None
+    if src.crs is None or src.crs.to_epsg() != area.crs.epsg:
+        return None
+    col, row = (a.c - s.c) / s.a, (a.f - s.f) / s.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return round(row), round(col)
+
+
 def _read_onto(path: Path, area: GeoBox, indexes: list[int], dtype: str) -> np.ndarray:
-    with (
-        rasterio.open(path) as src,
-        WarpedVRT(
+    """The bands ``indexes`` of ``path`` on ``area``'s grid (nearest neighbour, 0 = no data)."""
+    with rasterio.open(path) as src:
+        offset = _aligned_offset(src, area)
+        if offset is not None:
+            # Same lattice: nearest-neighbour warping is a plain copy of the overlap,
+            # read directly (no warper) into a no-data canvas.
+            out = np.zeros((len(indexes), *area.shape), dtype=dtype)
+            (r, c), (h, w) = offset, area.shape
+            r0, c0 = max(r, 0), max(c, 0)
+            r1, c1 = min(r + h, src.height), min(c + w, src.width)
+            if r1 > r0 and c1 > c0:
+                window = Window(c0, r0, c1 - c0, r1 - r0)
+                out[:, r0 - r : r1 - r, c0 - c : c1 - c] = src.read(
+                    indexes, window=window, out_dtype=dtype
+                )
+            return out
+        with WarpedVRT(
             src,
             crs=_wkt(area),
             transform=area.affine,
@@ -83,9 +158,8 @@ def _read_onto(path: Path, area: GeoBox, indexes: list[int], dtype: str) -> np.n
             height=area.shape[0],
             resampling=Resampling.nearest,
             nodata=0,
-        ) as vrt,
-    ):
-        return vrt.read(indexes, out_dtype=dtype)
+        ) as vrt:
+            return vrt.read(indexes, out_dtype=dtype)
 
 
 class LocalProvider:
@@ -131,9 +205,8 @@ class LocalProvider:
             ) from exc
 
     def _band_indexes(self, path: Path, sensor: SensorSpec) -> list[int]:
-        with rasterio.open(path) as src:
-            descriptions = [d or "" for d in src.descriptions]
-            count = src.count
+        head = _header(path)
+        descriptions, count = list(head.descriptions), head.count
         named = [d.upper() for d in descriptions]
         if all(named):
             missing = [b for b in sensor.bands if b.upper() not in named]
@@ -153,30 +226,24 @@ class LocalProvider:
         return self.root / "masks" / scene.name
 
     def _scl_index(self, mask: Path, scene: Path) -> int:
-        with rasterio.open(mask) as m, rasterio.open(scene) as s:
-            if (
-                m.crs != s.crs
-                or not np.allclose(tuple(m.transform), tuple(s.transform))
-                or m.shape != s.shape
-            ):
-                raise ProviderError(
-                    f"mask {mask} is not on the grid of {scene.name} (CRS {m.crs} vs {s.crs}, "
-                    f"shape {m.shape} vs {s.shape}); masks must share their scene's grid"
-                )
-            names = [(d or "").upper() for d in m.descriptions]
-            if "SCL" in names:
-                return names.index("SCL") + 1
-            if m.count >= 2:
-                return 2
+        m, s = _header(mask), _header(scene)
+        if m.crs != s.crs or not np.allclose(m.transform, s.transform) or m.shape != s.shape:
             raise ProviderError(
-                f"mask {mask} has no SCL band (expected band 2 or a band described 'SCL')"
+                f"mask {mask} is not on the grid of {scene.name} (CRS {m.crs} vs {s.crs}, "
+                f"shape {m.shape} vs {s.shape}); masks must share their scene's grid"
             )
+        names = [d.upper() for d in m.descriptions]
+        if "SCL" in names:
+            return names.index("SCL") + 1
+        if m.count >= 2:
+            return 2
+        raise ProviderError(
+            f"mask {mask} has no SCL band (expected band 2 or a band described 'SCL')"
+        )
 
     def _scl_cloudy_pct(self, mask: Path, index: int) -> float:
-        with rasterio.open(mask) as m:
-            scl = m.read(index)
-        valid = scl != 0
-        return 100.0 * float(np.isin(scl[valid], CLOUDY_SCL).sum()) / max(1, int(valid.sum()))
+        st = mask.stat()
+        return _cloudy_pct_of(str(mask), st.st_mtime_ns, st.st_size, index)
 
     def _directory_scenes(
         self,
@@ -193,11 +260,11 @@ class LocalProvider:
             day = dt.date.fromisoformat(m.group(1))
             if not start <= day < end:
                 continue
-            with rasterio.open(path) as src:
-                if src.crs is None:
-                    raise ProviderError(f"scene {path} has no CRS; it cannot be placed on the grid")
-                if not _overlaps(src.bounds, src.crs, area):
-                    continue
+            head = _header(path)
+            if head.crs is None:
+                raise ProviderError(f"scene {path} has no CRS; it cannot be placed on the grid")
+            if not _overlaps(head.bounds, head.crs, area):
+                continue
             indexes = self._band_indexes(path, sensor)
             mask = self._mask_path(path)
             scl_index = self._scl_index(mask, path) if mask.is_file() else None
@@ -284,12 +351,12 @@ class LocalProvider:
             assert m is not None
             if not start <= dt.date.fromisoformat(m.group(1)) < end:
                 continue
-            with rasterio.open(path) as src:
-                if src.crs is None:
-                    return None
-                left, bottom, right, top = transform_bounds(
-                    src.crs, _wkt(area), *src.bounds, densify_pts=21
-                )
+            head = _header(path)
+            if head.crs is None:
+                return None
+            left, bottom, right, top = transform_bounds(
+                head.crs, _wkt(area), *head.bounds, densify_pts=21
+            )
             xs, ys = zip(*(inv * (x, y) for x, y in ((left, top), (right, bottom))), strict=True)
             c0, c1 = min(c0, math.floor(min(xs)) - 1), max(c1, math.ceil(max(xs)) + 1)
             r0, r1 = min(r0, math.floor(min(ys)) - 1), max(r1, math.ceil(max(ys)) + 1)
