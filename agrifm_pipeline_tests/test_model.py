@@ -267,3 +267,32 @@ def test_filter_fn_maps_onto_our_names(fixtures_dir: Path) -> None:
     assert set(state) == set(model.state_dict())
     assert state["patch_embed.proj.weight"] is raw["encoder.S2_patch_emd.weights"]
     assert info["layout"] == "released"
+
+
+def test_cpu_linear_path_matches_nn_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN fp32 path is taken only without autograd or autocast, and agrees."""
+    from agrifm_pipeline.model import agrifm
+
+    torch.manual_seed(0)
+    layer = agrifm.Linear(96, 288)
+    x = torch.randn(3, 5, 49, 96)
+    reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode():
+        fast = layer(x)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert layer(x).requires_grad  # a graph is being recorded: the standard path
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast still casts
+    if not agrifm.ONEDNN_LINEAR:
+        return
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 1

@@ -47,7 +47,7 @@ class SwinPatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return PatchEmbed3D.forward(self, x).permute(0, 4, 1, 2, 3)  # upstream's (N, E, D, H, W)
+        return PatchEmbed3D._project(self, x).permute(0, 4, 1, 2, 3)  # upstream's (N, E, D, H, W)
 
 
 @BACKBONES.register_module()

@@ -119,12 +119,48 @@ def _no_grad() -> bool:
     return not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
 
 
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN_LINEAR = _onednn_linear_available()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) with a faster CPU inference path.
+
+    PyTorch sends an fp32 matmul on a CPU to MKL's sgemm. oneDNN's matmul, which
+    PyTorch ships too, is 7-20 % faster at this encoder's shapes on AVX-512 hosts
+    (an AMD EPYC Zen 4: 205-220 against 178-199 GFLOP/s; the whole encoder 7 %
+    faster) and agrees with it to ~1e-6. It is taken only for fp32 CPU inputs
+    with no autograd graph and no autocast; everything else is ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            ONEDNN_LINEAR
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and _no_grad()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self.weight, self.bias, "none", [], ""
+            )
+        return super().forward(x)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
@@ -152,8 +188,8 @@ class WindowAttention3D(nn.Module):
         self.register_buffer(
             "relative_position_index", relative_position_index(window), persistent=False
         )
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self._bias_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def position_bias(self, n: int) -> torch.Tensor:
@@ -274,7 +310,7 @@ class PatchMerging3D(nn.Module):
         super().__init__()
         self.mean_frame_down = mean_frame_down
         self.norm = nn.LayerNorm(4 * dim, eps=eps)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W, C) -> (B, ceil(D/2), ceil(H/2), ceil(W/2), 2C)."""
@@ -367,8 +403,16 @@ class PatchEmbed3D(nn.Module):
         output comes out channels-last and the final permute is a view. With
         oneDNN on a CPU this is 1.5x faster than the same convolution written as
         a matmul over gathered patches (the gather is a strided copy of the
-        whole input) and 1.15x faster than a default-layout Conv3d.
+        whole input) and 1.15x faster than a default-layout Conv3d. On a CPU it
+        runs one sample at a time: oneDNN reorders its input into a blocked
+        layout first, and a sample's reorder stays in cache where a batch's does
+        not (8 chips of T=8: 61 against 103 ms on an AMD EPYC).
         """
+        if x.device.type == "cpu" and x.shape[0] > 1:
+            return torch.cat([self._project(sample) for sample in x.split(1)])
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         t, h, w = x.shape[1], x.shape[3], x.shape[4]
         pt, ph, pw = self.patch
         x = x.transpose(1, 2)  # (N, C, T, H, W), a view
