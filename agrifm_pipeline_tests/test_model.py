@@ -247,6 +247,9 @@ def test_bfloat16_keeps_pooled_direction(fixtures_dir: Path) -> None:
     assert b.dtype == torch.float32 and a.shape == b.shape
     cos = torch.nn.functional.cosine_similarity(a.mean((2, 3)), b.mean((2, 3))).min().item()
     assert cos >= 0.999, cos
+    # The grid itself: relative error 0.010 measured (AMD EPYC, torch 2.14.1).
+    rel = ((a - b).norm() / a.norm()).item()
+    assert rel < 0.03, rel
 
 
 def test_any_size_and_frame_count() -> None:

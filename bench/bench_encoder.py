@@ -43,8 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agrifm_pipeline.model import EncoderConfig, load_encoder, untrained_state_dict
-from agrifm_pipeline.model.agrifm import ONEDNN_LINEAR
+from agrifm_pipeline.model import EncoderConfig, agrifm, load_encoder, untrained_state_dict
 
 PATCHES = {"p444": (4, 4, 4), "p422": (4, 2, 2)}
 
@@ -67,7 +66,7 @@ def matmul_rate(
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     kernels = [lambda: a @ b]
-    if device.type == "cpu" and dtype == torch.float32 and ONEDNN_LINEAR:
+    if device.type == "cpu" and dtype == torch.float32 and agrifm.ONEDNN_LINEAR:
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     rates = []
     for kernel in kernels:
@@ -90,9 +89,19 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
     Fused attention kernels are counted differently by the flop counter; the
     math kernel's count is the one the official model gives, so ratios compare.
+    The counter knows ATen's matmuls, not oneDNN's linear op, so the count runs
+    with that path switched off (the same FLOPs either way).
     """
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
+    onednn, agrifm.ONEDNN_LINEAR = agrifm.ONEDNN_LINEAR, False
+    try:
+        with (
+            torch.no_grad(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
+            model(x)
+    finally:
+        agrifm.ONEDNN_LINEAR = onednn
     return float(counter.get_total_flops())
 
 
@@ -112,6 +121,17 @@ def _peak_rss_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def bf16_accuracy(fp32: torch.nn.Module, low: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """bf16 against fp32 on the same input: pooled cosine (min over chips), grid relative error."""
+    with torch.inference_mode():
+        a, b = fp32(x).float(), low(x).float()
+    cos = torch.nn.functional.cosine_similarity(a.mean((2, 3)), b.mean((2, 3)), dim=1)
+    return {
+        "bf16_pooled_cosine_min": cos.min().item(),
+        "bf16_grid_rel_error": ((a - b).norm() / a.norm()).item(),
+    }
 
 
 def time_forward(
@@ -198,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     for patch in args.patch:
         cfg = EncoderConfig(patch_size=PATCHES[patch])
         state = untrained_state_dict(args.seed, cfg)
-        ours = load_encoder(state, device=device)
+        # Ours as the product runs it: bfloat16 is load_encoder(precision="bfloat16")
+        # (matmul weights stored in bf16 once, autocast inside the forward); the
+        # official model gets autocast around its fp32 weights, as a caller would.
+        ours_by_precision = {
+            prec: load_encoder(state, device=device, precision=prec) for prec in args.precision
+        }
+        ours = ours_by_precision.get("float32") or load_encoder(state, device=device)
         official = None
         if official_available:
             from agrifm_pipeline.official import load_official_encoder
@@ -219,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     rate_in = matmul_rate(getattr(torch, prec), device, mm_n, seconds=1.0)
                     try:
                         sec, peak = time_forward(
-                            ours, x, device, args.repeats, args.warmup, autocast
+                            ours_by_precision[prec], x, device, args.repeats, args.warmup, None
                         )
                     except torch.OutOfMemoryError:
                         print(
@@ -239,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                         "gflops": gflop * b / sec,
                         "peak_mb": peak,
                     }
+                    if autocast is not None:
+                        row.update(bf16_accuracy(ours, ours_by_precision[prec], x[:2]))
                     if official is not None:
                         osec, opeak = time_forward(
                             official, x, device, args.repeats, args.warmup, autocast
@@ -257,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     rows.append(row)
                     _print_row(row)
-        del ours, official
+        del ours, ours_by_precision, official
 
     rates_after = {p: matmul_rate(getattr(torch, p), device, mm_n) for p in args.precision}
     print("# matmul GFLOP/s after: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_after.items()))
@@ -298,6 +326,7 @@ def _print_row(row: dict[str, Any]) -> None:
     ]
     if "official_s_per_chip" in row:
         cols += ["official s/chip", "ours/official", "official peak MB"]
+    cols += ["bf16 cos", "bf16 relerr"]
     if not _HEADER_DONE:
         print(" | ".join(f"{c:>10}" for c in cols))
         _HEADER_DONE = True
@@ -322,6 +351,10 @@ def _print_row(row: dict[str, Any]) -> None:
             f"{row['speedup_vs_official']:.2f}x",
             "-" if opeak is None else f"{opeak:.0f}",
         ]
+    if "bf16_pooled_cosine_min" in row:
+        vals += [f"{row['bf16_pooled_cosine_min']:.5f}", f"{row['bf16_grid_rel_error']:.4f}"]
+    else:
+        vals += ["-", "-"]
     print(" | ".join(f"{v!s:>10}" for v in vals), flush=True)
 
 

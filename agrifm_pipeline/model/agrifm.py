@@ -171,6 +171,22 @@ class Mlp(nn.Module):
         return self.fc2(h)
 
 
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q kᵀ / √d + bias) v as two batched matmuls and a softmax: (..., N, hd).
+
+    Used on a CPU in bfloat16, where PyTorch's fused attention kernel runs at
+    35-60 GFLOP/s on these small windows (49-392 tokens) and strided q/k/v, 2-5x
+    slower than this (measured on an AMD EPYC with AVX512-BF16). The scores
+    tensor is small at window sizes. fp32 keeps the fused kernel: there the two
+    are equally fast and the fused one never holds the N x N scores.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1))  # (..., N, N)
+    scores.mul_(q.shape[-1] ** -0.5).add_(bias)
+    return torch.matmul(scores.softmax(-1), v)
+
+
 class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside 3-D windows with a relative-position bias."""
 
@@ -243,7 +259,10 @@ class WindowAttention3D(nn.Module):
         else:
             qkv = qkv.reshape(3, b, nw * nh, n, hd)  # windows join the head axis, like the bias
         q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            out = explicit_attention(q, k, v, bias)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.view(b, nw, nh, n, hd).transpose(2, 3).reshape(b, nw, n, c)  # (B, nW, N, C)
         return self.proj(out)
 
