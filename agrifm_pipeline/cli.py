@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from agrifm_pipeline.errors import AgriFMError, InputContractError
+from agrifm_pipeline.runtime import retain_freed_memory
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "s2_sample"
 
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()
     try:
         return int(args.func(args))
     except AgriFMError as exc:

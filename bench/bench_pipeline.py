@@ -17,7 +17,11 @@ Reports the encoder's share of the tile-year, tile-years/hour and km²/hour,
 and the bytes each store holds per tile-year.
 
     python bench/bench_pipeline.py [--precision float32|bfloat16] [--repeats 2]
-        [--provider local|synthetic] [--keep-tensors]
+        [--provider local|synthetic] [--keep-tensors] [--system-malloc]
+
+Like the pipeline's own processes, the bench keeps freed buffers for reuse
+(``agrifm_pipeline.runtime.retain_freed_memory``); ``--system-malloc`` measures
+with the C library's default allocator instead.
 """
 
 from __future__ import annotations
@@ -185,8 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="store the float32 model input too (storage.keep_tensors)",
     )
+    ap.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave the allocator at its default (the pipeline retains freed buffers)",
+    )
     ap.add_argument("--json", default="bench/results/bench_pipeline.json")
     args = ap.parse_args(argv)
+
+    from agrifm_pipeline.runtime import OPT_OUT, allocator_status, retain_freed_memory
+
+    if args.system_malloc:
+        os.environ[OPT_OUT] = "1"  # the Dagster run's build_defs would apply it otherwise
+    retain_freed_memory()
 
     from agrifm_pipeline.providers import make_provider
 
@@ -210,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     km2 = 8.96**2
     print(f"# one tile-year ({TILE_ID}, {YEAR}, T=8, 16 chips of 224², full-size encoder, "
           f"{args.precision}, batch {args.batch}); provider {args.provider}; "
-          f"keep_tensors={args.keep_tensors}; torch {torch.__version__}, "
+          f"keep_tensors={args.keep_tensors}; allocator: {allocator_status()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     for k in keys:
         print(f"{k:>18}: {med[k]:7.2f} s  {100 * med[k] / total:5.1f} %")
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(),
                     "threads": torch.get_num_threads(),
                     "cpus": os.cpu_count(),
+                    "allocator": allocator_status(),
                 },
                 "args": vars(args),
                 "stages_median_s": med,
