@@ -275,3 +275,39 @@ def test_chip_statistics_match_numpy() -> None:
     np.testing.assert_array_equal(got[..., 2], x.flatten(3).amin(-1).numpy())
     np.testing.assert_array_equal(got[..., 3], x.flatten(3).amax(-1).numpy())
     assert got[1, 1, 4, 1] == 0.0
+
+
+def test_preview_pca_matches_the_exact_components() -> None:
+    from agrifm_pipeline.tileyear import pca3
+
+    rng = np.random.default_rng(0)
+    d, h, w = 64, 12, 10
+    structure = rng.normal(size=(4, h * w))
+    loadings = rng.normal(size=(d, 4)) * [8.0, 5.0, 3.0, 1.0]
+    grid = (loadings @ structure + 0.1 * rng.normal(size=(d, h * w))).reshape(d, h, w)
+    x = grid.reshape(d, -1).T - grid.reshape(d, -1).T.mean(0)
+    _, vecs = np.linalg.eigh(x.T @ x)
+    exact = x @ vecs[:, ::-1][:, :3]
+    got = pca3(grid.astype(np.float32)).reshape(-1, 3)
+    for i in range(3):
+        assert abs(np.corrcoef(exact[:, i], got[:, i])[0, 1]) > 0.9999
+    state = torch.get_rng_state()
+    np.testing.assert_array_equal(pca3(grid), pca3(grid))  # repeatable
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG untouched
+    assert pca3(grid[:, :1, :1]).shape == (1, 1, 3)
+    assert pca3(grid[:2]).shape == (h, w, 3)  # fewer channels than components: padded
+
+
+def test_band_frames_reads_named_bands_in_order() -> None:
+    import xarray as xr
+
+    from agrifm_pipeline.tileyear import band_frames
+
+    bands = ["B2", "B3", "B4", "B5", "B8"]
+    data = np.arange(2 * 5 * 3 * 3, dtype=np.uint16).reshape(2, 5, 3, 3)
+    frames = xr.DataArray(data, dims=("time", "band", "y", "x"), coords={"band": bands})
+    got = band_frames(frames, ["B4", "B3", "B2"])
+    np.testing.assert_array_equal(got, frames.sel(band=["B4", "B3", "B2"]).values)
+    np.testing.assert_array_equal(band_frames(frames, ["B8", "B2"]), data[:, [4, 0]])
+    with pytest.raises(InputContractError, match="B11"):
+        band_frames(frames, ["B4", "B11"])

@@ -59,6 +59,7 @@ def stages(
     from agrifm_pipeline.tileyear import (
         TileYearSettings,
         acquire,
+        band_frames,
         chip_table,
         embedding_grid,
         frame_stack_dataset,
@@ -124,7 +125,7 @@ def stages(
         lambda: (
             chip_table(grid, tile, YEAR, cfg),
             preview_png(
-                frames_store.open(YEAR, tile.id)["frames"].sel(band=["B4", "B3", "B2"]).values,
+                band_frames(frames_store.open(YEAR, tile.id)["frames"], ["B4", "B3", "B2"]),
                 grid.values,
                 ["B4", "B3", "B2"],
             ),

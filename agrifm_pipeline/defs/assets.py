@@ -45,6 +45,7 @@ from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import (
     TileYearSettings,
     acquire,
+    band_frames,
     chip_table,
     embedding_grid,
     frame_stack_dataset,
@@ -378,7 +379,7 @@ def _parquet_bytes(gdf: Any, lineage: dict[str, Any]) -> bytes:
 @dg.asset(
     partitions_def=tile_year_partitions,
     backfill_policy=tile_year_backfill,
-    code_version="1",
+    code_version="2",  # 2: randomised PCA (same components to 1e-13 correlation)
     group_name=GROUP,
     deps=[agrifm_embedding_grid, s2_frame_stack],
     kinds={"png"},
@@ -392,7 +393,7 @@ def embedding_preview(
     for key, tile, year in items:
         grid = _upstream(grids, tile, year, "agrifm_embedding_grid")
         rgb = ["B4", "B3", "B2"]
-        frames = _upstream(stacks, tile, year, "s2_frame_stack")["frames"].sel(band=rgb).values
+        frames = band_frames(_upstream(stacks, tile, year, "s2_frame_stack")["frames"], rgb)
         png = preview_png(frames, grid["embedding"].values, rgb)
         url = storage.file_url("embedding_preview", year, tile.id, ".png")
         write_file_atomic(url, png)
