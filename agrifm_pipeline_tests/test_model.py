@@ -8,6 +8,7 @@ rebuild the recipe weights for the released model and compare at 224².
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +300,17 @@ def test_cpu_linear_path_matches_nn_linear(monkeypatch: pytest.MonkeyPatch) -> N
     with torch.no_grad():
         layer(x)
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile needs a C compiler"
+)
+def test_linear_compiles() -> None:
+    """Under torch.compile the layer is plain nn.Linear (oneDNN's op needs constant weights)."""
+    from agrifm_pipeline.model.agrifm import Linear
+
+    layer = Linear(16, 32)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        got = torch.compile(layer)(x)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias))

@@ -138,7 +138,8 @@ class Linear(nn.Linear):
     PyTorch ships too, is 7-20 % faster at this encoder's shapes on AVX-512 hosts
     (an AMD EPYC Zen 4: 205-220 against 178-199 GFLOP/s; the whole encoder 7 %
     faster) and agrees with it to ~1e-6. It is taken only for fp32 CPU inputs
-    with no autograd graph and no autocast; everything else is ``nn.Linear``.
+    with no autograd graph, no autocast and no ``torch.compile`` tracing (the op
+    needs constant weights there); everything else is ``nn.Linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +149,7 @@ class Linear(nn.Linear):
             and x.dtype == torch.float32
             and _no_grad()
             and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # Inductor lowers nn.Linear itself
         ):
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self.weight, self.bias, "none", [], ""
