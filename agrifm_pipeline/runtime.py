@@ -6,7 +6,8 @@ allocation above its mmap threshold (at most 32 MiB by default) with fresh
 pages that the kernel faults in and zeroes on first touch, and returns them on
 free, so every stage pays for that again. On virtual machines a page fault is
 expensive: on a 2-vCPU AMD EPYC VM, keeping freed memory in the process took a
-tile-year from 4.69 to 4.14 s (``bench/bench_pipeline.py``).
+tile-year from 4.31 to 4.13 s (``bench/bench_pipeline.py`` with and without
+``--system-malloc``).
 """
 
 from __future__ import annotations
@@ -58,5 +59,5 @@ def retain_freed_memory() -> bool:
 def allocator_status() -> str:
     """How this process's allocator is set, for run metadata and benchmark reports."""
     if _applied:
-        return "glibc, freed buffers up to 1 GiB retained"
+        return f"glibc, freed buffers up to {RETAIN_BYTES >> 30} GiB retained"
     return "system default"
