@@ -36,3 +36,7 @@ class RegionError(AgriFMError, ValueError):
 
 class ProviderError(AgriFMError):
     """A data provider cannot deliver the requested frames."""
+
+
+class PerformanceWarning(UserWarning):
+    """A setting that works here but runs far slower than its alternative (the message says which)."""

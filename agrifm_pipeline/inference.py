@@ -121,6 +121,7 @@ class EmbeddingEngine:
             "device": str(self.device),
             "precision": self.precision,
             "batch_size": self.batch_size,
+            "cpu_matmul": getattr(self.model, "cpu_matmul", None),
             "checkpoint": self.checkpoint,
             **self.param_stats,
         }

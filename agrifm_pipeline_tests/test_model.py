@@ -287,8 +287,11 @@ def test_cpu_linear_path_matches_nn_linear(monkeypatch: pytest.MonkeyPatch) -> N
     assert layer(x).requires_grad  # a graph is being recorded: the standard path
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast still casts
-    if not agrifm.ONEDNN_LINEAR:
+    if not agrifm._onednn_linear_available():
         return
+    monkeypatch.setattr(agrifm, "ONEDNN_LINEAR", True)  # whatever this host's auto choice is
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference, atol=1e-5, rtol=1e-5)
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
 
@@ -314,3 +317,55 @@ def test_linear_compiles() -> None:
     with torch.no_grad():
         got = torch.compile(layer)(x)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_cpu_matmul_library_choice(monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path) -> None:
+    """auto picks oneDNN on AVX-512 and the BLAS on AVX2; the setting overrides; bad values
+    are named with the fix; the choice is recorded with the embeddings."""
+    from agrifm_pipeline.errors import SettingsError
+    from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
+    from agrifm_pipeline.model import agrifm
+
+    onednn = agrifm._onednn_linear_available()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert agrifm.cpu_matmul_library("auto") == ("onednn" if onednn else "blas")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert agrifm.cpu_matmul_library("auto") == "blas"
+    assert agrifm.cpu_matmul_library("") == "blas"
+    assert agrifm.cpu_matmul_library(" BLAS ") == "blas"
+    if onednn:
+        assert agrifm.cpu_matmul_library("onednn") == "onednn"
+    with pytest.raises(
+        SettingsError, match=r"AGRIFM_PIPELINE_CPU_MATMUL='mkl-ish'.*auto, blas, onednn"
+    ):
+        agrifm.cpu_matmul_library("mkl-ish")
+
+    monkeypatch.setenv(agrifm.CPU_MATMUL_ENV, "fastest")
+    with pytest.raises(SettingsError, match="AGRIFM_PIPELINE_CPU_MATMUL"):
+        load_encoder(fixtures_dir / "tiny_p444.pth")
+    monkeypatch.setenv(agrifm.CPU_MATMUL_ENV, "blas")
+    monkeypatch.setattr(agrifm, "ONEDNN_LINEAR", agrifm.ONEDNN_LINEAR)  # restored afterwards
+    engine = EmbeddingEngine.create(
+        fixtures_dir / "tiny_p444.pth", options=InferenceOptions(device="cpu")
+    )
+    assert engine.record()["cpu_matmul"] == "blas" and agrifm.ONEDNN_LINEAR is False
+
+
+def test_bf16_on_cpu_without_bf16_instructions_warns(
+    monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path
+) -> None:
+    """bf16 where the CPU multiplies it in software is slow: said at load, with the fix."""
+    import warnings
+
+    import agrifm_pipeline.model as model_pkg
+    from agrifm_pipeline.errors import PerformanceWarning
+
+    tiny = fixtures_dir / "tiny_p444.pth"
+    monkeypatch.setattr(model_pkg, "native_bf16_cpu", lambda: False)
+    with pytest.warns(PerformanceWarning, match="precision='float32'"):
+        load_encoder(tiny, precision="bfloat16")
+    monkeypatch.setattr(model_pkg, "native_bf16_cpu", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerformanceWarning)
+        load_encoder(tiny, precision="bfloat16")
+        load_encoder(tiny, precision="float32")

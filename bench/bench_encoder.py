@@ -48,6 +48,21 @@ from agrifm_pipeline.model import EncoderConfig, agrifm, load_encoder, untrained
 PATCHES = {"p444": (4, 4, 4), "p422": (4, 2, 2)}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and family/model numbers from /proc/cpuinfo (Linux), else platform's."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.machine())
+    return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -183,11 +198,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--official-repo", default=os.environ.get("RS_EMBED_AGRIFM_REPO_PATH"))
     ap.add_argument("--json", default="bench/results/bench_encoder.json")
     ap.add_argument(
+        "--force-bf16",
+        action="store_true",
+        help="time bfloat16 on a CPU without bf16 instructions too (software bf16: very slow)",
+    )
+    ap.add_argument(
         "--matmul-n", type=int, default=None, help="matmul size (default 2048 CPU, 8192 GPU)"
     )
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    if (
+        device.type == "cpu"
+        and "bfloat16" in args.precision
+        and not agrifm.native_bf16_cpu()
+        and not args.force_bf16
+    ):
+        args.precision = [p for p in args.precision if p != "bfloat16"]
+        print(
+            f"# bfloat16 left out: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+            "AVX512-BF16 or AMX, so bf16 matmuls run in software (--force-bf16 times them anyway)"
+        )
+        if not args.precision:
+            return 0
     env: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -196,12 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_matmul_ours": agrifm.cpu_matmul_library() if device.type == "cpu" else None,
+        "bf16_native_cpu": agrifm.native_bf16_cpu(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
     }
     print(
         f"# torch {env['torch']} on {env['device_name'] or env['machine']}, {env['torch_threads']} threads"
+        + (
+            f"; CPU {env['cpu_capability']}, our fp32 linears on {env['cpu_matmul_ours']}"
+            if device.type == "cpu"
+            else ""
+        )
     )
     mm_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
     env["matmul_n"] = mm_n

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agrifm_pipeline.errors import SettingsError
-from agrifm_pipeline.model.agrifm import AgriFMEncoder, checkpoint_filter_fn, load_state_dict_strict
+from agrifm_pipeline.errors import PerformanceWarning, SettingsError
+from agrifm_pipeline.model.agrifm import (
+    AgriFMEncoder,
+    checkpoint_filter_fn,
+    load_state_dict_strict,
+    native_bf16_cpu,
+    use_cpu_matmul,
+)
 from agrifm_pipeline.model.config import AGRIFM_P422, AGRIFM_P444, DEFAULT_CFG, EncoderConfig
 from agrifm_pipeline.model.layout import infer_config, to_upstream_layout
 from agrifm_pipeline.model.weights import untrained_state_dict
@@ -94,6 +101,15 @@ def load_encoder(
     """
     dev = resolve_device(device)
     precision_name, autocast_dtype = resolve_precision(precision)
+    cpu_matmul = use_cpu_matmul() if dev.type == "cpu" else None
+    if dev.type == "cpu" and autocast_dtype is not None and not native_bf16_cpu():
+        warnings.warn(
+            f"precision={precision!r} on this CPU ({torch.backends.cpu.get_cpu_capability()}, "
+            "no AVX512-BF16 or AMX): PyTorch multiplies bfloat16 in software here, roughly "
+            "10x slower than float32 for the encoder; use precision='float32' on this machine",
+            PerformanceWarning,
+            stacklevel=2,
+        )
     resolved: ResolvedCheckpoint | None
     if isinstance(checkpoint, Mapping):
         resolved, raw, source = None, checkpoint, "state dict"
@@ -135,6 +151,7 @@ def load_encoder(
         "device": str(dev),
         "precision": precision_name,
     }
+    model.cpu_matmul = cpu_matmul  # recorded with the embeddings (see cpu_matmul_library)
     return model
 
 

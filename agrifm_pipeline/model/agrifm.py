@@ -28,6 +28,7 @@ that are reproduced on purpose (see the facts sheet):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agrifm_pipeline.errors import CheckpointError
+from agrifm_pipeline.errors import CheckpointError, SettingsError
 from agrifm_pipeline.model.config import EncoderConfig
 from agrifm_pipeline.model.layout import to_upstream_layout
 
@@ -128,18 +129,83 @@ def _onednn_linear_available() -> bool:
         return False
 
 
-ONEDNN_LINEAR = _onednn_linear_available()
+CPU_MATMUL_ENV = "AGRIFM_PIPELINE_CPU_MATMUL"
+CPU_MATMUL_CHOICES = ("auto", "blas", "onednn")
+
+
+def cpu_matmul_library(setting: str | None = None) -> str:
+    """``"onednn"`` or ``"blas"``: which library runs the encoder's fp32 linear layers on a CPU.
+
+    ``setting`` (default: ``AGRIFM_PIPELINE_CPU_MATMUL``, else ``auto``) is one of
+    ``blas`` (PyTorch's default, MKL on x86-64 builds), ``onednn``, or ``auto``.
+    ``auto`` picks by the CPU's vector width, as measured at this encoder's
+    matmul shapes (``bench/bench_encoder.py``):
+
+    * AVX-512 (an AMD EPYC Zen 4): oneDNN is 7-20 % faster than MKL, whole
+      encoder 7 % faster;
+    * AVX2 only (an AMD EPYC Zen 3): MKL is 5-25 % faster than oneDNN.
+
+    The two agree to ~1e-6; the choice is recorded with every embedding.
+    """
+    raw = os.environ.get(CPU_MATMUL_ENV, "") if setting is None else setting
+    value = str(raw).strip().lower() or "auto"
+    if value not in CPU_MATMUL_CHOICES:
+        raise SettingsError(
+            f"{CPU_MATMUL_ENV}={raw!r} is not known; use one of {', '.join(CPU_MATMUL_CHOICES)}"
+        )
+    available = _onednn_linear_available()
+    if value == "onednn" and not available:
+        raise SettingsError(
+            f"{CPU_MATMUL_ENV}=onednn but this PyTorch build has no oneDNN linear op; "
+            "use 'auto' or 'blas'"
+        )
+    if value == "auto":
+        wide = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+        value = "onednn" if available and wide else "blas"
+    return value
+
+
+def _initial_choice() -> bool:
+    try:
+        return cpu_matmul_library() == "onednn"
+    except SettingsError:
+        return False  # load_encoder raises it with the fix; importing must not fail
+
+
+# Set at import from the environment; load_encoder re-reads it (and raises on a bad value).
+ONEDNN_LINEAR = _initial_choice()
+
+
+def use_cpu_matmul(setting: str | None = None) -> str:
+    """Resolve :func:`cpu_matmul_library` and make it the process's choice; returns it."""
+    global ONEDNN_LINEAR
+    choice = cpu_matmul_library(setting)
+    ONEDNN_LINEAR = choice == "onednn"
+    return choice
+
+
+def native_bf16_cpu() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX) for oneDNN.
+
+    Without it PyTorch's bf16 matmuls on a CPU run in software: on an AVX2-only
+    AMD EPYC, 2048² bf16 ran at ~1 GFLOP/s against 170 in fp32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) with a faster CPU inference path.
 
-    PyTorch sends an fp32 matmul on a CPU to MKL's sgemm. oneDNN's matmul, which
-    PyTorch ships too, is 7-20 % faster at this encoder's shapes on AVX-512 hosts
-    (an AMD EPYC Zen 4: 205-220 against 178-199 GFLOP/s; the whole encoder 7 %
-    faster) and agrees with it to ~1e-6. It is taken only for fp32 CPU inputs
-    with no autograd graph, no autocast and no ``torch.compile`` tracing (the op
-    needs constant weights there); everything else is ``nn.Linear``.
+    PyTorch sends an fp32 matmul on a CPU to its BLAS (MKL on x86-64). On
+    AVX-512 hosts oneDNN's matmul, which PyTorch ships too, is faster at this
+    encoder's shapes, and it writes into a fresh output instead of copying the
+    bias first; on AVX2 hosts MKL is faster (see :func:`cpu_matmul_library`,
+    which sets ``ONEDNN_LINEAR``). The oneDNN path is taken only for fp32 CPU
+    inputs with no autograd graph, no autocast and no ``torch.compile`` tracing
+    (the op needs constant weights there); everything else is ``nn.Linear``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -466,6 +532,8 @@ class AgriFMEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.num_features, eps=cfg.layer_norm_eps)
         # Set by load_encoder: bfloat16 runs the forward under autocast, output float32.
         self.autocast_dtype: torch.dtype | None = None
+        # Set by load_encoder on a CPU: "onednn" or "blas" for the fp32 linear layers.
+        self.cpu_matmul: str | None = None
         # On a CPU, stages run on at most this many tokens at a time (whole samples
         # per chunk), so the early, token-heavy stages stay cache-resident. A GPU
         # wants the opposite (big launches), so it is never chunked. 0 = off.
