@@ -15,6 +15,7 @@ import xarray as xr
 
 from agrifm_pipeline import inference
 from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
+from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
 from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.storage import LINEAGE_ATTR, lineage_from_attrs
@@ -54,16 +55,28 @@ def built(
     return pipe, result, loads["n"]
 
 
+def materializations(
+    result: dg.ExecuteInProcessResult, asset: str
+) -> list[dg.AssetMaterialization]:
+    """One asset's materialisations in a run (two assets can share a step)."""
+    key = dg.AssetKey(asset)
+    return [
+        e.step_materialization_data.materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == key
+    ]
+
+
 def test_one_run_materialises_every_partition_and_loads_the_model_once(built) -> None:
     _, result, loads = built
     assert result.success
     assert loads == 1
     wanted = {str(tile_year_key(t, y)) for t in TILES for y in YEARS}
     for asset in TILE_YEAR_ASSETS:
-        got = {str(m.partition) for m in result.asset_materializations_for_node(asset)}
+        got = {str(m.partition) for m in materializations(result, asset)}
         assert got == wanted, asset
     # Per-partition metadata differs per partition (not one blob copied to all).
-    grids = result.asset_materializations_for_node("agrifm_embedding_grid")
+    grids = materializations(result, "agrifm_embedding_grid")
     clear = {str(m.partition): m.metadata["mean_clear_fraction"].value for m in grids}
     assert clear[str(tile_year_key(TILES[0], 2019))] < clear[str(tile_year_key(TILES[1], 2019))]
 
@@ -72,7 +85,7 @@ def test_lineage_on_materialisations(built) -> None:
     _, result, _ = built
     (m,) = [
         m
-        for m in result.asset_materializations_for_node("agrifm_embedding_grid")
+        for m in materializations(result, "agrifm_embedding_grid")
         if str(m.partition) == str(tile_year_key(TILES[1], 2019))
     ]
     md = m.metadata
@@ -164,7 +177,7 @@ def test_kept_tensors_are_what_the_encoder_sees(built, tmp_path: Path) -> None:
     assert nt.attrs["tensors_kept"] == 1 and nt["tensors"].shape == (4, 8, 10, 64, 64)
     frames = pipe.storage.store("s2_frame_stack").open(*part)
     cfg = TileYearSettings.from_record(lineage_from_attrs(nt.attrs)["settings"])
-    again, _ = normalise_tile(frames["frames"].values, cfg)
+    again, _, _ = normalise_tile(frames["frames"].values, cfg)
     np.testing.assert_array_equal(nt["tensors"].values, again.numpy())
     # The statistics agree with the tensors they summarise.
     stats = nt["chip_stats"].sel(stat=["min", "max"]).values
@@ -352,3 +365,64 @@ def test_region_across_two_utm_zones_gets_one_mosaic_per_zone(tmp_path: Path) ->
 
 def zarr_attrs(path: Path) -> dict:
     return json.loads((path / ".zattrs").read_text())
+
+
+def test_normalisation_and_embedding_share_a_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Selected together, each tile-year is normalised once and goes straight to the
+    encoder; selected alone, the embedding reads the stored partitions and the
+    normalisation loads no model. The grids agree either way."""
+    from agrifm_pipeline.defs import assets
+
+    calls = {"normalise": 0, "model_input": 0, "engine": 0}
+
+    def counted(name, fn):  # type: ignore[no-untyped-def]
+        def wrapper(*a, **kw):  # type: ignore[no-untyped-def]
+            calls[name] += 1
+            return fn(*a, **kw)
+
+        return wrapper
+
+    monkeypatch.setattr(assets, "normalise_tile", counted("normalise", assets.normalise_tile))
+    monkeypatch.setattr(assets, "model_input", counted("model_input", assets.model_input))
+    monkeypatch.setattr(
+        inference.EmbeddingEngine, "create", counted("engine", inference.EmbeddingEngine.create)
+    )
+    inference.clear_engine_cache()
+    pipe = make_pipeline(tmp_path)
+    job = pipe.defs.resolve_job_def("embed_tile_years")
+    assert {n.name for n in job.graph.nodes} >= {"s2_frame_stack", "normalise_and_embed"}
+    n = len(TILES) * len(YEARS)
+    assert pipe.materialise(TILES, YEARS).success
+    assert calls == {"normalise": n, "model_input": 0, "engine": 1}
+    grids = pipe.storage.store("agrifm_embedding_grid")
+    tile, year = TILES[1], YEARS[1]
+    first = grids.open(year, tile)["embedding"].values.copy()
+
+    def run(*keys: str) -> dg.ExecuteInProcessResult:
+        return job.execute_in_process(
+            instance=pipe.instance,
+            tags={
+                RANGE_START: str(tile_year_key(TILES[0], YEARS[0])),
+                RANGE_END: str(tile_year_key(TILES[-1], YEARS[-1])),
+            },
+            asset_selection=[dg.AssetKey(k) for k in keys],
+        )
+
+    calls.update(normalise=0, model_input=0, engine=0)
+    inference.clear_engine_cache()
+    result = run("agrifm_embedding_grid")
+    assert result.success and calls == {"normalise": 0, "model_input": n, "engine": 1}
+    assert {str(m.partition) for m in materializations(result, "agrifm_embedding_grid")} == {
+        str(tile_year_key(t, y)) for t in TILES for y in YEARS
+    }
+    assert materializations(result, "normalized_tensors") == []
+    np.testing.assert_array_equal(grids.open(year, tile)["embedding"].values, first)
+
+    calls.update(normalise=0, model_input=0, engine=0)
+    inference.clear_engine_cache()
+    result = run("normalized_tensors")
+    assert result.success and calls == {"normalise": n, "model_input": 0, "engine": 0}
+    assert materializations(result, "agrifm_embedding_grid") == []
+    assert len(materializations(result, "normalized_tensors")) == n

@@ -57,6 +57,13 @@ from agrifm_pipeline.tileyear import (
 )
 
 GROUP = "agrifm"
+NORMALIZED = dg.AssetKey("normalized_tensors")
+EMBEDDING = dg.AssetKey("agrifm_embedding_grid")
+# A derived stage -> the asset it makes, and the stage whose partition it reads.
+DERIVED_STAGES = {
+    "normalisation": (NORMALIZED, "acquisition"),
+    "embedding": (EMBEDDING, "normalisation"),
+}
 
 
 def _now() -> str:
@@ -70,10 +77,15 @@ def _tile_years(context: dg.AssetExecutionContext) -> list[tuple[str, Tile, int]
 
 
 def _base_lineage(
-    context: dg.AssetExecutionContext, stage: str, tile: Tile, year: int, cfg: TileYearSettings
+    context: dg.AssetExecutionContext,
+    stage: str,
+    tile: Tile,
+    year: int,
+    cfg: TileYearSettings,
+    asset: dg.AssetKey | None = None,
 ) -> dict[str, Any]:
     return {
-        "asset": context.asset_key.to_user_string(),
+        "asset": (asset or context.asset_key).to_user_string(),
         "stage": stage,
         "tile": tile.id,
         "year": year,
@@ -97,11 +109,11 @@ def _derived_lineage(
     upstream: dict[str, Any],
     fingerprint: Any,
     source: ZarrStore,
-    upstream_stage: str,
 ) -> dict[str, Any]:
     """A stage's lineage: the upstream partition's record, this stage's fields, its
     fingerprint added to the chain, and the upstream partition it read."""
-    lineage = {**upstream, **_base_lineage(context, stage, tile, year, cfg)}
+    asset, upstream_stage = DERIVED_STAGES[stage]
+    lineage = {**upstream, **_base_lineage(context, stage, tile, year, cfg, asset)}
     lineage["fingerprints"] = {**upstream.get("fingerprints", {}), stage: fingerprint.as_record()}
     lineage["inputs"] = {
         source.asset: {
@@ -211,125 +223,175 @@ def s2_frame_stack(
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
 
-@dg.asset(
+Item = tuple[str, Tile, int, dict[str, Any]]  # partition key, tile, year, normalisation lineage
+
+
+def _normalise(
+    context: dg.AssetExecutionContext,
+    cfg: TileYearSettings,
+    src: ZarrStore,
+    store: ZarrStore,
+    fingerprint: Any,
+    keep_tensors: bool,
+    item: tuple[str, Tile, int],
+) -> tuple[Item, torch.Tensor]:
+    """One ``normalized_tensors`` partition: frames read, normalised, written; returns its
+    lineage and the model input it stands for."""
+    key, tile, year = item
+    up = _upstream(src, tile, year, "s2_frame_stack")
+    upstream = lineage_from_attrs(up.attrs)
+    values = up["frames"].values
+    if values.shape[0] != cfg.n_frames:
+        raise InputContractError(
+            f"s2_frame_stack {tile.id}|{year} has {values.shape[0]} frames but n_frames is "
+            f"{cfg.n_frames}; re-materialise s2_frame_stack with the current settings"
+        )
+    tensor, record, stats = normalise_tile(values, cfg)
+    lineage = _derived_lineage(
+        context, "normalisation", tile, year, cfg, upstream, fingerprint, src
+    )
+    lineage["normalisation"] = {**record, "tensors_kept": keep_tensors}
+    lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
+    ds = normalized_dataset(tensor, cfg, keep_tensors=keep_tensors, chip_stats=stats)
+    url = store.write(year, tile.id, ds, lineage)
+    context.add_asset_metadata(_summary(lineage, url), partition_key=key, asset_key=NORMALIZED)
+    return (key, tile, year, lineage), tensor
+
+
+def _stored_input(
+    store: ZarrStore, frames: ZarrStore, item: tuple[str, Tile, int]
+) -> tuple[Item, torch.Tensor]:
+    """The model input of a ``normalized_tensors`` partition made by an earlier run."""
+    key, tile, year = item
+    ds = _upstream(store, tile, year, "normalized_tensors")
+    lineage = lineage_from_attrs(ds.attrs)
+    x = model_input(
+        ds,
+        functools.partial(_upstream, frames, tile, year, "s2_frame_stack"),
+        lineage,
+        f"{tile.id}|{year}",
+    )
+    return (key, tile, year, lineage), x
+
+
+def _write_embedding(
+    context: dg.AssetExecutionContext,
+    cfg: TileYearSettings,
+    item: Item,
+    feats: torch.Tensor,
+    fingerprint: Any,
+    record: dict[str, Any],
+    resolved: dict[str, Any],
+    src: ZarrStore,
+    store: ZarrStore,
+) -> None:
+    key, tile, year, upstream = item
+    grid = embedding_grid(feats, tile, cfg)
+    lineage = _derived_lineage(context, "embedding", tile, year, cfg, upstream, fingerprint, src)
+    lineage["embedding"] = record
+    lineage["inputs"]["agrifm_checkpoint"] = {"sha256": resolved["sha256"]}
+    lineage["output"] = {
+        "shape": list(grid.shape),
+        "grid_hw": list(feats.shape[-2:]),
+        "dtype": "float32",
+    }
+    ds = grid.to_dataset()
+    ds.attrs.update(
+        checkpoint_sha256=str(resolved["sha256"]),
+        untrained=int(bool(resolved.get("untrained"))),
+        n_frames=cfg.n_frames,
+        norm_mode=cfg.norm_mode,
+        image_size=cfg.image_size,
+    )
+    url = store.write(year, tile.id, ds, lineage)
+    context.add_asset_metadata(_summary(lineage, url), partition_key=key, asset_key=EMBEDDING)
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            NORMALIZED,
+            deps=[s2_frame_stack],
+            code_version=CODE_VERSIONS["normalisation"],
+            group_name=GROUP,
+            kinds={"zarr"},
+            skippable=True,
+            description=(
+                "Model input (chips, T, 10, S, S) float32: clip 0..10000, normalise, resize. "
+                "Stored as per-chip statistics and lineage, plus the tensors themselves with "
+                "storage.keep_tensors."
+            ),
+        ),
+        dg.AssetSpec(
+            EMBEDDING,
+            deps=[NORMALIZED, agrifm_checkpoint],
+            code_version=CODE_VERSIONS["embedding"],
+            group_name=GROUP,
+            kinds={"pytorch", "zarr"},
+            skippable=True,
+            description=(
+                "Georeferenced AgriFM feature grid (band, y, x) per tile-year; chips sit side "
+                "by side."
+            ),
+        ),
+    ],
+    name="normalise_and_embed",
     partitions_def=tile_year_partitions,
     backfill_policy=tile_year_backfill,
-    code_version=CODE_VERSIONS["normalisation"],
-    group_name=GROUP,
-    deps=[s2_frame_stack],
-    kinds={"zarr"},
-    description=(
-        "Model input (chips, T, 10, S, S) float32: clip 0..10000, normalise, resize. Stored as "
-        "per-chip statistics and lineage, plus the tensors themselves with storage.keep_tensors."
-    ),
-)
-def normalized_tensors(
-    context: dg.AssetExecutionContext, tile_year: TileYearConfig, s2: S2Source, storage: ZarrStorage
-) -> dg.MaterializeResult:
-    cfg = tile_year.resolve()
-    src, store = storage.store("s2_frame_stack"), storage.store("normalized_tensors")
-    fps = run_fingerprints(cfg, s2, "", None)
-    items = _tile_years(context)
-    for key, tile, year in items:
-        up = _upstream(src, tile, year, "s2_frame_stack")
-        upstream = lineage_from_attrs(up.attrs)
-        values = up["frames"].values
-        if values.shape[0] != cfg.n_frames:
-            raise InputContractError(
-                f"s2_frame_stack {tile.id}|{year} has {values.shape[0]} frames but n_frames is "
-                f"{cfg.n_frames}; re-materialise s2_frame_stack with the current settings"
-            )
-        tensor, record = normalise_tile(values, cfg)
-        lineage = _derived_lineage(
-            context,
-            "normalisation",
-            tile,
-            year,
-            cfg,
-            upstream,
-            fps.normalisation,
-            src,
-            "acquisition",
-        )
-        lineage["normalisation"] = record
-        lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
-        lineage["normalisation"]["tensors_kept"] = storage.keep_tensors
-        ds = normalized_dataset(tensor, cfg, keep_tensors=storage.keep_tensors)
-        url = store.write(year, tile.id, ds, lineage)
-        context.add_asset_metadata(_summary(lineage, url), partition_key=key)
-    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
-
-
-def _chip_groups(
-    store: ZarrStore, frames: ZarrStore, items: list[tuple[str, Tile, int]]
-) -> Iterator[tuple[tuple[str, Tile, int, dict[str, Any]], torch.Tensor]]:
-    for key, tile, year in items:
-        ds = _upstream(store, tile, year, "normalized_tensors")
-        lineage = lineage_from_attrs(ds.attrs)
-        x = model_input(
-            ds,
-            functools.partial(_upstream, frames, tile, year, "s2_frame_stack"),
-            lineage,
-            f"{tile.id}|{year}",
-        )
-        yield (key, tile, year, lineage), x
-
-
-@dg.asset(
-    partitions_def=tile_year_partitions,
-    backfill_policy=tile_year_backfill,
-    code_version=CODE_VERSIONS["embedding"],
-    group_name=GROUP,
-    deps=[normalized_tensors, agrifm_checkpoint],
+    can_subset=True,
     pool="agrifm_encoder",
-    kinds={"pytorch", "zarr"},
-    description="Georeferenced AgriFM feature grid (band, y, x) per tile-year; chips sit side by side.",
 )
-def agrifm_embedding_grid(
+def normalise_and_embed(
     context: dg.AssetExecutionContext,
     tile_year: TileYearConfig,
     s2: S2Source,
     model: AgriFMModel,
     storage: ZarrStorage,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
+    """``normalized_tensors`` and ``agrifm_embedding_grid`` as one step.
+
+    Selected together (a backfill, the schedule, a changed normalisation), each
+    tile-year is normalised once and its tensor goes straight to the encoder:
+    the step does not read the frames back and normalise them a second time,
+    as a separate embedding step would (``storage.keep_tensors`` off), and the
+    run has one step fewer to start. Selected alone, each asset does its own
+    part: the normalisation writes its partitions, and the embedding reads the
+    model input of the stored ones (after a new checkpoint, say).
+    """
     cfg = tile_year.resolve()
-    src, store = storage.store("normalized_tensors"), storage.store("agrifm_embedding_grid")
     frames = storage.store("s2_frame_stack")
+    tensors = storage.store("normalized_tensors")
+    grids = storage.store("agrifm_embedding_grid")
+    fps = run_fingerprints(cfg, s2, "", None)
     items = _tile_years(context)
+    selected = context.selected_asset_keys
+    normalise = functools.partial(
+        _normalise, context, cfg, frames, tensors, fps.normalisation, storage.keep_tensors
+    )
+    if EMBEDDING not in selected:
+        for tile_year_item in items:
+            normalise(tile_year_item)
+        yield dg.MaterializeResult(asset_key=NORMALIZED, metadata={"partitions_in_run": len(items)})
+        return
     engine = model.engine()  # loaded once per run (and cached per process)
     resolved: dict[str, Any] = engine.checkpoint
-    fps = run_fingerprints(cfg, s2, str(resolved["sha256"]), model)
+    emb_fps = run_fingerprints(cfg, s2, str(resolved["sha256"]), model)
     record = {**engine.record(), "model_config": resolved.get("model_config")}
+    both = NORMALIZED in selected
     context.log.info(
         f"encoder {engine.encoder} on {engine.device} ({engine.precision}), checkpoint "
         f"{str(resolved['sha256'])[:12]}… untrained={engine.untrained}; {len(items)} tile-years"
+        + ("; normalised in the same step" if both else "; model input from the stored partitions")
     )
-    # The next tile-year's chips are read (or normalised) while the current one is embedded.
-    for (key, tile, year, upstream), feats in engine.embed_stream(
-        prefetch(_chip_groups(src, frames, items))
-    ):
-        grid = embedding_grid(feats, tile, cfg)
-        lineage = _derived_lineage(
-            context, "embedding", tile, year, cfg, upstream, fps.embedding, src, "normalisation"
+    make = normalise if both else functools.partial(_stored_input, tensors, frames)
+    # The next tile-year is normalised (or read) while the current one is embedded.
+    for done, feats in engine.embed_stream(prefetch(make(i) for i in items)):
+        _write_embedding(
+            context, cfg, done, feats, emb_fps.embedding, record, resolved, tensors, grids
         )
-        lineage["embedding"] = record
-        lineage["inputs"]["agrifm_checkpoint"] = {"sha256": resolved["sha256"]}
-        lineage["output"] = {
-            "shape": list(grid.shape),
-            "grid_hw": list(feats.shape[-2:]),
-            "dtype": "float32",
-        }
-        ds = grid.to_dataset()
-        ds.attrs.update(
-            checkpoint_sha256=str(resolved["sha256"]),
-            untrained=int(bool(resolved.get("untrained"))),
-            n_frames=cfg.n_frames,
-            norm_mode=cfg.norm_mode,
-            image_size=cfg.image_size,
-        )
-        url = store.write(year, tile.id, ds, lineage)
-        context.add_asset_metadata(_summary(lineage, url), partition_key=key)
-    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+    if both:
+        yield dg.MaterializeResult(asset_key=NORMALIZED, metadata={"partitions_in_run": len(items)})
+    yield dg.MaterializeResult(asset_key=EMBEDDING, metadata={"partitions_in_run": len(items)})
 
 
 @dg.asset(
@@ -337,7 +399,7 @@ def agrifm_embedding_grid(
     backfill_policy=tile_year_backfill,
     code_version="1",
     group_name=GROUP,
-    deps=[agrifm_embedding_grid],
+    deps=[EMBEDDING],
     kinds={"geoparquet"},
     description="Pooled vectors per chip (spatial mean and max) with chip footprints, as GeoParquet.",
 )
@@ -381,7 +443,7 @@ def _parquet_bytes(gdf: Any, lineage: dict[str, Any]) -> bytes:
     backfill_policy=tile_year_backfill,
     code_version="2",  # 2: randomised PCA (same components to 1e-13 correlation)
     group_name=GROUP,
-    deps=[agrifm_embedding_grid, s2_frame_stack],
+    deps=[EMBEDDING, s2_frame_stack],
     kinds={"png"},
     description="Median true-colour input beside a 3-component PCA of the embedding grid.",
 )
@@ -424,7 +486,7 @@ def embedding_preview(
     group_name=GROUP,
     deps=[
         dg.AssetDep(
-            agrifm_embedding_grid,
+            EMBEDDING,
             partition_mapping=dg.MultiPartitionMapping(
                 {
                     YEAR_DIM: dg.DimensionPartitionMapping(YEAR_DIM, dg.IdentityPartitionMapping()),
@@ -496,8 +558,7 @@ def region_mosaic(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg
 
 tile_year_assets = [
     s2_frame_stack,
-    normalized_tensors,
-    agrifm_embedding_grid,
+    normalise_and_embed,
     chip_embeddings,
     embedding_preview,
 ]

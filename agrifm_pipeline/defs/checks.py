@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from agrifm_pipeline.defs.assets import agrifm_embedding_grid, normalized_tensors, s2_frame_stack
+from agrifm_pipeline.defs.assets import EMBEDDING, NORMALIZED, s2_frame_stack
 from agrifm_pipeline.defs.partitions import split_key, tile_year_partitions
 from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
 from agrifm_pipeline.storage import ZarrStore
@@ -100,7 +100,7 @@ def frame_stack_clear_fraction(
 
 
 @dg.asset_check(
-    asset=normalized_tensors,
+    asset=NORMALIZED,
     partitions_def=tile_year_partitions,
     description="(chips, T, 10, S, S) per chip and frame, every value finite.",
 )
@@ -135,7 +135,7 @@ def normalized_tensors_finite(
 
 
 @dg.asset_check(
-    asset=agrifm_embedding_grid,
+    asset=EMBEDDING,
     partitions_def=tile_year_partitions,
     description="Embedding grid finite and float32.",
 )
@@ -165,7 +165,7 @@ def degeneracy(grid: np.ndarray, chips_per_side: int) -> dict[str, Any]:
 
 
 @dg.asset_check(
-    asset=agrifm_embedding_grid,
+    asset=EMBEDDING,
     partitions_def=tile_year_partitions,
     description="Not degenerate: few constant channels, every chip's variance above a floor.",
 )

@@ -34,7 +34,7 @@ def current_year_refresh(
     return tile_year_run_requests(
         order,
         wanted,
-        asset_selection=[a.key for a in tile_year_assets],
+        asset_selection=[k for a in tile_year_assets for k in a.keys],
         reason=f"weekly refresh of {year}",
     )
 
