@@ -205,9 +205,8 @@ def tile_chips(values: np.ndarray, chip_px: int) -> np.ndarray:
 
 def normalise_tile(
     values: np.ndarray, cfg: TileYearSettings
-) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
-    """Raw (T, 10, H, W) -> model-ready (chips, T, 10, S, S), its record, and the per-chip
-    statistics (chips, T, 10, 4) of :func:`chip_statistics`."""
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Raw (T, 10, H, W) -> model-ready (chips, T, 10, S, S) and its record."""
     chips = tile_chips(np.asarray(values), cfg.chip_px)
     out = preprocess_chips(
         chips,
@@ -216,7 +215,7 @@ def normalise_tile(
         norm_mode=cfg.norm_mode,
         fill_value=cfg.fill_value,
     )
-    return out.tensor, out.record, chip_statistics(out.tensor)
+    return out.tensor, out.record
 
 
 STATS = ("mean", "std", "min", "max")
@@ -239,11 +238,7 @@ def chip_statistics(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_dataset(
-    tensor: torch.Tensor,
-    cfg: TileYearSettings,
-    *,
-    keep_tensors: bool = True,
-    chip_stats: torch.Tensor | None = None,
+    tensor: torch.Tensor, cfg: TileYearSettings, *, keep_tensors: bool = True
 ) -> xr.Dataset:
     """The normalised tile as stored: ``chip_stats`` (chip, time, band, stat) always, and the
     (chips, T, 10, S, S) float32 ``tensors`` themselves when ``keep_tensors``.
@@ -251,8 +246,6 @@ def normalized_dataset(
     The tensors are four times the raw frames' bytes and an exact, cheap function of
     them (:func:`model_input` recomputes them), so keeping them is a choice; the
     statistics and the value summary in the attrs are what checks and audits read.
-    ``chip_stats`` are :func:`chip_statistics` of ``tensor`` when the caller has them
-    (:func:`normalise_tile` returns them).
     """
     n = tensor.shape[0]
     per_side = cfg.chips_per_side
@@ -263,7 +256,7 @@ def normalized_dataset(
         "band": list(cfg.bands),
     }
     stats = xr.DataArray(
-        (chip_statistics(tensor) if chip_stats is None else chip_stats).numpy(),
+        chip_statistics(tensor).numpy(),
         dims=("chip", "time", "band", "stat"),
         coords={**coords, "stat": list(STATS)},
         name="chip_stats",
@@ -319,9 +312,10 @@ def model_input(
             "for this partition (it is stale)"
         )
     cfg = TileYearSettings.from_record(lineage["settings"])
-    tensor, _, now_stats = normalise_tile(src["frames"].values, cfg)
+    tensor, _ = normalise_tile(src["frames"].values, cfg)
     stats = normalized["chip_stats"].sel(stat=["min", "max"]).values
-    again = now_stats[..., [STATS.index("min"), STATS.index("max")]].numpy()
+    flat = tensor.flatten(3)
+    again = torch.stack([flat.amin(-1), flat.amax(-1)], dim=-1).numpy()
     if again.shape != stats.shape or not np.array_equal(again, stats, equal_nan=True):
         raise InputContractError(
             f"normalising s2_frame_stack {where} again does not reproduce the statistics "

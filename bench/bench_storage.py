@@ -63,7 +63,7 @@ def arrays() -> dict[str, np.ndarray]:
     cfg = TileYearSettings()
     tile = Tile.from_id("32631_8960m_E0064_N0627")
     frames = acquire(SyntheticProvider(seed=0), tile, 2019, cfg).data.values
-    tensors, _, _ = normalise_tile(frames, cfg)
+    tensors, _ = normalise_tile(frames, cfg)
     enc = load_encoder("untrained:0")
     with torch.inference_mode():
         feats = torch.cat([enc(part) for part in tensors.split(8)])

@@ -246,13 +246,13 @@ def _normalise(
             f"s2_frame_stack {tile.id}|{year} has {values.shape[0]} frames but n_frames is "
             f"{cfg.n_frames}; re-materialise s2_frame_stack with the current settings"
         )
-    tensor, record, stats = normalise_tile(values, cfg)
+    tensor, record = normalise_tile(values, cfg)
     lineage = _derived_lineage(
         context, "normalisation", tile, year, cfg, upstream, fingerprint, src
     )
     lineage["normalisation"] = {**record, "tensors_kept": keep_tensors}
     lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
-    ds = normalized_dataset(tensor, cfg, keep_tensors=keep_tensors, chip_stats=stats)
+    ds = normalized_dataset(tensor, cfg, keep_tensors=keep_tensors)
     url = store.write(year, tile.id, ds, lineage)
     context.add_asset_metadata(_summary(lineage, url), partition_key=key, asset_key=NORMALIZED)
     return (key, tile, year, lineage), tensor
