@@ -70,6 +70,14 @@ LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
 # speed, and 15-30 % smaller than lz4.
 DEFAULT_COMPRESSOR: dict[str, Any] = {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2}
 
+# Datasets up to this size are encoded into memory and then written out as files in
+# one pass. Through zarr's LocalStore every metadata document and chunk is its own trip
+# through zarr's event loop and a worker thread: a tile-year's 20 kB chunk statistics
+# took 60-76 ms that way and 32-39 ms through memory, its 128 MB frame stack 138-170 ms
+# and 126-142 ms (2-vCPU AMD EPYC Zen 3). Larger datasets (kept float32 tensors, 1 GB
+# a tile-year) are written chunk by chunk, so the compressed copy is never all in memory.
+ENCODE_IN_MEMORY_BYTES = 256 << 20
+
 
 def _compressor(zarr_format: int) -> dict[str, Any]:
     """Encoding entries for one variable in the given format."""
@@ -305,6 +313,8 @@ class ZarrStore:
         return self.partition_url(year, tile)
 
     def _write_dataset(self, path: str, ds: xr.Dataset) -> None:
+        import zarr.storage
+
         encoding = {
             name: {
                 **_compressor(self.zarr_format),
@@ -316,8 +326,9 @@ class ZarrStore:
             for name, var in ds.data_vars.items()
             if var.ndim > 0 and var.dtype.kind in "uif"
         }
+        objects: dict[str, Any] | None = {} if ds.nbytes <= ENCODE_IN_MEMORY_BYTES else None
         ds.to_zarr(
-            self._mapper(path),
+            self._mapper(path) if objects is None else zarr.storage.MemoryStore(objects),
             mode="w",
             zarr_format=self.zarr_format,
             consolidated=self.zarr_format == 2,
@@ -327,6 +338,21 @@ class ZarrStore:
             # the data and almost never skips anything; readers get the same values either way.
             write_empty_chunks=True,
         )
+        if objects is not None:
+            self._put_objects(path, objects)
+
+    def _put_objects(self, path: str, objects: dict[str, Any]) -> None:
+        """Write a group's encoded objects (zarr buffers by key) as files under ``path``."""
+        if not self.local:
+            self.fs.pipe({f"{path}/{key}": buf.to_bytes() for key, buf in objects.items()})
+            return
+        made: set[Path] = set()
+        for key, buf in objects.items():
+            dest = Path(path, key)
+            if dest.parent not in made:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                made.add(dest.parent)
+            dest.write_bytes(buf.as_numpy_array())
 
     def _commit(self, staging: str, final: str) -> None:
         if self.local:

@@ -311,3 +311,16 @@ def test_band_frames_reads_named_bands_in_order() -> None:
     np.testing.assert_array_equal(band_frames(frames, ["B8", "B2"]), data[:, [4, 0]])
     with pytest.raises(InputContractError, match="B11"):
         band_frames(frames, ["B4", "B11"])
+
+
+@pytest.mark.parametrize("frames", [1, 2, 7, 8])
+def test_preview_median_frame_is_numpys_median(frames: int) -> None:
+    from agrifm_pipeline.tileyear import _median_frame
+
+    rng = np.random.default_rng(frames)
+    raw = rng.integers(0, 12000, size=(frames, 3, 9, 11), dtype=np.uint16)
+    raw[:, 0, 0, 0] = 0  # no data everywhere in one pixel
+    strided = raw[:, :, ::2, ::3]
+    got = _median_frame(strided)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.median(strided.astype(np.float32), axis=0))

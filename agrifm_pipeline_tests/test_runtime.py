@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +37,40 @@ def test_applied_on_glibc_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.retain_freed_memory() is glibc
     if glibc:
         assert "retained" in runtime.allocator_status()
+
+
+def _arenas(libc: ctypes.CDLL, tmp: Path) -> int:
+    """How many malloc arenas the process has (glibc's malloc_info report)."""
+    path = str(tmp / "malloc_info.xml").encode()
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    fh = libc.fopen(path, b"w")
+    assert libc.malloc_info(0, fh) == 0
+    libc.fclose(fh)
+    return (tmp / "malloc_info.xml").read_text().count("<heap nr=")
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc arenas"
+)
+def test_threads_started_afterwards_add_no_arena(tmp_path: Path) -> None:
+    """zarr's worker threads must share the retained heap, not each make an arena."""
+    libc = ctypes.CDLL("libc.so.6")
+    assert runtime.retain_freed_memory() is True
+    before = _arenas(libc, tmp_path)
+    held: list[bytearray] = []
+    ready = threading.Barrier(6)
+
+    def work() -> None:
+        held.append(bytearray(1 << 20))  # allocated on this thread
+        ready.wait()
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(held) == 6
+    assert _arenas(libc, tmp_path) == before

@@ -16,7 +16,8 @@ Two measurements of one default tile-year (the demo tile
    instance and store: wall time of the run, and each step's duration.
 
 Reports the encoder's share of the tile-year, tile-years/hour and km²/hour,
-and the bytes each store holds per tile-year.
+the minor page faults of each stage, and the bytes each store holds per
+tile-year.
 
     python bench/bench_pipeline.py [--precision float32|bfloat16] [--repeats 2]
         [--provider local|synthetic] [--keep-tensors] [--system-malloc]
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -79,9 +81,11 @@ def stages(
     t: dict[str, float] = {}
 
     def clock(name: str, fn: Any) -> Any:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         out = fn()
         t[name] = time.perf_counter() - t0
+        t[f"faults_{name}"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         return out
 
     frames_store = ZarrStore(root, "s2_frame_stack")
@@ -218,12 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         common = (args.precision, args.batch)
-        # warm-up: caches, allocator
-        stages(provider, *common, Path(tmp) / "warm", args.keep_tensors)
-        for i in range(args.repeats):
-            runs.append(stages(provider, *common, Path(tmp) / f"r{i}", args.keep_tensors))
+        # One store for the warm-up and every repeat, as in a backfill: the stores and
+        # their year groups exist after the first tile-year, so each write is one
+        # partition (replacing the previous repeat's). Warm-up: caches, allocator.
+        store = Path(tmp) / "store"
+        stages(provider, *common, store, args.keep_tensors)
+        for _ in range(args.repeats):
+            runs.append(stages(provider, *common, store, args.keep_tensors))
         job = dagster_run(args.provider, *common, Path(tmp) / "dagster", args.keep_tensors)
-    keys = [k for k in runs[0] if not k.startswith(("bytes_", "x_"))]
+    keys = [k for k in runs[0] if not k.startswith(("bytes_", "x_", "faults_"))]
     med = {k: statistics.median(r[k] for r in runs) for k in keys}
     total = sum(med.values())
     share = med["encode"] / total
@@ -233,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
           f"keep_tensors={args.keep_tensors}; allocator: {allocator_status()}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     for k in keys:
-        print(f"{k:>18}: {med[k]:7.2f} s  {100 * med[k] / total:5.1f} %")
+        faults = statistics.median(r[f"faults_{k}"] for r in runs)
+        print(f"{k:>18}: {med[k]:7.2f} s  {100 * med[k] / total:5.1f} %  {faults:9.0f} page faults")
     print(f"{'total':>18}: {total:7.2f} s   encoder share {100 * share:.1f} %")
     alone = statistics.median(r["x_model_input_alone"] for r in runs)
     print(f"(embedding selected alone: its model input from the store takes {alone:.2f} s more)")

@@ -375,17 +375,20 @@ class LocalProvider:
     ) -> FrameStack:
         box = self._footprint(area, windows[0].start, windows[-1].end)
         sub = area if box is None else area[box]
-        if self.catalog is not None:
-            scenes = self._stac_scenes(sub, windows, sensor, cloud_mask)
-        else:
-            scenes = self._directory_scenes(sub, windows, sensor, cloud_mask)
-        values, records = composite_windows(
-            scenes,
-            windows,
-            sensor,
-            cloud_mask,
-            area_label=f"{area.crs} {tuple(area.extent.boundingbox)}",
-        )
+        # One GDAL environment for the whole stack: rasterio.open sets one up and tears it
+        # down around every file otherwise (about 0.2 ms of each of the ~100 opens).
+        with rasterio.Env():
+            if self.catalog is not None:
+                scenes = self._stac_scenes(sub, windows, sensor, cloud_mask)
+            else:
+                scenes = self._directory_scenes(sub, windows, sensor, cloud_mask)
+            values, records = composite_windows(
+                scenes,
+                windows,
+                sensor,
+                cloud_mask,
+                area_label=f"{area.crs} {tuple(area.extent.boundingbox)}",
+            )
         if box is not None:
             # Outside the scenes' footprint every pixel is fill; clear fractions are of the area.
             fill = np.uint16(np.clip(round(sensor.fill_value), 0, 65535))
