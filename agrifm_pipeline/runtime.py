@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import platform
+import weakref
+from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -81,3 +84,28 @@ def allocator_status() -> str:
     if _applied:
         return f"glibc, one arena, freed buffers up to {RETAIN_BYTES >> 30} GiB retained"
     return "system default"
+
+
+# -- the cyclic garbage collector ---------------------------------------------------------
+_frozen_for: dict[int, weakref.ref[Any]] = {}  # id -> the owner (engines are unhashable)
+
+
+def freeze_long_lived(owner: Any) -> bool:
+    """Take every object alive now out of the cyclic collector's reach (``gc.freeze``),
+    once per ``owner`` (an engine just loaded: what exists then lives as long as it).
+
+    A worker holds about 400 000 objects after it has loaded Dagster, xarray and the
+    model, and a full collection walks all of them: 0.17 s, about once every three
+    tile-years on a 2-vCPU AMD EPYC VM. Frozen, they are skipped, and a full
+    collection costs milliseconds. Reference counting still frees them; only
+    reference cycles among them that become garbage later are never collected, which
+    for the modules, the model and the definitions of a process is nothing. Returns
+    whether this call froze.
+    """
+    seen = _frozen_for.get(id(owner))
+    if seen is not None and seen() is owner:
+        return False
+    gc.collect()  # what is garbage already is freed, not frozen
+    gc.freeze()
+    _frozen_for[id(owner)] = weakref.ref(owner)
+    return True

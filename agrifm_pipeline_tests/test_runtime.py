@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 import threading
 from pathlib import Path
@@ -74,3 +75,26 @@ def test_threads_started_afterwards_add_no_arena(tmp_path: Path) -> None:
         t.join()
     assert len(held) == 6
     assert _arenas(libc, tmp_path) == before
+
+
+def test_long_lived_objects_frozen_once_per_owner() -> None:
+    import gc
+
+    @dataclasses.dataclass
+    class Engine:  # unhashable, like the real one
+        name: str
+
+    first, second = Engine("a"), Engine("b")
+    try:
+        assert runtime.freeze_long_lived(first) is True
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        assert runtime.freeze_long_lived(first) is False  # already done for this one
+        assert gc.get_freeze_count() == frozen
+        garbage = [[]]
+        garbage[0].append(garbage)  # a cycle made after the freeze is still collected
+        del garbage
+        assert gc.collect() >= 1
+        assert runtime.freeze_long_lived(second) is True  # a new engine: its objects too
+    finally:
+        gc.unfreeze()

@@ -58,6 +58,7 @@ def stages(
     provider: Any, precision: str, batch: int, root: Path, keep_tensors: bool
 ) -> dict[str, float]:
     from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
+    from agrifm_pipeline.runtime import freeze_long_lived
     from agrifm_pipeline.storage import ZarrStore, lineage_from_attrs
     from agrifm_pipeline.tiles import Tile
     from agrifm_pipeline.tileyear import (
@@ -78,6 +79,7 @@ def stages(
     engine = EmbeddingEngine.create(
         "untrained:0", options=InferenceOptions(device="cpu", precision=precision, batch_size=batch)
     )
+    freeze_long_lived(engine)  # as the model resource does in a step's process
     t: dict[str, float] = {}
 
     def clock(name: str, fn: Any) -> Any:

@@ -20,6 +20,7 @@ from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.model import resolve_precision
 from agrifm_pipeline.providers import Provider, make_provider
 from agrifm_pipeline.registry import RegionRegistry
+from agrifm_pipeline.runtime import freeze_long_lived
 from agrifm_pipeline.settings import AgriFMSettings, load_settings, pipeline_home
 from agrifm_pipeline.storage import ZarrStore
 from agrifm_pipeline.tileyear import TileYearSettings
@@ -145,7 +146,7 @@ class AgriFMModel(dg.ConfigurableResource):
         return resolve_precision(self.precision)[0]
 
     def engine(self) -> EmbeddingEngine:
-        return get_engine(
+        engine = get_engine(
             self.checkpoint or None,
             settings=load_settings(),
             options=InferenceOptions(
@@ -155,6 +156,8 @@ class AgriFMModel(dg.ConfigurableResource):
                 encoder=self.encoder,
             ),
         )
+        freeze_long_lived(engine)  # the step's process holds it to the end
+        return engine
 
 
 class ZarrStorage(dg.ConfigurableResource):
