@@ -305,6 +305,38 @@ def test_cpu_linear_path_matches_nn_linear(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("threads", [2, 4])
+def test_few_row_linears_by_column_blocks(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Few rows on the BLAS: one matmul per thread over its output columns, same values."""
+    from agrifm_pipeline.model import agrifm
+
+    monkeypatch.setattr(agrifm, "ONEDNN_LINEAR", False)
+    monkeypatch.setattr(agrifm.torch, "get_num_threads", lambda: threads)
+    calls: list[int] = []
+    original = agrifm._linear_by_column_blocks
+
+    def spy(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, parts: int) -> torch.Tensor:
+        calls.append(parts)
+        return original(x, w, b, parts)
+
+    monkeypatch.setattr(agrifm, "_linear_by_column_blocks", spy)
+    torch.manual_seed(0)
+    wide, narrow = agrifm.Linear(64, 1024), agrifm.Linear(64, 256)
+    few = torch.randn(2, 49, 64)  # 98 rows
+    many = torch.randn(2, 200, 64)  # 400 rows: more than SPLIT_ROWS_MAX
+    with torch.inference_mode():
+        for layer, x in ((wide, few), (wide, many), (narrow, few)):
+            ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            got = layer(x)
+            assert got.shape == ref.shape and got.is_contiguous()
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # Only the wide layer on few rows qualifies (the narrow one has < 256 columns a thread).
+    assert calls == [threads]
+    with torch.enable_grad():
+        assert wide(few).requires_grad  # recording a graph: nn.Linear
+    assert calls == [threads]
+
+
 @pytest.mark.skipif(
     not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile needs a C compiler"
 )
