@@ -234,8 +234,8 @@ class Linear(nn.Linear):
     On the BLAS, a layer with few input rows (one chip's tokens in the last
     stages at batch 1: 196 and 49) runs as one matmul per thread, each over
     its share of the output columns (:func:`_linear_by_column_blocks`). MKL
-    splits such a matmul by rows instead, and each thread then packs the
-    whole weight for a few rows: on 2 threads of an AVX2 AMD EPYC, 49 rows ran
+    appears to split such a matmul by rows, each thread packing the whole
+    weight for a few rows: on 2 threads of an AVX2 AMD EPYC, 49 rows ran
     at 97-128 GFLOP/s one way and 116-144 the other, 196-256 rows at 123-164
     and 137-174. Above ``SPLIT_ROWS_MAX`` rows, or with more than 4 threads
     (not measured), or fewer than 256 columns a thread, it is ``nn.Linear``.
