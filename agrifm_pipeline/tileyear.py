@@ -458,8 +458,8 @@ def _median_frame(frames: np.ndarray) -> np.ndarray:
     """(T, ...) -> (...) float32: ``np.median`` over the frame axis, same values.
 
     A sort of the T values (torch, on its threads) and the mean of the middle two:
-    43 ms for a tile's 8 x 3 x 448 x 448 preview samples against 98 ms for
-    ``np.median``'s strided partition on random data.
+    54 ms for a tile's 8 x 3 x 448 x 448 preview samples of random data against
+    98 ms for ``np.median``'s strided partition (2-vCPU AMD EPYC Zen 3).
     """
     t = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
     ordered = t.sort(dim=0).values

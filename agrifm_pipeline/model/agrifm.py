@@ -243,30 +243,21 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            ONEDNN_LINEAR
-            and x.device.type == "cpu"
+            x.device.type == "cpu"
             and x.dtype == torch.float32
             and _no_grad()
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()  # Inductor lowers nn.Linear itself
         ):
-            return torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self.weight, self.bias, "none", [], ""
-            )
-        if (
-            not ONEDNN_LINEAR
-            and self.bias is not None
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and x.numel() <= SPLIT_ROWS_MAX * x.shape[-1]
-            and _no_grad()
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        ):
-            parts = torch.get_num_threads()
-            n = self.out_features
-            if 2 <= parts <= 4 and n % parts == 0 and n // parts >= 256:
-                return _linear_by_column_blocks(x, self.weight, self.bias, parts)
+            if ONEDNN_LINEAR:
+                return torch.ops.mkldnn._linear_pointwise(
+                    x.contiguous(), self.weight, self.bias, "none", [], ""
+                )
+            if self.bias is not None and x.numel() <= SPLIT_ROWS_MAX * x.shape[-1]:
+                parts = torch.get_num_threads()
+                n = self.out_features
+                if 2 <= parts <= 4 and n % parts == 0 and n // parts >= 256:
+                    return _linear_by_column_blocks(x, self.weight, self.bias, parts)
         return super().forward(x)
 
 
