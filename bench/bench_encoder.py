@@ -12,7 +12,9 @@ with like:
 * FLOPs per chip counted with ``torch.utils.flop_counter`` on our encoder;
 * our encoder at each (patch, T, batch, precision): seconds per chip (median of
   ``--repeats`` after warm-up), chips/s, GFLOP/s, share of matmul rate, peak
-  resident memory of the row;
+  resident memory of the row; with the official code in the run, the timed
+  calls of the two alternate (ours, official, official, ours, ...), so a slow
+  phase of a shared machine slows both rather than one;
 * the official AgriFM code built from its source tree, with the same weights
   and inputs, when ``--official-repo`` or ``RS_EMBED_AGRIFM_REPO_PATH`` names a
   checkout (otherwise that column is left out, and the run says so).
@@ -149,35 +151,55 @@ def bf16_accuracy(fp32: torch.nn.Module, low: torch.nn.Module, x: torch.Tensor) 
     }
 
 
-def time_forward(
-    fn: Callable[[torch.Tensor], torch.Tensor],
+def _call(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, autocast: torch.dtype | None
+) -> None:
+    if autocast is not None:
+        with torch.autocast(device_type=x.device.type, dtype=autocast):
+            fn(x)
+    else:
+        fn(x)
+
+
+def time_interleaved(
+    fns: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype | None]],
     x: torch.Tensor,
     device: torch.device,
     repeats: int,
     warmup: int,
-    autocast: torch.dtype | None,
-) -> tuple[float, float | None]:
-    """Median seconds per call and the peak resident memory (MB) while it ran."""
-    reset = _reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
+) -> dict[str, tuple[float, float | None]]:
+    """Median seconds per call and peak memory (MB) of each ``name: (fn, autocast)``.
+
+    The timed calls alternate between the encoders (A B, B A, A B, ...), so a
+    slow phase of a shared machine falls on both instead of on whichever ran
+    then. Each peak is taken over one call of its own after the warm-up (on a
+    CPU, the process's resident high-water mark reset just before it).
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, float | None] = {}
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t0 = time.perf_counter()
-            if autocast is not None:
-                with torch.autocast(device_type=device.type, dtype=autocast):
-                    fn(x)
+        for _ in range(warmup):
+            for n in names:
+                _call(fns[n][0], x, fns[n][1])
+        _sync(device)
+        for n in names:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                _call(fns[n][0], x, fns[n][1])
+                _sync(device)
+                peaks[n] = torch.cuda.max_memory_allocated(device) / 2**20
             else:
-                fn(x)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = _peak_rss_mb() if reset else None
-    return statistics.median(times), peak
+                reset = _reset_peak_rss()
+                _call(fns[n][0], x, fns[n][1])
+                peaks[n] = _peak_rss_mb() if reset else None
+        for r in range(repeats):
+            for n in names if r % 2 == 0 else reversed(names):
+                t0 = time.perf_counter()
+                _call(fns[n][0], x, fns[n][1])
+                _sync(device)
+                times[n].append(time.perf_counter() - t0)
+    return {n: (statistics.median(times[n]), peaks[n]) for n in names}
 
 
 def best_vs_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -311,16 +333,18 @@ def main(argv: list[str] | None = None) -> int:
                     # The row's own denominator: the matmul rate measured just before and
                     # just after it (a shared machine's rate drifts by several % over a run).
                     rate_in = matmul_rate(getattr(torch, prec), device, mm_n, seconds=1.0)
+                    fns = {"ours": (ours_by_precision[prec], None)}
+                    if official is not None:
+                        fns["official"] = (official, autocast)
                     try:
-                        sec, peak = time_forward(
-                            ours_by_precision[prec], x, device, args.repeats, args.warmup, None
-                        )
+                        timed = time_interleaved(fns, x, device, args.repeats, args.warmup)
                     except torch.OutOfMemoryError:
                         print(
                             f"# {patch} T={t} batch {b} {prec}: out of memory, skipped", flush=True
                         )
                         torch.cuda.empty_cache()
                         continue
+                    sec, peak = timed["ours"]
                     row: dict[str, Any] = {
                         "patch": patch,
                         "frames": t,
@@ -335,10 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     if autocast is not None:
                         row.update(bf16_accuracy(ours, ours_by_precision[prec], x[:2]))
-                    if official is not None:
-                        osec, opeak = time_forward(
-                            official, x, device, args.repeats, args.warmup, autocast
-                        )
+                    if "official" in timed:
+                        osec, opeak = timed["official"]
                         row.update(
                             official_s_per_chip=osec / b,
                             official_chips_per_s=b / osec,
