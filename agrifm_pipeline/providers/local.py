@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from affine import Affine
 from odc.geo.geobox import GeoBox
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
@@ -54,6 +55,11 @@ from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
 from agrifm_pipeline.specs import SensorSpec
 
+# A GeoTIFF's CRS as its GeoKeys define it. GDAL's default (AUTO) looks the EPSG
+# code up in PROJ's database and compares the two definitions on every open: a
+# third of the time of opening one of these scenes (0.84 -> 0.56 ms measured on
+# the bundled sample), for the same CRS whenever the file is consistent.
+_GDAL_OPTIONS = {"GTIFF_SRS_SOURCE": "GEOKEYS"}
 _DATE_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.tif{1,2}$", re.IGNORECASE)
 CLOUDY_SCL = (8, 9, 10)
 
@@ -119,13 +125,19 @@ def _overlaps(src_bounds: Any, src_crs: Any, area: GeoBox) -> bool:
     return left < a.right and right > a.left and bottom < a.top and top > a.bottom
 
 
-def _aligned_offset(src: Any, area: GeoBox) -> tuple[int, int] | None:
-    """(row, col) of ``area``'s top-left pixel in ``src`` when both share CRS, pixel size
-    and lattice (a scene already on the tile's UTM grid); None otherwise."""
-    a, s = area.affine, src.transform
+@functools.lru_cache(maxsize=64)
+def _epsg(crs: Any) -> int | None:
+    return None if crs is None else crs.to_epsg()
+
+
+def _aligned_offset(head: _Header, area: GeoBox) -> tuple[int, int] | None:
+    """(row, col) of ``area``'s top-left pixel in the scene ``head`` describes when both
+    share CRS, pixel size and lattice (a scene already on the tile's UTM grid); None
+    otherwise."""
+    a, s = area.affine, Affine(*head.transform[:6])
     if a.b or a.d or s.b or s.d or (a.a, a.e) != (s.a, s.e) or area.crs is None:
         return None
-    if src.crs is None or src.crs.to_epsg() != area.crs.epsg:
+    if _epsg(head.crs) != area.crs.epsg:
         return None
     col, row = (a.c - s.c) / s.a, (a.f - s.f) / s.e
     if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
@@ -135,8 +147,8 @@ def _aligned_offset(src: Any, area: GeoBox) -> tuple[int, int] | None:
 
 def _read_onto(path: Path, area: GeoBox, indexes: list[int], dtype: str) -> np.ndarray:
     """The bands ``indexes`` of ``path`` on ``area``'s grid (nearest neighbour, 0 = no data)."""
+    offset = _aligned_offset(_header(path), area)
     with rasterio.open(path) as src:
-        offset = _aligned_offset(src, area)
         if offset is not None:
             # Same lattice: nearest-neighbour warping is a plain copy of the overlap,
             # read directly (no warper) into a no-data canvas.
@@ -373,11 +385,11 @@ class LocalProvider:
         sensor: SensorSpec,
         cloud_mask: CloudMask,
     ) -> FrameStack:
-        box = self._footprint(area, windows[0].start, windows[-1].end)
-        sub = area if box is None else area[box]
         # One GDAL environment for the whole stack: rasterio.open sets one up and tears it
         # down around every file otherwise (about 0.2 ms of each of the ~100 opens).
-        with rasterio.Env():
+        with rasterio.Env(**_GDAL_OPTIONS):
+            box = self._footprint(area, windows[0].start, windows[-1].end)
+            sub = area if box is None else area[box]
             if self.catalog is not None:
                 scenes = self._stac_scenes(sub, windows, sensor, cloud_mask)
             else:
