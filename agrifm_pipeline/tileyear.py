@@ -419,20 +419,25 @@ def _stretch(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
 def pca3(grid: np.ndarray) -> np.ndarray:
     """(D, h, w) -> (h, w, 3): the first three principal components, per-pixel.
 
-    Randomised (``torch.pca_lowrank``: 8 directions, 4 power iterations, a fixed
-    seed in a forked RNG, so repeatable and the caller's RNG untouched): 13 ms
-    on a 1024-channel, 28x28 tile against 66 ms for the exact eigendecomposition,
-    whose components it matches to a correlation of 1 - 1e-13.
+    Randomised (``torch.svd_lowrank`` of the centred data: 8 directions, 4 power
+    iterations, a fixed seed in a forked RNG, so repeatable and the caller's RNG
+    untouched): it matches the exact eigendecomposition's components to a
+    correlation of 1 - 1e-13 at a fraction of its cost. The SVD is taken of the
+    (D, pixels) matrix as the grid stores it, not of its transpose: the power
+    iterations' skinny matmuls are 2-5x faster that way round with MKL (7 against
+    14 ms on a 1024-channel, 28x28 tile, 2-vCPU AMD EPYC), and its right
+    singular vectors are the pixels' components.
     """
     d, h, w = grid.shape
     if h * w < 2:
         return np.zeros((h, w, 3))
-    x = torch.from_numpy(np.ascontiguousarray(grid.reshape(d, h * w).T, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(grid.reshape(d, h * w), dtype=np.float32))
+    x = x - x.mean(dim=1, keepdim=True)  # (D, pixels), centred over the pixels
     q = min(8, *x.shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        u, s, _ = torch.pca_lowrank(x, q=q, center=True, niter=4)  # (pixels, q), (q,)
-    comps = (u[:, :3] * s[:3]).numpy().astype(np.float64)
+        _, s, v = torch.svd_lowrank(x, q=q, niter=4)  # (q,), (pixels, q)
+    comps = (v[:, :3] * s[:3]).numpy().astype(np.float64)
     if comps.shape[1] < 3:
         comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
     return comps.reshape(h, w, 3)
@@ -454,17 +459,32 @@ def band_frames(frames: xr.DataArray, bands: Sequence[str]) -> np.ndarray:
     return block[:, [i - lo for i in idx]]
 
 
+# Up to this many frames the median is taken by a sorting network (below); more by a sort.
+_NETWORK_FRAMES_MAX = 16
+
+
 def _median_frame(frames: np.ndarray) -> np.ndarray:
     """(T, ...) -> (...) float32: ``np.median`` over the frame axis, same values.
 
-    A sort of the T values (torch, on its threads) and the mean of the middle two:
-    54 ms for a tile's 8 x 3 x 448 x 448 preview samples of random data against
-    98 ms for ``np.median``'s strided partition (2-vCPU AMD EPYC Zen 3).
+    Integer frames (what the stores hold) are sorted plane against plane by an
+    odd-even transposition network: T rounds of elementwise min/max over whole
+    planes, T (T - 1) / 2 compare-exchanges, then the mean of the middle two.
+    For a tile's 8 x 3 x 448 x 448 preview samples that is 10 ms against 50-60 ms
+    for ``torch.sort`` over the frame axis and 98 ms for ``np.median`` (random
+    data, 2-vCPU AMD EPYC Zen 3). Float input (NaN would travel through min/max
+    differently) and long series take the sort.
     """
     t = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
-    ordered = t.sort(dim=0).values
-    n = ordered.shape[0]
-    return ((ordered[(n - 1) // 2] + ordered[n // 2]) / 2).numpy()
+    n = t.shape[0]
+    if frames.dtype.kind in "ui" and n <= _NETWORK_FRAMES_MAX:
+        planes = list(t.unbind(0))
+        for r in range(n):
+            for i in range(r % 2, n - 1, 2):
+                a, b = planes[i], planes[i + 1]
+                planes[i], planes[i + 1] = torch.minimum(a, b), torch.maximum(a, b)
+    else:
+        planes = list(t.sort(dim=0).values.unbind(0))
+    return ((planes[(n - 1) // 2] + planes[n // 2]) / 2).numpy()
 
 
 def preview_png(
@@ -484,7 +504,9 @@ def preview_png(
     canvas.paste(left, (0, 0))
     canvas.paste(right, (size + 8, 0))
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=True)
+    # zlib's default level: 5 ms against 17.5 for optimize=True, for a file 6 % larger
+    # (7.8 against 7.4 kB on the demo tile).
+    canvas.save(buf, format="PNG")
     return buf.getvalue()
 
 

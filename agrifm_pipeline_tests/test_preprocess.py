@@ -313,13 +313,20 @@ def test_band_frames_reads_named_bands_in_order() -> None:
         band_frames(frames, ["B4", "B11"])
 
 
-@pytest.mark.parametrize("frames", [1, 2, 7, 8])
-def test_preview_median_frame_is_numpys_median(frames: int) -> None:
+@pytest.mark.parametrize(
+    ("frames", "dtype"),
+    [
+        *[(1, np.uint16), (2, np.uint16), (7, np.uint16), (8, np.uint16), (16, np.int16)],
+        *[(20, np.uint16), (8, np.float32)],  # the sort: more frames than the network, floats
+    ],
+)
+def test_preview_median_frame_is_numpys_median(frames: int, dtype: type) -> None:
     from agrifm_pipeline.tileyear import _median_frame
 
     rng = np.random.default_rng(frames)
-    raw = rng.integers(0, 12000, size=(frames, 3, 9, 11), dtype=np.uint16)
+    raw = rng.integers(0, 12000, size=(frames, 3, 9, 11)).astype(dtype)
     raw[:, 0, 0, 0] = 0  # no data everywhere in one pixel
+    raw[: frames // 2, 1, 2, 3] = 11999  # ties
     strided = raw[:, :, ::2, ::3]
     got = _median_frame(strided)
     assert got.dtype == np.float32
