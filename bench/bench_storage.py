@@ -6,9 +6,10 @@ The arrays are the bundled real scenes and one full default tile-year
 fields and clouds; on the demo tile the real sample covers only 0.5 % of the
 tile, which would flatter every codec):
 
-* the bundled real Sentinel-2 scenes (``data/s2_sample``, 53 dates x 10 bands
-  x 64 x 64 px, uint16), stacked: small, but with real texture, on which the
-  codecs rank differently than on the synthetic tile;
+* eight frames of a tile's size (10 x 896 x 896, uint16) laid out as mosaics
+  of the bundled real Sentinel-2 scenes (``data/s2_sample``, 64 x 64 px): real
+  texture at the store's chunk size, on which the codecs rank differently than
+  on the synthetic tile;
 * the synthetic raw frame stack, uint16 (8, 10, 896, 896);
 * its normalised tensors, float32 (16, 8, 10, 224, 224);
 * the embedding grid of the full-size encoder (untrained:0 weights), float32
@@ -76,12 +77,25 @@ def arrays() -> dict[str, np.ndarray]:
     grid = feats.reshape(4, 4, 1024, 7, 7).permute(2, 0, 3, 1, 4).reshape(1024, 28, 28)
     import rasterio
 
-    # The bundled real scenes, stacked (date, band, y, x): real reflectance has the
-    # spatial texture that a synthetic tile lacks, and codecs rank differently on it.
-    scenes = sorted((ROOT / "data" / "s2_sample").glob("*.tif"))
-    real = np.stack([rasterio.open(f).read() for f in scenes])
+    # Real reflectance has the spatial texture that a synthetic tile lacks, and codecs
+    # rank differently on it. The bundled scenes are 64 x 64 px, so eight frames of a
+    # tile's size are laid out as mosaics of them (14 x 14 scenes a frame, all bands):
+    # real texture at the store's chunk size, where Blosc picks its block size. A frame
+    # holds each scene up to four times, each time turned by another quarter, so that
+    # no compressor finds repeated bytes that a real tile would not have.
+    scenes = np.stack(
+        [rasterio.open(f).read() for f in sorted((ROOT / "data" / "s2_sample").glob("*.tif"))]
+    )  # (dates, 10, 64, 64)
+    n, _, px, _ = scenes.shape
+    per = 896 // px
+    real = np.empty((8, scenes.shape[1], per * px, per * px), dtype=scenes.dtype)
+    for f in range(8):
+        for k in range(per * per):
+            tile = np.rot90(scenes[(k + 7 * f) % n], k // n, axes=(1, 2))
+            i, j = divmod(k, per)
+            real[f, :, i * px : (i + 1) * px, j * px : (j + 1) * px] = tile
     return {
-        "s2_sample (real) uint16": real,
+        "real scene mosaics uint16": real,
         "s2_frame_stack uint16": frames,
         "normalized_tensors float32": tensors.numpy(),
         "agrifm_embedding_grid float32": grid.numpy(),
