@@ -316,8 +316,8 @@ def test_band_frames_reads_named_bands_in_order() -> None:
 @pytest.mark.parametrize(
     ("frames", "dtype"),
     [
-        *[(1, np.uint16), (2, np.uint16), (7, np.uint16), (8, np.uint16), (16, np.int16)],
-        *[(20, np.uint16), (8, np.float32)],  # the sort: more frames than the network, floats
+        *[(1, np.uint16), (2, np.uint16), (7, np.uint16), (8, np.uint16), (33, np.int16)],
+        *[(65, np.uint16), (8, np.float32)],  # the sort: more frames than the network, floats
     ],
 )
 def test_preview_median_frame_is_numpys_median(frames: int, dtype: type) -> None:
