@@ -472,7 +472,7 @@ def _median_frame(frames: np.ndarray) -> np.ndarray:
     Integer frames (what the stores hold) are sorted plane against plane by an
     odd-even transposition network: T rounds of elementwise min/max over whole
     planes, T (T - 1) / 2 compare-exchanges, then the mean of the middle two.
-    For a tile's 8 x 3 x 448 x 448 preview samples that is 10 ms against 50-60 ms
+    For a tile's 8 x 3 x 448 x 448 preview samples that is 10-13 ms against 50-72 ms
     for ``torch.sort`` over the frame axis and 98 ms for ``np.median`` (random
     data, 2-vCPU AMD EPYC Zen 3). Float input (NaN would travel through min/max
     differently) and series of more than 64 frames take the sort.

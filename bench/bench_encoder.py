@@ -152,7 +152,7 @@ def bf16_accuracy(fp32: torch.nn.Module, low: torch.nn.Module, x: torch.Tensor) 
 
 
 def _call(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, autocast: torch.dtype | None
+    fn: Callable[[torch.Tensor], torch.Tensor], autocast: torch.dtype | None, x: torch.Tensor
 ) -> None:
     if autocast is not None:
         with torch.autocast(device_type=x.device.type, dtype=autocast):
@@ -181,22 +181,22 @@ def time_interleaved(
     with torch.inference_mode():
         for _ in range(warmup):
             for n in names:
-                _call(fns[n][0], x, fns[n][1])
+                _call(*fns[n], x)
         _sync(device)
         for n in names:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-                _call(fns[n][0], x, fns[n][1])
+                _call(*fns[n], x)
                 _sync(device)
                 peaks[n] = torch.cuda.max_memory_allocated(device) / 2**20
             else:
                 reset = _reset_peak_rss()
-                _call(fns[n][0], x, fns[n][1])
+                _call(*fns[n], x)
                 peaks[n] = _peak_rss_mb() if reset else None
         for r in range(repeats):
             for n in names if r % 2 == 0 else reversed(names):
                 t0 = time.perf_counter()
-                _call(fns[n][0], x, fns[n][1])
+                _call(*fns[n], x)
                 _sync(device)
                 times[n].append(time.perf_counter() - t0)
     return {n: (statistics.median(times[n]), peaks[n]) for n in names}

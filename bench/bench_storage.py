@@ -83,9 +83,11 @@ def arrays() -> dict[str, np.ndarray]:
     # real texture at the store's chunk size, where Blosc picks its block size. A frame
     # holds each scene up to four times, each time turned by another quarter, so that
     # no compressor finds repeated bytes that a real tile would not have.
-    scenes = np.stack(
-        [rasterio.open(f).read() for f in sorted((ROOT / "data" / "s2_sample").glob("*.tif"))]
-    )  # (dates, 10, 64, 64)
+    bands = []
+    for path in sorted((ROOT / "data" / "s2_sample").glob("*.tif")):
+        with rasterio.open(path) as src:
+            bands.append(src.read())
+    scenes = np.stack(bands)  # (dates, 10, 64, 64)
     n, _, px, _ = scenes.shape
     per = 896 // px
     real = np.empty((8, scenes.shape[1], per * px, per * px), dtype=scenes.dtype)
