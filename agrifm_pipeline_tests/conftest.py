@@ -10,22 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from agrifm_pipeline_tests.fixtures.reference import FIXTURES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(
-            f"reference data not found at {SHARED}; the tests need ../shared beside the checkout"
-        )
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir(shared_dir: Path) -> Path:
-    return shared_dir / "fixtures" / "agrifm"
+def fixtures_dir() -> Path:
+    """The official AgriFM reference fixtures, kept in the repository (see its README.md)."""
+    return FIXTURES
 
 
 @pytest.fixture(scope="session")

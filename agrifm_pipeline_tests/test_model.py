@@ -20,16 +20,19 @@ from agrifm_pipeline.model import AgriFMEncoder, EncoderConfig, checkpoint_filte
 from agrifm_pipeline.model.agrifm import effective_window, relative_position_index
 from agrifm_pipeline.model.layout import infer_config, to_upstream_layout
 from agrifm_pipeline.model.weights import untrained_state_dict, untrained_tensor
+from agrifm_pipeline_tests.fixtures.reference import (
+    ReferenceCase,
+    full_case,
+    full_input,
+    tiny_case,
+    tiny_cases,
+)
 
 ATOL = RTOL = 1e-4
 F16_ATOL = 5e-3
 
 
-def _cases(fixtures: Path, variant: str) -> list[Path]:
-    return sorted(fixtures.glob(f"tiny_{variant}_*.npz"))
-
-
-def _compare(out: dict, ref: np.lib.npyio.NpzFile) -> None:
+def _compare(out: dict, ref: ReferenceCase) -> None:
     np.testing.assert_allclose(
         out["encoder_features"].numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL
     )
@@ -57,17 +60,16 @@ def test_tiny_reference_cases(fixtures_dir: Path, variant: str) -> None:
     assert model.cfg.patch_size == ((4, 4, 4) if variant == "p444" else (4, 2, 2))
     assert model.cfg.embed_dim == 16 and model.cfg.depths == (2, 2, 2, 2)
     assert model.cfg.num_heads == (2, 2, 4, 8)
-    cases = _cases(fixtures_dir, variant)
+    cases = tiny_cases(variant)
     assert len(cases) >= 5
-    for path in cases:
-        ref = np.load(path)
-        x = torch.from_numpy(ref["x"].astype(np.float32))
+    for ref in cases:
+        x = torch.from_numpy(ref.x)
         with torch.no_grad():
             out = model.forward_features(x)
             plain = model(x)
         _compare(out, ref)
         # forward() is exactly the first output of forward_features().
-        assert torch.equal(plain, out["encoder_features"]), path.name
+        assert torch.equal(plain, out["encoder_features"]), ref.name
 
 
 def test_tiny_decoy_keys_are_ignored_and_listed(fixtures_dir: Path) -> None:
@@ -85,9 +87,9 @@ def test_tiny_decoy_keys_are_ignored_and_listed(fixtures_dir: Path) -> None:
 
 def test_position_bias_quirk_matters(fixtures_dir: Path) -> None:
     """The sliced full-window index (not a geometric one) is what reproduces upstream."""
-    ref = np.load(fixtures_dir / "tiny_p444_t8_70x70.npz")
+    ref = tiny_case("p444", "t8_70x70")
     model = load_encoder(fixtures_dir / "tiny_p444.pth")
-    x = torch.from_numpy(ref["x"].astype(np.float32))
+    x = torch.from_numpy(ref.x)
     with torch.no_grad():
         for layer in model.layers:
             for block in layer.blocks:
@@ -121,8 +123,8 @@ def _mmengine_layout(released: dict[str, torch.Tensor], with_index: bool) -> dic
 
 def test_mmengine_layout_loads_identically(fixtures_dir: Path) -> None:
     released = torch.load(fixtures_dir / "tiny_p422.pth", weights_only=True)
-    ref = np.load(fixtures_dir / "tiny_p422_t8_64x64.npz")
-    x = torch.from_numpy(ref["x"].astype(np.float32))
+    ref = tiny_case("p422", "t8_64x64")
+    x = torch.from_numpy(ref.x)
     for with_index in (False, True):
         model = load_encoder(_mmengine_layout(released, with_index))
         assert model.checkpoint_info["layout"] == "mmengine"
@@ -219,28 +221,26 @@ def test_full_size_checkpoint_loads_strictly(fixtures_dir: Path, variant: str, l
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("case", "input_file", "spec"),
+    ("case", "spec"),
     [
-        ("full_p444_t8_224x224.npz", "full_input_t8_224x224.npz", "untrained:0"),
-        ("full_p422_t8_224x224.npz", "full_input_t8_224x224.npz", "untrained:0:p422"),
-        ("full_p444_t32_48x48.npz", "full_input_t32_48x48.npz", "untrained:0"),
+        ("full_p444_t8_224x224.npz", "untrained:0"),
+        ("full_p422_t8_224x224.npz", "untrained:0:p422"),
+        ("full_p444_t32_48x48.npz", "untrained:0"),
     ],
 )
-def test_full_size_reference_outputs(
-    fixtures_dir: Path, case: str, input_file: str, spec: str
-) -> None:
+def test_full_size_reference_outputs(case: str, spec: str) -> None:
     model = load_encoder(spec)
     assert model.checkpoint_info["untrained"] is True
-    ref = np.load(fixtures_dir / case)
-    x = torch.from_numpy(np.load(fixtures_dir / input_file)["x"].astype(np.float32))
+    ref = full_case(case)
+    x = torch.from_numpy(ref.x)
     with torch.no_grad():
         out = model.forward_features(x)
     _compare(out, ref)
 
 
-def test_bfloat16_keeps_pooled_direction(fixtures_dir: Path) -> None:
+def test_bfloat16_keeps_pooled_direction() -> None:
     """bf16 autocast is measured, not assumed: pooled vectors keep cosine >= 0.999."""
-    x = torch.from_numpy(np.load(fixtures_dir / "full_input_t32_48x48.npz")["x"].astype(np.float32))
+    x = torch.from_numpy(full_input("full_input_t32_48x48.npz"))
     fp32 = load_encoder("untrained:0")
     bf16 = load_encoder("untrained:0", precision="bfloat16")
     with torch.no_grad():

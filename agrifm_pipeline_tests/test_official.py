@@ -23,6 +23,7 @@ from agrifm_pipeline.errors import CheckpointError, RepoError
 from agrifm_pipeline.model import load_encoder
 from agrifm_pipeline.official import load_official_encoder, resolve_repo
 from agrifm_pipeline.settings import load_settings
+from agrifm_pipeline_tests.fixtures.reference import tiny_cases
 
 STAND_IN = '''
 """A stand-in for upstream's video_swin_transformer.py, with upstream's imports and names."""
@@ -168,10 +169,9 @@ def test_real_official_code_matches_fixtures(fixtures_dir: Path) -> None:
     repo = Path(os.environ["AGRIFM_OFFICIAL_REPO"])
     for variant in ("p444", "p422"):
         model = load_official_encoder(fixtures_dir / f"tiny_{variant}.pth", repo=repo)
-        for case in sorted(fixtures_dir.glob(f"tiny_{variant}_*.npz")):
-            ref = np.load(case)
+        for ref in tiny_cases(variant):
             with torch.no_grad():
-                out = model.forward_features(torch.from_numpy(ref["x"].astype(np.float32)))
+                out = model.forward_features(torch.from_numpy(ref.x))
             np.testing.assert_allclose(
                 out["encoder_features"].numpy(), ref["encoder_features"], atol=1e-4, rtol=1e-4
             )
