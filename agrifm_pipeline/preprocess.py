@@ -3,10 +3,11 @@
 Order: coerce to exactly ``T`` frames -> non-finite values to the fill value
 (counted) -> clip to 0..10000 -> normalise -> resize every frame to
 ``image_size`` x ``image_size`` (bilinear, ``align_corners=False``, no
-antialias). A non-square frame is first centre-padded to a square by
-reflection (edge replication where the pad is at least as large as the side,
-which reflection cannot serve); the odd pixel of an odd pad goes to the
-bottom/right.
+antialias). A non-square frame is first centre-padded to a square, as the
+peer (rs-embed's ``center_pad_to_square``) does: by reflection while the whole
+pad on the short axis (long side − short side, both halves together) is
+smaller than the short side, by edge replication otherwise (a 30 x 70 frame,
+pad 40, is edge-padded); the odd pixel of an odd pad goes to the bottom/right.
 """
 
 from __future__ import annotations
@@ -151,13 +152,17 @@ def _normalize_(t: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def square_pad(h: int, w: int) -> dict[str, Any] | None:
-    """The centre pad that makes an h x w frame square, or None if it is square."""
+    """The centre pad that makes an h x w frame square, or None if it is square.
+
+    Reflection only while the whole pad (both sides) is smaller than the short
+    side; the peer decides on the whole pad, not on the larger half.
+    """
     if h == w:
         return None
     total = abs(h - w)
     before, after = total // 2, total - total // 2
     side = min(h, w)
-    mode = "reflect" if after < side else "replicate"
+    mode = "reflect" if total < side else "replicate"
     axis = "y" if h < w else "x"
     return {"axis": axis, "before": before, "after": after, "mode": mode}
 

@@ -195,6 +195,52 @@ def test_edge_mode_when_pad_is_as_large_as_the_side() -> None:
     )
 
 
+def _peer_center_pad(x: np.ndarray) -> np.ndarray:
+    """rs-embed's ``tools/shape.py::center_pad_to_square`` (pad_mode='reflect'), restated:
+    pad the last two axes to the long side, ``pad // 2`` before and the rest after;
+    reflect only if the whole pad on each axis is smaller than that axis, else edge."""
+    h, w = x.shape[-2:]
+    side = max(h, w)
+    pad_h, pad_w = side - h, side - w
+    widths = [(0, 0)] * (x.ndim - 2) + [
+        (pad_h // 2, pad_h - pad_h // 2),
+        (pad_w // 2, pad_w - pad_w // 2),
+    ]
+    mode = "reflect" if pad_h < h and pad_w < w else "edge"
+    return np.pad(x, widths, mode=mode)
+
+
+@pytest.mark.parametrize(
+    ("h", "w"),
+    [(30, 70), (70, 30), (31, 70), (40, 80), (41, 80), (4, 7), (8, 2), (64, 96), (96, 64)],
+)
+def test_square_pad_follows_the_peer(h: int, w: int) -> None:
+    """Aspect ratios between 2 and about 3 (30 x 70: pad 40 >= 30) are edge-padded, as the peer does."""
+    x = np.random.default_rng(h * 1000 + w).random((2, 3, h, w), dtype=np.float32)
+    out, rec = resize_frames(torch.from_numpy(x.copy()), 32)
+    ref = F.interpolate(
+        torch.from_numpy(_peer_center_pad(x)).reshape(-1, 1, max(h, w), max(h, w)),
+        size=(32, 32),
+        mode="bilinear",
+        align_corners=False,
+    ).reshape(2, 3, 32, 32)
+    assert torch.allclose(out, ref, atol=1e-6), rec["square_pad"]
+
+
+def test_thirty_by_seventy_is_edge_padded() -> None:
+    """By hand: 30 rows padded to 70 need 40 rows (20 above, 20 below), more than
+    the 30 there are, so every added row repeats the nearest edge row."""
+    pad = square_pad(30, 70)
+    assert pad == {"axis": "y", "before": 20, "after": 20, "mode": "replicate"}
+    plane = torch.arange(30, dtype=torch.float32).reshape(1, 1, 30, 1).expand(1, 1, 30, 70)
+    out, rec = resize_frames(plane, 70)  # 70 is the padded side: no resize, the pad alone
+    assert rec["resized"] is False and out.shape[-2:] == (70, 70)
+    rows = out[0, 0, :, 0]
+    assert torch.equal(rows[:20], torch.zeros(20))  # first row (0) repeated, not rows 20..1
+    assert torch.equal(rows[20:50], torch.arange(30, dtype=torch.float32))
+    assert torch.equal(rows[50:], torch.full((20,), 29.0))
+
+
 def test_image_size_below_minimum_is_rejected() -> None:
     with pytest.raises(SettingsError, match="image_size=15"):
         preprocess_input(_ramp(1), n_frames=1, image_size=15, norm_mode="none")
