@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import platform
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -77,24 +79,54 @@ def test_threads_started_afterwards_add_no_arena(tmp_path: Path) -> None:
     assert _arenas(libc, tmp_path) == before
 
 
+class _Cycle:
+    """An object in a reference cycle with itself: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _dropped_cycle_survives(ref: weakref.ref[_Cycle]) -> bool:
+    """After the last outside reference is gone: does a full collection leave it alive?"""
+    gc.collect()
+    return ref() is not None
+
+
 def test_long_lived_objects_frozen_once_per_owner() -> None:
-    import gc
+    """Observed on objects of this test only (the process-wide freeze count moves
+    whenever any frozen object anywhere is freed): what is alive at the first call
+    for an owner is out of the collector's reach; a repeated call for the same owner
+    freezes nothing; a new owner freezes what has appeared since."""
 
     @dataclasses.dataclass
     class Engine:  # unhashable, like the real one
         name: str
 
     first, second = Engine("a"), Engine("b")
+    refs: list[weakref.ref[_Cycle]] = []
     try:
+        before = _Cycle()
+        refs.append(weakref.ref(before))
         assert runtime.freeze_long_lived(first) is True
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
+        del before
+        assert _dropped_cycle_survives(refs[-1])  # frozen: never collected
+
+        between = _Cycle()
+        refs.append(weakref.ref(between))
         assert runtime.freeze_long_lived(first) is False  # already done for this one
-        assert gc.get_freeze_count() == frozen
-        garbage = [[]]
-        garbage[0].append(garbage)  # a cycle made after the freeze is still collected
-        del garbage
-        assert gc.collect() >= 1
+        del between
+        assert not _dropped_cycle_survives(refs[-1])  # so this was not frozen
+
+        later = _Cycle()
+        refs.append(weakref.ref(later))
         assert runtime.freeze_long_lived(second) is True  # a new engine: its objects too
+        del later
+        assert _dropped_cycle_survives(refs[-1])
+
+        after = _Cycle()
+        refs.append(weakref.ref(after))
+        del after
+        assert not _dropped_cycle_survives(refs[-1])  # made after every freeze: collected
     finally:
         gc.unfreeze()
+    assert not any(_dropped_cycle_survives(r) for r in refs)  # unfrozen, they go too
