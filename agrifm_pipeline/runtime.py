@@ -32,6 +32,8 @@ import platform
 import weakref
 from typing import Any
 
+from agrifm_pipeline.settings import env_flag
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
@@ -56,17 +58,19 @@ def retain_freed_memory() -> bool:
     allocated keeps the arena it has.
 
     Changes nothing, and returns False, when the C library is not glibc, when
-    ``AGRIFM_PIPELINE_SYSTEM_MALLOC=1``, or when the environment already tunes
-    glibc's allocator (``MALLOC_*`` or ``GLIBC_TUNABLES``): the operator's
-    choice wins. The cost is a resident size that stays at the process's high
+    ``AGRIFM_PIPELINE_SYSTEM_MALLOC`` says yes (1, true, yes, on; 0, false, no,
+    off or unset keep the tuning; any other value raises SettingsError), or when
+    the environment already tunes glibc's allocator (``MALLOC_*`` or
+    ``GLIBC_TUNABLES``): the operator's choice wins. The cost is a resident size that stays at the process's high
     water mark (up to 1 GiB above what is in use) instead of shrinking between
     stages.
     """
     global _applied
     if _applied is not None:
         return _applied
+    opted_out = env_flag(OPT_OUT)  # SettingsError for a value that is not a yes/no word
     _applied = False
-    if os.environ.get(OPT_OUT, "") not in ("", "0") or any(k in os.environ for k in _GLIBC_ENV):
+    if opted_out or any(k in os.environ for k in _GLIBC_ENV):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

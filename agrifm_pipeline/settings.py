@@ -225,6 +225,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Agr
 
 
 DEFAULT_PIPELINE_HOME = ".agrifm"
+PIPELINE_STORAGE_ENV = "AGRIFM_PIPELINE_STORAGE"
+MAX_REGION_TILES_ENV = "AGRIFM_PIPELINE_MAX_REGION_TILES"
+DEFAULT_MAX_REGION_TILES = 10_000
 
 
 def pipeline_home(home: str | Path | None = None) -> Path:
@@ -233,3 +236,68 @@ def pipeline_home(home: str | Path | None = None) -> Path:
     It holds the demo's Dagster instance (``dagster/``) and the default store (``store/``).
     """
     return Path(home or os.environ.get("AGRIFM_PIPELINE_HOME", DEFAULT_PIPELINE_HOME))
+
+
+def env_flag(name: str, env: Mapping[str, str] | None = None) -> bool | None:
+    """A yes/no environment variable: None when unset or empty, else its boolean.
+
+    Accepts 1/0, true/false, yes/no, on/off (any case); anything else raises
+    :class:`SettingsError` naming the variable.
+    """
+    env = os.environ if env is None else env
+    raw = env.get(name, "")
+    if not raw.strip():
+        return None
+    return _parse_bool(name, raw)
+
+
+def max_region_tiles(env: Mapping[str, str] | None = None) -> int:
+    """The most tiles one region may register: ``AGRIFM_PIPELINE_MAX_REGION_TILES``, else 10,000."""
+    env = os.environ if env is None else env
+    raw = env.get(MAX_REGION_TILES_ENV, "")
+    if not raw.strip():
+        return DEFAULT_MAX_REGION_TILES
+    return _parse_int(MAX_REGION_TILES_ENV, raw, 1)
+
+
+def check_storage_root(root: str, *, name: str = PIPELINE_STORAGE_ENV) -> str:
+    """``root`` if it is a directory path or a URL whose protocol fsspec can open.
+
+    Raises :class:`SettingsError` naming ``name`` (the variable or field it came
+    from) for an unknown protocol, or one whose filesystem package is missing.
+    """
+    import fsspec
+    from fsspec.core import split_protocol
+
+    text = str(root).strip()
+    if not text:
+        raise SettingsError(
+            f"{name} is empty; unset it for the default, or give a directory or URL"
+        )
+    protocol, _ = split_protocol(text)
+    if protocol is None:
+        return text
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise SettingsError(
+            f"{name}={text!r}: {protocol!r} is not a storage protocol fsspec knows; give a "
+            "directory, or a URL such as file:///data/agrifm, s3://bucket/agrifm, gs://bucket/agrifm"
+        ) from None
+    except ImportError as exc:
+        raise SettingsError(
+            f"{name}={text!r}: the {protocol!r} filesystem needs a package that is not "
+            f"installed ({exc}); install it, or give a local directory"
+        ) from None
+    return text
+
+
+def pipeline_storage_root(
+    env: Mapping[str, str] | None = None, home: str | Path | None = None
+) -> str:
+    """``AGRIFM_PIPELINE_STORAGE`` (checked) or ``<pipeline home>/store``."""
+    env = os.environ if env is None else env
+    raw = env.get(PIPELINE_STORAGE_ENV, "")
+    if raw.strip():
+        return check_storage_root(raw)
+    return str(pipeline_home(home) / "store")

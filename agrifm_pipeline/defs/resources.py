@@ -8,7 +8,6 @@ single default.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import dagster as dg
@@ -21,14 +20,15 @@ from agrifm_pipeline.model import resolve_precision
 from agrifm_pipeline.providers import Provider, make_provider
 from agrifm_pipeline.registry import RegionRegistry
 from agrifm_pipeline.runtime import freeze_long_lived
-from agrifm_pipeline.settings import AgriFMSettings, load_settings, pipeline_home
+from agrifm_pipeline.settings import AgriFMSettings, load_settings, pipeline_storage_root
 from agrifm_pipeline.storage import ZarrStore
 from agrifm_pipeline.tileyear import TileYearSettings
 
 
 def default_storage_root() -> str:
-    """``AGRIFM_PIPELINE_STORAGE`` or ``<AGRIFM_PIPELINE_HOME or .agrifm>/store``."""
-    return os.environ.get("AGRIFM_PIPELINE_STORAGE") or str(pipeline_home() / "store")
+    """``AGRIFM_PIPELINE_STORAGE`` (an unknown URL protocol is a SettingsError naming it)
+    or ``<AGRIFM_PIPELINE_HOME or .agrifm>/store``."""
+    return pipeline_storage_root()
 
 
 class TileYearConfig(dg.ConfigurableResource):

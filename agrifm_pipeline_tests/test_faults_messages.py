@@ -1,0 +1,113 @@
+"""Errors that name the input that was wrong and the fix (issue 17, item 6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agrifm_pipeline import runtime
+from agrifm_pipeline.definitions import default_resources
+from agrifm_pipeline.defs.resources import ZarrStorage
+from agrifm_pipeline.errors import SettingsError
+from agrifm_pipeline.settings import (
+    PIPELINE_STORAGE_ENV,
+    check_storage_root,
+    env_flag,
+    pipeline_storage_root,
+)
+
+# --- AGRIFM_PIPELINE_STORAGE ---------------------------------------------------------------
+
+
+def test_unknown_storage_protocol_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PIPELINE_STORAGE_ENV, "foo://bar")
+    with pytest.raises(SettingsError) as err:
+        ZarrStorage()
+    msg = str(err.value)
+    assert "AGRIFM_PIPELINE_STORAGE='foo://bar'" in msg and "'foo'" in msg
+    assert "s3://" in msg  # what a valid value looks like
+    # The code location's resources are built from the same default: the same error.
+    with pytest.raises(SettingsError, match="AGRIFM_PIPELINE_STORAGE"):
+        default_resources()
+
+
+def test_storage_roots_that_work(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv(PIPELINE_STORAGE_ENV, raising=False)
+    monkeypatch.setenv("AGRIFM_PIPELINE_HOME", str(tmp_path))
+    assert ZarrStorage().root == str(tmp_path / "store")
+    for root in (str(tmp_path / "s"), f"file://{tmp_path}/s", "memory://agrifm"):
+        monkeypatch.setenv(PIPELINE_STORAGE_ENV, root)
+        assert ZarrStorage().root == root == pipeline_storage_root()
+
+
+def test_storage_protocol_without_its_package_says_so() -> None:
+    # fsspec knows this protocol, but its implementation is a separate package that
+    # is not a dependency of this project.
+    pytest.importorskip("fsspec")
+    try:
+        import ocifs  # noqa: F401
+
+        pytest.skip("ocifs is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SettingsError, match=r"oci://b/x.*not installed"):
+        check_storage_root("oci://b/x")
+
+
+def test_empty_storage_root_is_the_default() -> None:
+    assert pipeline_storage_root({PIPELINE_STORAGE_ENV: "  "}, home="/h") == "/h/store"
+
+
+# --- AGRIFM_PIPELINE_SYSTEM_MALLOC ---------------------------------------------------------
+
+YES = ["1", "true", "TRUE", "yes", "Yes", "on", "ON", " on "]
+NO = ["0", "false", "False", "no", "NO", "off", "Off"]
+
+
+@pytest.mark.parametrize("word", YES)
+def test_yes_words(word: str) -> None:
+    assert env_flag("X", {"X": word}) is True
+
+
+@pytest.mark.parametrize("word", NO)
+def test_no_words(word: str) -> None:
+    assert env_flag("X", {"X": word}) is False
+
+
+def test_unset_flag_is_none() -> None:
+    assert env_flag("X", {}) is None and env_flag("X", {"X": ""}) is None
+
+
+@pytest.fixture
+def fresh_allocator(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.setattr(runtime, "_applied", None)
+    for name in (runtime.OPT_OUT, *runtime._GLIBC_ENV):
+        monkeypatch.delenv(name, raising=False)
+    # Never actually tune this test process's allocator.
+    monkeypatch.setattr(runtime.platform, "system", lambda: "NotLinux")
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("word", "opted_out"),
+    [(w, False) for w in ("false", "no", "off", "0", "FALSE")]
+    + [(w, True) for w in ("true", "yes", "on", "1", "On")],
+)
+def test_system_malloc_words_both_ways(fresh_allocator, word: str, opted_out: bool) -> None:
+    """``false``/``no``/``off`` used to be taken as an opt-out: only yes words opt out."""
+    fresh_allocator.setenv(runtime.OPT_OUT, word)
+    asked: list[str] = []
+    # Past the opt-out check, the next question is the platform: reaching it means
+    # the value was read as "do not opt out".
+    fresh_allocator.setattr(runtime.platform, "system", lambda: asked.append(word) or "NotLinux")
+    assert runtime.retain_freed_memory() is False
+    assert asked == ([] if opted_out else [word])
+
+
+@pytest.mark.parametrize("word", ["maybe", "2", "enable", "nein"])
+def test_system_malloc_other_values_are_an_error(fresh_allocator, word: str) -> None:
+    fresh_allocator.setenv(runtime.OPT_OUT, word)
+    with pytest.raises(SettingsError) as err:
+        runtime.retain_freed_memory()
+    msg = str(err.value)
+    assert f"AGRIFM_PIPELINE_SYSTEM_MALLOC={word!r}" in msg
+    assert "'true'" in msg and "'false'" in msg  # the accepted words
