@@ -4,6 +4,17 @@ A region may be in any CRS. It is split by UTM zone (6° longitude bands in
 WGS84), each part is projected into its zone, and every tile of that zone's
 fixed grid whose interior meets the part is returned. A region across two
 zones gets tiles in both; the same place always gets the same tile ids.
+
+The antimeridian: an edge between two consecutive vertices never spans more
+than 180° of longitude, so a ring whose longitude jumps by more than that
+(179.98 -> -179.98) crosses 180° and is cut there; a region around Fiji gets
+tiles in zones 60 and 1 only. A MultiPolygon already cut at 180° (as RFC 7946
+asks) gives the same tiles. Longitudes beyond ±180° are refused, as are
+coordinates that cannot be degrees at all (projected coordinates in a file
+read as longitude/latitude because it declares no CRS).
+
+A region that would register more tiles than ``AGRIFM_PIPELINE_MAX_REGION_TILES``
+(default 10,000) is refused with its tile count; raise the variable to accept it.
 """
 
 from __future__ import annotations
@@ -15,10 +26,12 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import shapely
-from shapely.geometry import box
+import shapely.affinity
+from shapely.geometry import LineString, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from agrifm_pipeline.errors import RegionError
+from agrifm_pipeline.settings import MAX_REGION_TILES_ENV, max_region_tiles
 from agrifm_pipeline.tiles import (
     DEFAULT_CHIP_PX,
     DEFAULT_CHIPS_PER_SIDE,
@@ -83,6 +96,8 @@ def read_region(source: Any) -> gpd.GeoDataFrame:
     if gdf.crs is None:
         raise RegionError(f"region {label} has no CRS; set one (e.g. gdf.set_crs('EPSG:4326'))")
     geoms = gdf.geometry
+    if gdf.crs.is_geographic and len(geoms) and not bool(geoms.is_empty.all()):
+        _check_degrees(source, label, gdf)
     if len(geoms) == 0 or bool(geoms.is_empty.all()) or bool(geoms.isna().all()):
         raise RegionError(f"region {label} has no geometry (empty)")
     invalid = ~geoms.is_valid & ~geoms.is_empty
@@ -94,51 +109,172 @@ def read_region(source: Any) -> gpd.GeoDataFrame:
     return gdf[~geoms.is_empty & geoms.notna()]
 
 
+def _check_degrees(source: Any, label: str, gdf: gpd.GeoDataFrame) -> None:
+    """Coordinates in a geographic CRS must be degrees within ±180 / ±90."""
+    minx, miny, maxx, maxy = (float(v) for v in gdf.total_bounds)
+    if max(abs(miny), abs(maxy)) > 90.0 or max(abs(minx), abs(maxx)) > 360.0:
+        if isinstance(source, str | Path):
+            how = (
+                'in GeoJSON add "crs": {"type": "name", "properties": {"name": '
+                '"urn:ogc:def:crs:EPSG::32631"}} with the EPSG code of your coordinates, or '
+                "save the file with its CRS (e.g. gdf.set_crs('EPSG:32631', "
+                "allow_override=True).to_file(...)); or reproject it to EPSG:4326"
+            )
+            where = f"region file {source}"
+        else:
+            how = (
+                "give it with the CRS of its coordinates, e.g. gpd.GeoDataFrame(geometry=[geom], "
+                "crs='EPSG:32631') or gdf.set_crs('EPSG:32631', allow_override=True)"
+            )
+            where = f"region {label}"
+        raise RegionError(
+            f"{where}: the coordinates look projected (x {minx:.1f}..{maxx:.1f}, "
+            f"y {miny:.1f}..{maxy:.1f}), not longitude/latitude degrees, but they are read as "
+            f"{gdf.crs.to_string()} (a GeoJSON file without a CRS is read as EPSG:4326); "
+            f"declare the CRS they are in: {how}"
+        )
+    if minx < -180.0 or maxx > 180.0:
+        beyond = maxx if maxx > 180.0 else minx
+        raise RegionError(
+            f"region {label} has longitude {beyond:.6f}, outside [-180, 180]; write "
+            f"longitudes in [-180, 180] (e.g. {beyond:.3f} as {_wrap(beyond):.3f}). A region "
+            "across the antimeridian may keep its vertices on both sides "
+            "(179.9 ... -179.9) or be cut at 180° into a MultiPolygon"
+        )
+
+
+def _wrap(lon: float) -> float:
+    return (lon + 180.0) % 360.0 - 180.0
+
+
+def _unwrap_ring(coords: np.ndarray, label: str) -> np.ndarray:
+    """Longitudes made continuous along the ring (a jump of more than 180° crosses 180°)."""
+    out = np.array(coords, dtype=float)
+    out[:, 0] = np.unwrap(out[:, 0], period=360.0)
+    if len(out) > 1 and abs(out[-1, 0] - out[0, 0]) > 1e-6:
+        raise RegionError(
+            f"region {label} has a ring that goes all the way round the globe (around a pole); "
+            f"UTM tiles only cover latitudes [{UTM_MIN_LAT}, {UTM_MAX_LAT}]"
+        )
+    return out
+
+
+def _continuous(geom: BaseGeometry, label: str) -> BaseGeometry:
+    """``geom`` (WGS84) with longitudes continuous across 180°, possibly beyond ±180."""
+    if isinstance(geom, Polygon):
+        shell = _unwrap_ring(np.asarray(geom.exterior.coords), label)
+        holes = []
+        for ring in geom.interiors:
+            hole = _unwrap_ring(np.asarray(ring.coords), label)
+            hole[:, 0] -= 360.0 * round((hole[:, 0].mean() - shell[:, 0].mean()) / 360.0)
+            holes.append(hole)
+        return Polygon(shell, holes)
+    if isinstance(geom, LineString):
+        coords = np.asarray(geom.coords, dtype=float)
+        coords[:, 0] = np.unwrap(coords[:, 0], period=360.0)
+        return LineString(coords)
+    return geom
+
+
+def _normalise_longitudes(geom: BaseGeometry, label: str) -> BaseGeometry:
+    """``geom`` in [-180, 180] with every part that crosses 180° cut there."""
+    pieces: list[BaseGeometry] = []
+    for part in shapely.get_parts(geom):
+        lon0, _, lon1, _ = part.bounds
+        if lon1 - lon0 <= 180.0:
+            pieces.append(part)
+            continue
+        cont = _continuous(part, label)
+        cx0, _, cx1, _ = cont.bounds
+        for k in range(math.floor((cx0 + 180.0) / 360.0), math.floor((cx1 + 180.0) / 360.0) + 1):
+            window = box(-180.0 + 360.0 * k, -90.0, 180.0 + 360.0 * k, 90.0)
+            piece = cont.intersection(window)
+            if not piece.is_empty:
+                pieces.append(shapely.affinity.translate(piece, xoff=-360.0 * k))
+    return shapely.union_all(pieces)
+
+
+def _zone_parts(region: BaseGeometry) -> list[tuple[int, BaseGeometry]]:
+    """(UTM EPSG, the region's part in that zone and hemisphere, WGS84), for parts with extent."""
+    zones: set[int] = set()
+    for part in shapely.get_parts(region):
+        minx, _, maxx, _ = part.bounds
+        first = min(int((minx + 180.0) // 6.0) + 1, 60)
+        last = min(int((maxx + 180.0) // 6.0) + 1, 60)
+        zones.update(range(first, last + 1))
+    out = []
+    for zone in sorted(zones):
+        band = box(-180.0 + 6.0 * (zone - 1), -90.0, -180.0 + 6.0 * zone, 90.0)
+        in_band = region.intersection(band)
+        for base, (lat0, lat1) in ((32600, (0.0, 90.0)), (32700, (-90.0, 0.0))):
+            part = in_band.intersection(box(-180.0, lat0, 180.0, lat1))
+            if part.is_empty or (part.area == 0 and part.length == 0):
+                continue
+            out.append((base + zone, part))
+    return out
+
+
 def tiles_for_region(
     source: Any,
     *,
     chip_px: int = DEFAULT_CHIP_PX,
     chips_per_side: int = DEFAULT_CHIPS_PER_SIDE,
     scale_m: float = DEFAULT_SCALE_M,
+    max_tiles: int | None = None,
 ) -> list[Tile]:
-    """Every grid tile whose interior meets the region, sorted and without duplicates."""
+    """Every grid tile whose interior meets the region, sorted and without duplicates.
+
+    Raises RegionError when there would be more than ``max_tiles`` of them
+    (default: ``AGRIFM_PIPELINE_MAX_REGION_TILES``, else 10,000).
+    """
     gdf = read_region(source)
     label = _label(source)
     size = tile_size_m(chip_px, chips_per_side, scale_m)
-    region = shapely.union_all(gdf.to_crs("EPSG:4326").geometry.values)
-    minx, miny, maxx, maxy = region.bounds
+    limit = max_region_tiles() if max_tiles is None else max_tiles
+    wgs84 = gdf.to_crs("EPSG:4326").geometry
+    _, miny, _, maxy = (float(v) for v in wgs84.total_bounds)
     if miny < UTM_MIN_LAT or maxy > UTM_MAX_LAT:
         raise RegionError(
             f"region {label} reaches latitude {miny if miny < UTM_MIN_LAT else maxy:.3f}, "
             f"outside UTM's range [{UTM_MIN_LAT}, {UTM_MAX_LAT}]"
         )
+    # Cut at 180° geometry by geometry: a crossing one is not valid in WGS84 as it stands.
+    region = shapely.union_all([_normalise_longitudes(g, label) for g in wgs84.values])
     tiles: set[Tile] = set()
-    first_zone = int((minx + 180.0) // 6.0) + 1
-    last_zone = min(int((maxx + 180.0) // 6.0) + 1, 60)
-    for zone in range(first_zone, last_zone + 1):
-        band = box(-180.0 + 6.0 * (zone - 1), -90.0, -180.0 + 6.0 * zone, 90.0)
-        for hemisphere, (lat0, lat1) in (("N", (0.0, 90.0)), ("S", (-90.0, 0.0))):
-            part = region.intersection(band).intersection(box(-180.0, lat0, 180.0, lat1))
-            if part.is_empty or (part.area == 0 and part.length == 0):
-                continue
-            epsg = (32600 if hemisphere == "N" else 32700) + zone
-            projected = gpd.GeoSeries([part], crs="EPSG:4326").to_crs(f"EPSG:{epsg}").iloc[0]
-            tiles.update(_cover(projected, epsg, size))
+    for epsg, part in _zone_parts(region):
+        projected = gpd.GeoSeries([part], crs="EPSG:4326").to_crs(f"EPSG:{epsg}").iloc[0]
+        tiles.update(_cover(projected, epsg, size))
     if not tiles:
         raise RegionError(f"region {label} covers no tile (is it a point or a line?)")
+    if len(tiles) > limit:
+        zones = sorted({t.epsg for t in tiles})
+        raise RegionError(
+            f"region {label} would register {len(tiles):,} tiles of {size} m in "
+            f"{len(zones)} UTM zone(s), more than the limit of {limit:,}; check that it is "
+            f"the region you meant (its CRS, its extent), or raise {MAX_REGION_TILES_ENV} "
+            f"to at least {len(tiles)} to accept it"
+        )
     return sorted(tiles)
+
+
+# Candidate cells tested per batch: bounds the memory a very large region takes.
+_BATCH_CELLS = 1 << 18
 
 
 def _cover(geom: BaseGeometry, epsg: int, size: int) -> list[Tile]:
     x0, y0, x1, y1 = geom.bounds
     cols = np.arange(max(0, math.floor(x0 / size)), math.floor(x1 / size) + 1)
     rows = np.arange(max(0, math.floor(y0 / size)), math.floor(y1 / size) + 1)
-    cc, rr = (a.ravel() for a in np.meshgrid(cols, rows))
-    cells = shapely.box(cc * size, rr * size, (cc + 1) * size, (rr + 1) * size)
     shapely.prepare(geom)
-    # Interior intersection: a tile that only touches the region's edge is not needed.
-    hit = shapely.intersects(geom, cells) & ~shapely.touches(geom, cells)
-    return [Tile(epsg, size, int(c), int(r)) for c, r in zip(cc[hit], rr[hit], strict=True)]
+    out: list[Tile] = []
+    step = max(1, _BATCH_CELLS // max(1, len(cols)))
+    for start in range(0, len(rows), step):
+        cc, rr = (a.ravel() for a in np.meshgrid(cols, rows[start : start + step]))
+        cells = shapely.box(cc * size, rr * size, (cc + 1) * size, (rr + 1) * size)
+        # Interior intersection: a tile that only touches the region's edge is not needed.
+        hit = shapely.intersects(geom, cells) & ~shapely.touches(geom, cells)
+        out.extend(Tile(epsg, size, int(c), int(r)) for c, r in zip(cc[hit], rr[hit], strict=True))
+    return out
 
 
 def region_tiles_record(source: Any, tiles: list[Tile]) -> dict[str, Any]:
