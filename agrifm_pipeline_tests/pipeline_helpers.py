@@ -23,7 +23,7 @@ from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TILES = ["32631_1280m_E0448_N4392", "32631_1280m_E0449_N4392"]
 YEARS = [2018, 2019]
-TINY = REPO_ROOT.parent / "shared" / "fixtures" / "agrifm" / "tiny_p444.pth"
+TINY = REPO_ROOT / "agrifm_pipeline_tests" / "fixtures" / "agrifm" / "tiny_p444.pth"
 
 
 @dataclass

@@ -309,7 +309,7 @@ def test_embed_stream_matches_per_group_embedding() -> None:
     from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
 
     engine = EmbeddingEngine.create(
-        str(Path(__file__).resolve().parents[2] / "shared/fixtures/agrifm/tiny_p444.pth"),
+        str(Path(__file__).resolve().parent / "fixtures/agrifm/tiny_p444.pth"),
         options=InferenceOptions(device="cpu", batch_size=3),
     )
     groups = [(i, torch.randn(n, 4, 10, 32, 32)) for i, n in enumerate([2, 5, 1, 4])]

@@ -92,7 +92,7 @@ def test_lineage_on_materialisations(built) -> None:
     assert md["n_frames"].value == 8 and md["norm_mode"].value == "agrifm_stats"
     assert md["image_size"].value == 64
     sha = json.loads(
-        (Path(__file__).parents[2] / "shared/fixtures/agrifm/tiny_p444_manifest.json").read_text()
+        (Path(__file__).parent / "fixtures/agrifm/tiny_p444_manifest.json").read_text()
     )["checkpoint_sha256"]
     assert md["checkpoint_sha256"].value == sha
     lineage = md["lineage"].value
