@@ -4,22 +4,19 @@ A tile-year allocates and frees buffers of 10-300 MB at every stage (frame
 stacks, the chips' float32 tensor, encoder activations). glibc serves any
 allocation above its mmap threshold (at most 32 MiB by default) with fresh
 pages that the kernel faults in and zeroes on first touch, and returns them on
-free, so every stage pays for that again. On virtual machines a page fault is
-expensive: on a 2-vCPU AMD EPYC VM, keeping freed memory in the process took a
-tile-year from 4.31 to 4.13 s (``bench/bench_pipeline.py`` with and without
-``--system-malloc``).
+free, so every stage pays for that again, and on virtual machines a page fault
+is expensive. So the process keeps freed memory for reuse.
 
 Retention alone is not enough when the buffers are made on other threads.
 zarr allocates every array a read returns on its event-loop thread, and glibc
 gives such a thread its own arena, whose heaps hold at most 64 MB: a 128 MB
 frame stack read back is then a fresh mapping each time (faulted in as huge
-pages, since numpy asks for them, and unmapped when freed). On a 2-vCPU AMD
-EPYC Zen 3 VM, reading a tile-year's frames back took 0.15-0.52 s between
-encoder runs with glibc's default arenas and 0.040-0.047 s with one; with two
-it was back to 0.05-0.42 s. So the process uses a single arena. Its lock is
-shared by a few threads; with the model alone in a loop that costs the MKL
-linears 1-7 %, but in the tile-year's sequence the encoder was no slower and
-the stages around it 0.1-0.2 s faster.
+pages, since numpy asks for them, and unmapped when freed). So the process
+uses a single arena; its lock is then shared by a few threads, which the
+encoder alone in a loop can feel but a tile-year's sequence of stages did not.
+
+``bench/bench_pipeline.py`` measures a tile-year with this setting and, with
+``--system-malloc``, without it.
 """
 
 from __future__ import annotations
@@ -100,10 +97,9 @@ def freeze_long_lived(owner: Any) -> bool:
     """Take every object alive now out of the cyclic collector's reach (``gc.freeze``),
     once per ``owner`` (an engine just loaded: what exists then lives as long as it).
 
-    A worker holds about 400 000 objects after it has loaded Dagster, xarray and the
-    model, and a full collection walks all of them: 0.17 s, about once every three
-    tile-years on a 2-vCPU AMD EPYC VM. Frozen, they are skipped, and a full
-    collection costs milliseconds. Reference counting still frees them; only
+    A worker holds hundreds of thousands of objects after it has loaded Dagster,
+    xarray and the model, and every full collection walks all of them; frozen,
+    they are skipped. Reference counting still frees them; only
     reference cycles among them that become garbage later are never collected, which
     for the modules, the model and the definitions of a process is nothing. Returns
     whether this call froze.
