@@ -5,13 +5,17 @@ Steps for each frame window:
 1. scene-level filter: a scene passes when its cloudy percentage is
    ``<= cloudy_pct`` (inclusive, as Earth Engine's ``CLOUDY_PIXEL_PERCENTAGE``
    filter); a scene with no cloudy percentage passes;
-2. per-pixel mask: no-data pixels (SCL 0, or all bands 0) are never used; with
-   ``CloudMask(mode="scl")`` the listed SCL classes are masked too;
+2. per-pixel mask, one for all bands: a pixel is used only where every band
+   has data (no band is 0, the no-data value; Earth Engine masks each band by
+   its own footprint, and a pixel one band lacks is not an observation) and
+   SCL is not 0; with ``CloudMask(mode="scl")`` the listed SCL classes are
+   masked too;
 3. per-pixel composite over the clear observations: ``median`` (even counts:
-   mean of the two middle values, rounded half up — Earth Engine's median
-   reducer is histogram-based and can differ by a DN or so) or ``mosaic``
-   (the most recent clear observation);
-4. ``fill_value`` where a pixel has no clear observation.
+   mean of the two middle values, rounded half up, as the Earth Engine
+   provider rounds its median) or ``mosaic`` (the most recent clear
+   observation);
+4. ``fill_value`` where a pixel has no clear observation, rounded to a DN by
+   :func:`fill_dn` (shared with the Earth Engine provider).
 
 A window with no clear observation at all is back-filled with the contract's
 rule: the whole-range composite (every scene of the range), and only if that
@@ -59,9 +63,14 @@ def passes_scene_filter(scene: Scene, cloudy_pct: float) -> bool:
     return scene.cloudy_pct is None or scene.cloudy_pct <= cloudy_pct
 
 
+def fill_dn(fill_value: float) -> int:
+    """The DN written where nothing is clear: ``fill_value`` rounded half to even, within uint16."""
+    return int(np.clip(round(fill_value), 0, 65535))
+
+
 def clear_mask(data: np.ndarray, scl: np.ndarray | None, cloud_mask: CloudMask) -> np.ndarray:
-    """(H, W) bool: True where the observation may be used."""
-    ok = np.any(data != 0, axis=0)  # all-zero reflectance is no data
+    """(H, W) bool: True where the observation may be used (every band has data)."""
+    ok = np.all(data != 0, axis=0)  # 0 is no data in any band
     if scl is not None:
         ok &= scl != 0
         if cloud_mask.mode == "scl":
@@ -123,7 +132,7 @@ def composite(
     c, h, w = scenes[0][1].shape
     clear = np.stack([s[2] for s in scenes])  # (n, H, W)
     has_any = clear.any(axis=0)
-    fill = np.uint16(np.clip(round(fill_value), 0, 65535))
+    fill = np.uint16(fill_dn(fill_value))
     out = np.full((c, h, w), fill, dtype=np.uint16)
     if method == "median":
         # Work only inside the box of pixels that have an observation (partial coverage).

@@ -1,86 +1,179 @@
 """Google Earth Engine as a Sentinel-2 source, through ``earthengine-api``.
 
-Server side, per request: the collection (``COPERNICUS/S2_SR_HARMONIZED`` by
-default) filtered by the area, the range and ``CLOUDY_PIXEL_PERCENTAGE <=
-cloudy_pct``; each scene masked per pixel by its SCL band (the CloudMask's
-classes; nothing with ``mode="none"``, the peer's behaviour); then for every
-frame window the median (or most-recent-clear mosaic) of the window's scenes
-plus a per-pixel count of clear observations, and the same for the whole range
-(the back-fill source). All of it is one multi-band image, fetched with
-``ee.data.computePixels`` on the area's own grid — its UTM CRS and affine
-transform at true ``scale_m`` metres, not Web Mercator.
+A tile-year is fetched in two steps.
 
-Client side: requests are split into blocks of the grid so that each stays
-within Earth Engine's limits (48 MB uncompressed, 32768 px a side), run with
-bounded concurrency (below Earth Engine's 40 concurrent requests per
-endpoint), retried with exponential backoff and jitter on 429, 5xx and quota
-errors, and reassembled exactly. Empty windows are back-filled by the
-contract's rule and every frame is recorded.
+1. **Granules** (one ``value:compute``): the collection
+   (``COPERNICUS/S2_SR_HARMONIZED`` by default) filtered by the area, the
+   range and ``CLOUDY_PIXEL_PERCENTAGE <= cloudy_pct``; for each granule its
+   id, time, spacecraft, relative orbit, MGRS tile and generation time.
+   Granules are grouped into **acquisitions** (UTC date, spacecraft, orbit):
+   the granules of neighbouring MGRS tiles that overlap the area become one
+   observation (a mosaic), and of a granule delivered twice only the newest
+   generation is kept. Frame windows, scene counts and the record count
+   acquisitions, as the local provider counts its scenes.
+2. **Pixels** (``image:computePixels`` on the area's own grid: its CRS, as
+   ``crsCode`` when it has an EPSG code and ``crsWkt`` otherwise, and its
+   affine transform at true ``scale_m`` metres). Every granule is masked per
+   pixel with one mask for all bands: a pixel is clear where every band has
+   data and, with ``CloudMask(mode="scl")``, its SCL class is not masked (SCL
+   0, no data, always is). Each window with acquisitions becomes ten bands
+   (the median rounded half up, or the most recent clear observation; the
+   fill value where nothing is clear) plus a clear flag. Windows without any
+   acquisition are never sent: an empty collection reduces to an image with
+   no bands, which Earth Engine refuses to rename or combine.
 
-The client library's own retry loop is switched off (``ee.data.setMaxRetries(0)``)
+The rules are those of :mod:`agrifm_pipeline.compositing`, so the local and
+Earth Engine providers give the same frames from the same scenes. An empty
+window (no acquisition, or nothing clear) is back-filled by the contract's
+rule; the whole-range composite it needs is requested with the windows when
+a window is known to be empty, and in a second round only when a window
+turns out to have nothing clear.
+
+Requests are split so that each stays within Earth Engine's limits: at most
+``max_request_bands`` bands (window groups, under the 1024 of
+``computePixels``), 48 MB uncompressed and 32768 px a side (blocks of rows).
+An answer "Computation timed out." splits the block in two and asks again.
+
+Transient failures are retried with exponential backoff and jitter. They are
+recognised by the HTTP status of the ``HttpError`` the client chains behind
+its ``EEException`` (429, 500, 502, 503, 504), by connection and timeout
+errors, and by Earth Engine's own messages (:data:`RETRY_MESSAGES`). The
+client library's own retry loop is switched off (``ee.data.setMaxRetries(0)``)
 so that attempts are ours to count, bound and report.
 
-Earth Engine's client keeps its connection settings process-wide; one process
-talks to one endpoint and project at a time.
+Concurrency has two bounds: ``max_concurrent`` requests per provider in this
+process, and a deployment-wide limit of ``deployment_slots`` concurrent
+requests (default 32, below Earth Engine's 40 per project) held by a
+:class:`~agrifm_pipeline.providers.ee_slots.SlotDirectory` that every process
+using the same directory shares (see that module for how it holds across
+processes and nodes, and for the Dagster-pool alternative).
+
+``ee.Initialize`` runs once per process and (endpoint, project, credentials);
+the credentials are resolved once and cached. Earth Engine's client keeps its
+connection settings process-wide; one process talks to one endpoint and
+project at a time.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import itertools
+import json
 import math
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from odc.geo.geobox import GeoBox
 
-from agrifm_pipeline.compositing import backfill_sources
+from agrifm_pipeline.compositing import backfill_sources, fill_dn
 from agrifm_pipeline.errors import ProviderError, SettingsError
 from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.providers.base import CloudMask, FrameRecord, FrameStack, frame_stack_array
+from agrifm_pipeline.providers.ee_slots import Limiter, SlotDirectory, default_slots_dir
 from agrifm_pipeline.specs import SensorSpec
 
 DEFAULT_ENDPOINT = "https://earthengine.googleapis.com"
 HIGH_VOLUME_ENDPOINT = "https://earthengine-highvolume.googleapis.com"
 MAX_REQUEST_BYTES = 48 * 1024 * 1024
 MAX_REQUEST_SIDE = 32768
+EE_MAX_REQUEST_BANDS = 1024
+DEFAULT_MAX_REQUEST_BANDS = 1023
 DEFAULT_MAX_CONCURRENT = 8
+DEFAULT_DEPLOYMENT_SLOTS = 32
 EE_CONCURRENCY_QUOTA = 40
-_RETRYABLE = (
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Earth Engine's texts for transient conditions (matched case-insensitively in the message).
+RETRY_MESSAGES = (
+    "too many concurrent aggregations",
+    "earth engine capacity exceeded",
+    "earth engine memory capacity exceeded",
     "too many requests",
-    "quota",
-    "rate limit",
-    "resource_exhausted",
-    "resource exhausted",
-    "service unavailable",
-    "unavailable",
     "internal error",
-    "internal server error",
-    "bad gateway",
-    "gateway timeout",
-    "deadline",
-    "timed out",
-    "try again",
-    "http 429",
-    "http 5",
+    "service unavailable",
+    "backend error",
+)
+TIMED_OUT_MESSAGE = "computation timed out"
+#: Collections whose values are not comparable across the 2022-01-25 processing change.
+NON_HARMONIZED = {
+    "COPERNICUS/S2_SR": "COPERNICUS/S2_SR_HARMONIZED",
+    "COPERNICUS/S2": "COPERNICUS/S2_HARMONIZED",
+}
+GRANULE_PROPERTIES = (
+    "system:index",
+    "system:time_start",
+    "SPACECRAFT_NAME",
+    "SENSING_ORBIT_NUMBER",
+    "MGRS_TILE",
+    "GENERATION_TIME",
+)
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,  # includes RemoteDisconnected, ConnectionResetError, BrokenPipeError
+    TimeoutError,  # socket.timeout is TimeoutError
+    socket.gaierror,
+    http.client.IncompleteRead,
+    http.client.BadStatusLine,
 )
 
 T = TypeVar("T")
 
 _INIT_LOCK = threading.Lock()
 _INITIALISED: tuple[Any, ...] | None = None
+_CREDENTIALS: dict[tuple[Any, ...], tuple[Any, str | None]] = {}
+INIT_COUNT = {"initialize": 0}  # ee.Initialize calls made by this process
+
+
+# --- error classification ------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and those it was raised from or while handling."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an ``HttpError`` anywhere in the exception's chain."""
+    for e in _chain(exc):
+        resp = getattr(e, "resp", None)
+        status = getattr(resp, "status", None) if resp is not None else None
+        if status is not None and type(e).__name__ == "HttpError":
+            return int(status)
+    return None
+
+
+def classify(exc: BaseException) -> str:
+    """``"retry"`` (transient), ``"split"`` (the block timed out) or ``"fail"``."""
+    text = " ".join(str(e) for e in _chain(exc)).lower()
+    if TIMED_OUT_MESSAGE in text:
+        return "split"
+    if http_status(exc) in RETRY_STATUSES:
+        return "retry"
+    if any(isinstance(e, _TRANSIENT_ERRORS) for e in _chain(exc)):
+        return "retry"
+    if any(m in text for m in RETRY_MESSAGES):
+        return "retry"
+    return "fail"
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether an Earth Engine error is transient (quota, rate, 5xx) rather than a bad request."""
-    text = str(exc).lower()
-    return any(marker in text for marker in _RETRYABLE)
+    """Whether an Earth Engine error is transient (quota, rate, 5xx, dropped connection)."""
+    return classify(exc) == "retry"
 
 
 def _hint(exc: BaseException) -> str:
@@ -96,6 +189,163 @@ def _hint(exc: BaseException) -> str:
     return ""
 
 
+def check_collection(sensor: SensorSpec) -> None:
+    """Refuse collections whose values change meaning within the archive."""
+    fix = NON_HARMONIZED.get(sensor.collection)
+    if fix:
+        raise SettingsError(
+            f"SensorSpec.collection={sensor.collection!r} is not harmonized: its scenes processed "
+            "from 2022-01-25 on (processing baseline 04.00) carry a +1000 DN offset, so frames "
+            f"before and after that date do not compare; use collection={fix!r}"
+        )
+
+
+# --- acquisitions --------------------------------------------------------------------------
+
+
+@dataclass
+class Acquisition:
+    """One pass of one spacecraft over the area: the granules that observed it."""
+
+    date: dt.date
+    spacecraft: str
+    orbit: int
+    time_start: int
+    granules: list[str] = field(default_factory=list)  # system:index of the granules kept
+    superseded: list[str] = field(default_factory=list)  # older deliveries left out
+
+    @property
+    def id(self) -> str:
+        craft = self.spacecraft.replace("Sentinel-", "S")
+        return f"{self.date.isoformat()}_{craft}_R{self.orbit:03d}"
+
+
+def group_acquisitions(granules: dict[str, list[Any]]) -> list[Acquisition]:
+    """Granules (property name -> one value per granule) grouped into acquisitions.
+
+    An acquisition is (UTC date, spacecraft, relative orbit). Within it, of
+    the granules of one MGRS tile only the newest ``GENERATION_TIME`` is kept
+    (a re-delivered granule); granules of different tiles stay, to be
+    mosaicked. Sorted by time, then id.
+    """
+    lengths = {k: len(v) for k, v in granules.items()}
+    if len(set(lengths.values())) > 1:
+        raise ProviderError(
+            f"Earth Engine returned granule properties of unequal length {lengths}: some "
+            f"granules lack one of {list(GRANULE_PROPERTIES)}; this collection cannot be "
+            "grouped into acquisitions (use COPERNICUS/S2_SR_HARMONIZED)"
+        )
+    rows = [
+        dict(zip(granules, values, strict=True)) for values in zip(*granules.values(), strict=True)
+    ]
+    acqs: dict[tuple[dt.date, str, int], Acquisition] = {}
+    newest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: (r["system:time_start"], r["system:index"])):
+        day = dt.datetime.fromtimestamp(row["system:time_start"] / 1000, dt.UTC).date()
+        key = (day, str(row["SPACECRAFT_NAME"]), int(row["SENSING_ORBIT_NUMBER"]))
+        acq = acqs.setdefault(key, Acquisition(*key, time_start=int(row["system:time_start"])))
+        tile = (*key, row["MGRS_TILE"])
+        kept = newest.get(tile)
+        if kept is None:
+            newest[tile] = row
+            acq.granules.append(row["system:index"])
+        elif row["GENERATION_TIME"] > kept["GENERATION_TIME"]:
+            acq.granules[acq.granules.index(kept["system:index"])] = row["system:index"]
+            acq.superseded.append(kept["system:index"])
+            newest[tile] = row
+        else:
+            acq.superseded.append(row["system:index"])
+    return sorted(acqs.values(), key=lambda a: (a.time_start, a.id))
+
+
+# --- request planning -----------------------------------------------------------------------
+
+
+def band_groups(tags: Sequence[str], bands_per_tag: int, max_bands: int) -> list[list[str]]:
+    """Consecutive groups of tags whose bands stay within ``max_bands`` per request."""
+    per = max(1, max_bands // bands_per_tag)
+    if bands_per_tag > max_bands:
+        raise SettingsError(
+            f"max_request_bands={max_bands} is below the {bands_per_tag} bands of one frame"
+        )
+    return [list(tags[i : i + per]) for i in range(0, len(tags), per)]
+
+
+def blocks(
+    shape: tuple[int, int], bytes_per_px: int, max_bytes: int = MAX_REQUEST_BYTES
+) -> list[tuple[slice, slice]]:
+    """Blocks of rows (columns only beyond 32768 px) each within the request limits.
+
+    As few blocks as the byte limit allows, split as evenly as possible.
+    """
+    h, w = shape
+    nx = math.ceil(w / MAX_REQUEST_SIDE)
+    bw = math.ceil(w / nx)
+    rows_fit = max_bytes // (bytes_per_px * bw)
+    if rows_fit < 1:
+        nx = math.ceil(w * bytes_per_px / max_bytes)
+        bw = math.ceil(w / nx)
+        rows_fit = max(1, max_bytes // (bytes_per_px * bw))
+    ny = max(math.ceil(h / rows_fit), math.ceil(h / MAX_REQUEST_SIDE))
+    rows = np.linspace(0, h, ny + 1).round().astype(int)
+    cols = np.linspace(0, w, nx + 1).round().astype(int)
+    return [
+        (slice(int(r0), int(r1)), slice(int(c0), int(c1)))
+        for r0, r1 in itertools.pairwise(rows)
+        for c0, c1 in itertools.pairwise(cols)
+        if r1 > r0 and c1 > c0
+    ]
+
+
+def halves(block: tuple[slice, slice]) -> list[tuple[slice, slice]]:
+    """A block cut in two across its longer side (for a request that timed out)."""
+    rows, cols = block
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    if h >= w:
+        mid = rows.start + h // 2
+        return [(slice(rows.start, mid), cols), (slice(mid, rows.stop), cols)]
+    mid = cols.start + w // 2
+    return [(rows, slice(cols.start, mid)), (rows, slice(mid, cols.stop))]
+
+
+def pixel_grid(area: GeoBox, block: tuple[slice, slice]) -> dict[str, Any]:
+    """The ``PixelGrid`` of a block of ``area``: ``crsCode`` with an EPSG code, else ``crsWkt``."""
+    sub = area[block]
+    a = sub.affine
+    grid: dict[str, Any] = {
+        "dimensions": {"width": int(sub.shape[1]), "height": int(sub.shape[0])},
+        "affineTransform": {
+            "scaleX": a.a,
+            "shearX": a.b,
+            "translateX": a.c,
+            "shearY": a.d,
+            "scaleY": a.e,
+            "translateY": a.f,
+        },
+    }
+    assert area.crs is not None, "an area grid always has a CRS"
+    epsg = area.crs.epsg
+    if epsg is not None:
+        grid["crsCode"] = f"EPSG:{epsg}"
+    else:
+        grid["crsWkt"] = area.crs.to_wkt()
+    return grid
+
+
+@dataclass
+class _Counters:
+    """Requests of one fetch (a provider may run several fetches at once)."""
+
+    requests: int = 0
+    retries: int = 0
+    splits: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + n)
+
+
 class EarthEngineProvider:
     """Sentinel-2 frame stacks from Earth Engine (see the module docstring)."""
 
@@ -109,20 +359,38 @@ class EarthEngineProvider:
         credentials: Any = None,
         endpoint: str = "default",
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        deployment_slots: int = DEFAULT_DEPLOYMENT_SLOTS,
+        slots_dir: str | Path | None = None,
+        limiter: Limiter | None = None,
         max_attempts: int = 6,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_request_bands: int = DEFAULT_MAX_REQUEST_BANDS,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         import ee
 
-        if not 1 <= max_concurrent < EE_CONCURRENCY_QUOTA:
-            raise SettingsError(
-                f"max_concurrent={max_concurrent}; use 1..{EE_CONCURRENCY_QUOTA - 1} "
-                f"(Earth Engine allows {EE_CONCURRENCY_QUOTA} concurrent requests per endpoint)"
-            )
+        for name, value in (
+            ("max_concurrent", max_concurrent),
+            ("deployment_slots", deployment_slots),
+        ):
+            if not 1 <= value < EE_CONCURRENCY_QUOTA:
+                raise SettingsError(
+                    f"{name}={value}; use 1..{EE_CONCURRENCY_QUOTA - 1} (Earth Engine allows "
+                    f"{EE_CONCURRENCY_QUOTA} concurrent requests per project)"
+                )
         if max_attempts < 1:
             raise SettingsError(f"max_attempts={max_attempts}; use 1 or more")
+        if not 1 <= max_request_bands <= EE_MAX_REQUEST_BANDS:
+            raise SettingsError(
+                f"max_request_bands={max_request_bands}; use 1..{EE_MAX_REQUEST_BANDS} "
+                "(computePixels' limit)"
+            )
+        if not 1 <= max_request_bytes <= MAX_REQUEST_BYTES:
+            raise SettingsError(
+                f"max_request_bytes={max_request_bytes}; use 1..{MAX_REQUEST_BYTES} (48 MB)"
+            )
         self.project = project
         self.endpoint = {"default": DEFAULT_ENDPOINT, "highvolume": HIGH_VOLUME_ENDPOINT}.get(
             endpoint, endpoint
@@ -131,49 +399,69 @@ class EarthEngineProvider:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_request_bytes = max_request_bytes
+        self.max_request_bands = max_request_bands
         self._sleep = sleep
         self._credentials = credentials
         self._key = Path(service_account_key) if service_account_key else None
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self.limiter: Limiter = limiter or SlotDirectory(
+            slots_dir or default_slots_dir(project), deployment_slots
+        )
         self._lock = threading.Lock()
-        self.stats = {"requests": 0, "retries": 0, "in_flight_max": 0}
+        self.stats = {"requests": 0, "retries": 0, "splits": 0, "in_flight_max": 0}
         self._in_flight = 0
         self.version = f"earthengine-api {ee.__version__}"
 
     # -- connection ----------------------------------------------------------------------
-    def _resolve_credentials(self) -> Any:
+    def _credential_key(self) -> tuple[Any, ...]:
+        if self._credentials is not None:
+            return ("given", id(self._credentials))
+        if self._key is not None:
+            return ("key", str(self._key.resolve()))
+        return ("default",)
+
+    def _resolve_credentials(self) -> tuple[Any, str | None]:
+        """(credentials, default project); resolved once per process and source."""
+        key = self._credential_key()
+        if key[0] == "given":
+            return self._credentials, None
+        if key in _CREDENTIALS:
+            return _CREDENTIALS[key]
         import ee
 
-        if self._credentials is not None:
-            return self._credentials
         if self._key is not None:
             if not self._key.is_file():
                 raise ProviderError(f"service-account key {self._key} does not exist")
-            import json
-
             try:
                 email = json.loads(self._key.read_text())["client_email"]
             except (ValueError, KeyError) as exc:
                 raise ProviderError(
                     f"{self._key} is not a service-account key file (no client_email)"
                 ) from exc
-            return ee.ServiceAccountCredentials(email, str(self._key))
-        try:
-            import google.auth
-
-            creds, default_project = google.auth.default(
-                scopes=[
-                    "https://www.googleapis.com/auth/earthengine",
-                    "https://www.googleapis.com/auth/cloud-platform",
-                ]
+            found: tuple[Any, str | None] = (
+                ee.ServiceAccountCredentials(email, str(self._key)),
+                None,
             )
-        except Exception as exc:  # google.auth raises DefaultCredentialsError and others
-            raise ProviderError(
-                "no Earth Engine credentials: pass service_account_key=<key.json>, or set up "
-                f"application-default credentials (gcloud auth application-default login): {exc}"
-            ) from exc
-        self.project = self.project or default_project
-        return creds
+        else:
+            try:
+                import google.auth
+
+                creds, default_project = google.auth.default(
+                    scopes=[
+                        "https://www.googleapis.com/auth/earthengine",
+                        "https://www.googleapis.com/auth/cloud-platform",
+                    ]
+                )
+            except Exception as exc:  # google.auth raises DefaultCredentialsError and others
+                raise ProviderError(
+                    "no Earth Engine credentials: pass service_account_key=<key.json>, or set up "
+                    "application-default credentials (gcloud auth application-default login): "
+                    f"{exc}"
+                ) from exc
+            found = (creds, default_project)
+        _CREDENTIALS[key] = found
+        return found
 
     def initialise(self) -> None:
         """``ee.Initialize`` once per (endpoint, project, credentials) in this process."""
@@ -181,15 +469,21 @@ class EarthEngineProvider:
         import ee
 
         with _INIT_LOCK:
-            creds = self._resolve_credentials()
-            key = (self.endpoint, self.project, id(creds))
+            creds, default_project = self._resolve_credentials()
+            self.project = self.project or default_project
+            key = (self.endpoint, self.project, self._credential_key())
             if key == _INITIALISED:
                 return
             if not self.project:
                 raise ProviderError("no Earth Engine project; pass project=<cloud project id>")
+
+            def init() -> None:
+                INIT_COUNT["initialize"] += 1
+                ee.Initialize(credentials=creds, project=self.project, url=self.endpoint)
+
             try:
-                ee.Initialize(credentials=creds, project=self.project, opt_url=self.endpoint)
-            except Exception as exc:  # ee raises EEException, HttpError, transport errors
+                self._call("initialisation", init, _Counters())
+            except ProviderError as exc:
                 raise ProviderError(
                     f"Earth Engine initialisation at {self.endpoint} failed: {exc}"
                 ) from exc
@@ -197,39 +491,49 @@ class EarthEngineProvider:
             _INITIALISED = key
 
     # -- requests -----------------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one request under the concurrency bound, retrying transient failures."""
+    def _call(self, what: str, fn: Callable[[], T], counters: _Counters) -> T:
+        """One request under both concurrency bounds, retrying transient failures.
+
+        A "Computation timed out." answer is raised as :class:`_TimedOut` for
+        the caller to split the request.
+        """
         for attempt in range(1, self.max_attempts + 1):
-            with self._slots:
+            with self._slots, self.limiter.slot():
                 with self._lock:
                     self._in_flight += 1
                     self.stats["requests"] += 1
                     self.stats["in_flight_max"] = max(self.stats["in_flight_max"], self._in_flight)
+                counters.add("requests")
                 try:
                     return fn()
                 except Exception as exc:  # the client raises EEException and transport errors
-                    if not is_retryable(exc):
+                    kind = classify(exc)
+                    if kind == "split":
+                        raise _TimedOut(str(exc)) from exc
+                    if kind == "fail":
                         raise ProviderError(
                             f"Earth Engine refused {what}: {exc}{_hint(exc)}"
                         ) from exc
                     if attempt == self.max_attempts:
                         raise ProviderError(
                             f"Earth Engine kept failing {what} after {attempt} attempts: {exc}; "
-                            "lower RS_EMBED_AGRIFM_FETCH_WORKERS or try later"
+                            "lower deployment_slots / RS_EMBED_AGRIFM_FETCH_WORKERS or try later"
                         ) from exc
                 finally:
                     with self._lock:
                         self._in_flight -= 1
             with self._lock:
                 self.stats["retries"] += 1
+            counters.add("retries")
             delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
             self._sleep(delay + random.uniform(0, delay))
         raise AssertionError("unreachable")
 
-    # -- the expression -----------------------------------------------------------------
-    def _collection(
-        self, area: GeoBox, start: dt.date, end: dt.date, sensor: SensorSpec, cloud_mask: CloudMask
-    ) -> Any:
+    # -- step 1: granules -----------------------------------------------------------------
+    def granules(
+        self, area: GeoBox, start: dt.date, end: dt.date, sensor: SensorSpec, counters: _Counters
+    ) -> dict[str, list[Any]]:
+        """Properties of the granules over ``area`` in ``[start, end)`` that pass the filter."""
         import ee
 
         bbox = area.extent.boundingbox
@@ -242,102 +546,125 @@ class EarthEngineProvider:
             .filterDate(start.isoformat(), end.isoformat())
             .filter(ee.Filter.lte("CLOUDY_PIXEL_PERCENTAGE", sensor.cloudy_pct))
         )
-        classes = list(cloud_mask.scl_classes) if cloud_mask.mode == "scl" else []
-        nodata = [0]  # SCL 0 is no data whatever the mask
+        query = ee.Dictionary.fromLists(
+            list(GRANULE_PROPERTIES), [col.aggregate_array(p) for p in GRANULE_PROPERTIES]
+        )
+        return self._call("the granule list", query.getInfo, counters)
 
-        def mask(img: Any) -> Any:
-            masked = sorted(set(classes) | set(nodata))
-            keep = img.select("SCL").remap(masked, [0] * len(masked), 1)
-            return img.updateMask(keep)
-
-        return col.map(mask)
-
-    def _frame_image(self, col: Any, sensor: SensorSpec, tag: str) -> Any:
+    # -- step 2: the expression -----------------------------------------------------------
+    def _acquisition_images(
+        self, acqs: Sequence[Acquisition], sensor: SensorSpec, cloud_mask: CloudMask
+    ) -> dict[str, Any]:
+        """One masked ee.Image per acquisition (a mosaic of its granules)."""
         import ee
 
         bands = list(sensor.bands)
-        if sensor.composite == "median":
-            comp = col.select(bands).median()
-        else:  # most recent clear on top
-            comp = col.sort("system:time_start").select(bands).mosaic()
-        comp = comp.unmask(sensor.fill_value).toUint16().rename([f"{tag}_{b}" for b in bands])
-        count = col.select(bands[0]).count().unmask(0).toUint16().rename(f"{tag}_count")
-        return ee.Image.cat([comp, count])
+        masked_classes = sorted({0, *(cloud_mask.scl_classes if cloud_mask.mode == "scl" else ())})
 
-    def build_request(
-        self,
-        area: GeoBox,
-        windows: Sequence[FrameWindow],
-        sensor: SensorSpec,
-        cloud_mask: CloudMask,
-    ) -> tuple[Any, list[str], Any]:
-        """(image, band ids, per-window scene counts as an ee.List) for a fetch."""
+        def mask(img: Any) -> Any:
+            img = ee.Image(img)
+            values = img.select(bands)
+            every_band = values.mask().reduce(ee.Reducer.min())  # one mask for all bands
+            scl_ok = img.select("SCL").remap(masked_classes, [0] * len(masked_classes), 1)
+            return values.updateMask(every_band.And(scl_ok))
+
+        ids = sorted({g for a in acqs for g in a.granules})
+        base = (
+            ee.ImageCollection(sensor.collection)
+            .filter(ee.Filter.inList("system:index", ids))
+            .map(mask)
+        )
+        return {
+            a.id: base.filter(ee.Filter.inList("system:index", a.granules)).mosaic() for a in acqs
+        }
+
+    def _composite(self, images: Sequence[Any], sensor: SensorSpec, tag: str) -> Any:
         import ee
 
-        start, end = windows[0].start, windows[-1].end
-        col = self._collection(area, start, end, sensor, cloud_mask)
-        images, band_ids = [], []
-        sizes = []
-        for win in windows:
-            part = col.filterDate(win.start.isoformat(), win.end.isoformat())
-            images.append(self._frame_image(part, sensor, f"f{win.index}"))
-            band_ids += [f"f{win.index}_{b}" for b in sensor.bands] + [f"f{win.index}_count"]
-            sizes.append(part.size())
-        images.append(self._frame_image(col, sensor, "all"))
-        band_ids += [f"all_{b}" for b in sensor.bands] + ["all_count"]
-        sizes.append(col.size())
-        return ee.Image.cat(images), band_ids, ee.List(sizes)
+        col = ee.ImageCollection(list(images))  # in time order: a mosaic puts the newest on top
+        comp = col.median().round() if sensor.composite == "median" else col.mosaic()
+        if sensor.composite not in ("median", "mosaic"):
+            raise ProviderError(f"composite={sensor.composite!r}; use 'median' or 'mosaic'")
+        clear = comp.select([0]).mask().toUint8().rename(f"{tag}_clear")
+        values = comp.unmask(fill_dn(sensor.fill_value)).toUint16()
+        return values.rename([f"{tag}_{b}" for b in sensor.bands]).addBands(clear)
 
     # -- pixels -------------------------------------------------------------------------
-    @staticmethod
-    def blocks(area: GeoBox, n_bands: int, bytes_per_value: int = 2) -> list[tuple[slice, slice]]:
-        """Split the grid into row/column blocks each within Earth Engine's request limits."""
-        h, w = area.shape
-        max_px = MAX_REQUEST_BYTES // (n_bands * bytes_per_value)
-        side = min(MAX_REQUEST_SIDE, max(1, math.isqrt(max_px)))
-        ny, nx = math.ceil(h / side), math.ceil(w / side)
-        # Even blocks: split as equally as possible.
-        rows = np.linspace(0, h, ny + 1).round().astype(int)
-        cols = np.linspace(0, w, nx + 1).round().astype(int)
-        out = []
-        for r0, r1 in itertools.pairwise(rows):
-            for c0, c1 in itertools.pairwise(cols):
-                if (r1 - r0) * (c1 - c0) * n_bands * bytes_per_value > MAX_REQUEST_BYTES:
-                    raise AssertionError("block split exceeds the request limit")
-                out.append((slice(int(r0), int(r1)), slice(int(c0), int(c1))))
-        return out
-
     def _pixels(
-        self, image: Any, band_ids: list[str], area: GeoBox, block: tuple[slice, slice]
-    ) -> np.ndarray:
+        self,
+        image: Any,
+        band_ids: list[str],
+        area: GeoBox,
+        block: tuple[slice, slice],
+        counters: _Counters,
+    ) -> list[tuple[tuple[slice, slice], np.ndarray]]:
+        """(block, (bands, h, w) values) for ``block``, split further where it timed out."""
         import ee
 
-        sub = area[block]
-        a = sub.affine
         params = {
             "expression": image,
             "fileFormat": "NUMPY_NDARRAY",
             "bandIds": band_ids,
-            "grid": {
-                "dimensions": {"width": int(sub.shape[1]), "height": int(sub.shape[0])},
-                "affineTransform": {
-                    "scaleX": a.a,
-                    "shearX": a.b,
-                    "translateX": a.c,
-                    "shearY": a.d,
-                    "scaleY": a.e,
-                    "translateY": a.f,
-                },
-                "crsCode": str(area.crs),
-            },
+            "grid": pixel_grid(area, block),
         }
-        arr = self._call(f"computePixels {sub.shape} px", lambda: ee.data.computePixels(params))
-        if arr.shape != tuple(sub.shape):
-            raise ProviderError(
-                f"Earth Engine returned {arr.shape} px for a {tuple(sub.shape)} request"
+        shape = (block[0].stop - block[0].start, block[1].stop - block[1].start)
+        try:
+            arr = self._call(
+                f"computePixels {shape} px x {len(band_ids)} bands",
+                lambda: ee.data.computePixels(params),
+                counters,
             )
-        return np.stack([arr[b] for b in band_ids]).astype(np.uint16)  # (bands, h, w)
+        except _TimedOut as exc:
+            if shape == (1, 1):
+                raise ProviderError(
+                    f"Earth Engine timed out computing a single pixel of {len(band_ids)} bands "
+                    f"({exc}); lower n_frames or use fewer scenes (a shorter range)"
+                ) from exc
+            counters.add("splits")
+            with self._lock:
+                self.stats["splits"] += 1
+            return [
+                part
+                for half in halves(block)
+                for part in self._pixels(image, band_ids, area, half, counters)
+            ]
+        if arr.shape != shape:
+            raise ProviderError(f"Earth Engine returned {arr.shape} px for a {shape} request")
+        return [(block, np.stack([arr[b] for b in band_ids]))]
 
+    def _fetch_tags(
+        self,
+        composites: dict[str, Any],
+        area: GeoBox,
+        sensor: SensorSpec,
+        counters: _Counters,
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(values (C, H, W) uint16, clear (H, W) bool) for each tag's composite."""
+        import ee
+
+        c = len(sensor.bands)
+        h, w = area.shape
+        jobs = []
+        for group in band_groups(list(composites), c + 1, self.max_request_bands):
+            image = ee.Image.cat([composites[t] for t in group])
+            band_ids = [f"{t}_{b}" for t in group for b in (*sensor.bands, "clear")]
+            for blk in blocks((h, w), len(group) * (2 * c + 1), self.max_request_bytes):
+                jobs.append((group, image, band_ids, blk))
+        out = {t: (np.zeros((c, h, w), np.uint16), np.zeros((h, w), bool)) for t in composites}
+        workers = max(1, min(self.max_concurrent, len(jobs)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(
+                lambda job: (job[0], self._pixels(job[1], job[2], area, job[3], counters)), jobs
+            )
+            for group, parts in results:
+                for (rows, cols), values in parts:
+                    for k, t in enumerate(group):
+                        block = values[k * (c + 1) : (k + 1) * (c + 1)]
+                        out[t][0][:, rows, cols] = block[:c]
+                        out[t][1][rows, cols] = block[c] > 0
+        return out
+
+    # -- the interface --------------------------------------------------------------------
     def fetch(
         self,
         area: GeoBox,
@@ -345,58 +672,71 @@ class EarthEngineProvider:
         sensor: SensorSpec,
         cloud_mask: CloudMask,
     ) -> FrameStack:
+        check_collection(sensor)
+        if sensor.composite not in ("median", "mosaic"):
+            raise ProviderError(f"composite={sensor.composite!r}; use 'median' or 'mosaic'")
         self.initialise()
-        image, band_ids, sizes = self.build_request(area, windows, sensor, cloud_mask)
-        counts = self._call("scene counts", sizes.getInfo)
-        blocks = self.blocks(area, len(band_ids))
-        h, w = area.shape
-        full = np.zeros((len(band_ids), h, w), dtype=np.uint16)
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrent, len(blocks))) as pool:
-            parts = pool.map(lambda blk: (blk, self._pixels(image, band_ids, area, blk)), blocks)
-            for (rows, cols), values in parts:
-                full[:, rows, cols] = values
-        return self._assemble(full, counts, area, windows, sensor)
+        counters = _Counters()
+        start, end = windows[0].start, windows[-1].end
+        label = f"{area.crs} {tuple(area.extent.boundingbox)}"
+        granules = self.granules(area, start, end, sensor, counters)
+        acqs = group_acquisitions(granules)
+        if not acqs:
+            raise ProviderError(
+                f"no Sentinel-2 granule of {sensor.collection} covers {label} in [{start}, {end}) "
+                f"with CLOUDY_PIXEL_PERCENTAGE <= {sensor.cloudy_pct}; widen the range or raise "
+                "cloudy_pct (S2_SR_HARMONIZED starts on 2017-03-28)"
+            )
+        members = [[a for a in acqs if win.contains(a.date)] for win in windows]
+        images = self._acquisition_images(acqs, sensor, cloud_mask)
+        composites = {
+            f"f{win.index}": self._composite([images[a.id] for a in m], sensor, f"f{win.index}")
+            for win, m in zip(windows, members, strict=True)
+            if m
+        }
+        whole = self._composite([images[a.id] for a in acqs], sensor, "all")
+        if not all(members):  # a window without acquisition needs the back-fill source
+            composites["all"] = whole
+        fetched = self._fetch_tags(composites, area, sensor, counters)
+        empty = [
+            not m or not fetched[f"f{w.index}"][1].any()
+            for w, m in zip(windows, members, strict=True)
+        ]
+        if all(empty):
+            raise ProviderError(
+                f"no clear observation of {label} in [{start}, {end}) ({len(acqs)} acquisitions "
+                f"pass cloudy_pct <= {sensor.cloudy_pct}); widen the range, raise cloudy_pct, or "
+                "use cloud_mask='none'"
+            )
+        if any(empty) and "all" not in fetched:
+            fetched.update(self._fetch_tags({"all": whole}, area, sensor, counters))
 
-    def _assemble(
-        self,
-        full: np.ndarray,
-        counts: list[int],
-        area: GeoBox,
-        windows: Sequence[FrameWindow],
-        sensor: SensorSpec,
-    ) -> FrameStack:
-        c = len(sensor.bands)
-        per = c + 1
+        fill = np.full((len(sensor.bands), *area.shape), fill_dn(sensor.fill_value), np.uint16)
         frames: list[np.ndarray] = []
         records: list[FrameRecord] = []
-        for i, win in enumerate(windows):
-            block = full[i * per : (i + 1) * per]
-            clear = block[c] > 0
-            frames.append(block[:c])
+        for win, m, e in zip(windows, members, empty, strict=True):
+            values, clear = fetched.get(f"f{win.index}", (fill, np.zeros(area.shape, bool)))
+            frames.append(values)
             records.append(
                 FrameRecord(
                     win.index,
                     win.start,
                     win.end,
-                    n_scenes=int(counts[i]),
-                    clear_fraction=float(clear.mean()),
+                    n_scenes=len(m),
+                    scenes=[a.id for a in m],
+                    clear_fraction=0.0 if e else float(clear.mean()),
                 )
             )
-        whole = full[len(windows) * per : (len(windows) + 1) * per]
-        whole_clear = whole[c] > 0
-        empty = [r.clear_fraction == 0.0 for r in records]
-        if all(empty):
-            raise ProviderError(
-                f"no clear observation of {area.crs} {tuple(area.extent.boundingbox)} in "
-                f"[{windows[0].start}, {windows[-1].end}) ({int(counts[-1])} scenes pass "
-                f"cloudy_pct <= {sensor.cloudy_pct}); widen the range or raise cloudy_pct"
-            )
-        for i, source in enumerate(backfill_sources(empty, bool(whole_clear.any()))):
+        whole_clear = fetched["all"][1] if "all" in fetched else None
+        for i, source in enumerate(
+            backfill_sources(empty, whole_clear is not None and bool(whole_clear.any()))
+        ):
             if source is None:
                 continue
             records[i].backfilled, records[i].backfill_source = True, source
             if source == "whole_range":
-                frames[i], records[i].clear_fraction = whole[:c], float(whole_clear.mean())
+                assert whole_clear is not None
+                frames[i], records[i].clear_fraction = fetched["all"][0], float(whole_clear.mean())
             else:
                 j = int(source.split(":")[1])
                 frames[i], records[i].clear_fraction = frames[j], records[j].clear_fraction
@@ -408,9 +748,12 @@ class EarthEngineProvider:
             extra={
                 "endpoint": self.endpoint,
                 "project": self.project,
-                "requests": self.stats["requests"],
-                "retries": self.stats["retries"],
-                "scenes_in_range": int(counts[-1]),
+                "requests": counters.requests,
+                "retries": counters.retries,
+                "splits": counters.splits,
+                "scenes_in_range": len(acqs),
+                "granules_in_range": len(granules.get("system:index", [])),
+                "granules_merged": sum(len(a.granules) - 1 + len(a.superseded) for a in acqs),
             },
         )
 
@@ -428,3 +771,7 @@ class EarthEngineProvider:
         n = workers or load_settings().fetch_workers
         with ThreadPoolExecutor(max_workers=max(1, min(n, len(areas)))) as pool:
             return list(pool.map(lambda a: self.fetch(a, windows, sensor, cloud_mask), areas))
+
+
+class _TimedOut(Exception):
+    """Earth Engine answered "Computation timed out." for a request."""

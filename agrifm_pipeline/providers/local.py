@@ -49,7 +49,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from agrifm_pipeline.compositing import Scene, composite_windows
+from agrifm_pipeline.compositing import Scene, composite_windows, fill_dn
 from agrifm_pipeline.errors import ProviderError
 from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
@@ -403,7 +403,7 @@ class LocalProvider:
             )
         if box is not None:
             # Outside the scenes' footprint every pixel is fill; clear fractions are of the area.
-            fill = np.uint16(np.clip(round(sensor.fill_value), 0, 65535))
+            fill = np.uint16(fill_dn(sensor.fill_value))
             full = np.full((*values.shape[:2], *area.shape), fill, dtype=np.uint16)
             full[(slice(None), slice(None), *box)] = values
             values = full
