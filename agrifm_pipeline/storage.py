@@ -1,53 +1,66 @@
-"""Zarr storage: one store per asset, one group per partition, committed whole.
+"""Partition storage: immutable versions, one-write commits, checksummed objects.
 
-Layout under a root (a local directory or any fsspec URL)::
+Layout under a root (a local directory or any fsspec URL, with its storage options)::
 
-    <root>/<asset>.zarr/                 the asset's store (a Zarr group)
-    <root>/<asset>.zarr/<year>/          a group per year
-    <root>/<asset>.zarr/<year>/<tile>/   one partition: arrays + coordinates + attrs
-    <root>/.staging/<asset>/<uuid>/      partitions being written (never read)
+    <root>/<asset>.zarr/<year>/<tile>/                  one partition (Zarr assets)
+    <root>/<asset>.zarr/<year>/<tile>/<version>/        one version: a complete Zarr group
+    <root>/<asset>.zarr/<year>/<tile>/<version>/_manifest.json
+    <root>/<asset>.zarr/<year>/<tile>/_current.json     the pointer: which version is current
+    <root>/<asset>/<year>/<tile>/<version>/<name>       file assets (Parquet, PNG), same scheme
 
-A partition is written completely into a staging group beside the store and
-then committed in one step:
+A write never touches an existing version. It creates a new version directory,
+writes every object into it (hashing each one as it goes), writes the
+version's manifest (sha256 and size of every object, and the lineage), and
+only then commits with **one small write**: the pointer document. The pointer
+is replaced whole (locally: a temporary file and one ``rename``; on object
+stores: one PUT, which S3 and GCS apply atomically) and, where the store can,
+conditionally (S3 ``If-Match``/``If-None-Match``; local and in-memory stores
+serialise commits of one partition with a lock), so that the pointer's
+history of committed versions loses no entry when writers race.
 
-* local directories: an atomic rename into place; when a previous version
-  exists, an atomic exchange of the two directories (Linux ``renameat2`` with
-  ``RENAME_EXCHANGE``), and the old version is deleted afterwards. Elsewhere
-  the old version is first renamed aside and restored by the next reader or
-  writer if the process dies between the two renames.
-* object stores (``s3://``, ``gs://``, ``memory://``…): the staged objects are
-  copied into place and the group's metadata document is written last, so a
-  reader that opens the partition through Zarr sees either the old metadata or
-  the new, complete one. (Object stores have no atomic rename; a
-  transactional store such as icechunk is the stronger answer there.)
+What this gives, on every store alike:
 
-Readers never see half a partition, and a failed or killed writer leaves the
-previous version intact (and at worst an orphaned staging directory, which
-the next write of the same asset sweeps up).
+* a reader resolves the pointer once and then reads one version, which no
+  writer ever modifies: it never sees half a version or a mix of two;
+* a writer killed at any point leaves the previous version current and whole;
+  what it leaves behind is an uncommitted version directory, which the next
+  writer of that partition (or ``agrifm-pipeline verify``) sweeps once it is
+  older than ``ORPHAN_GRACE_S``;
+* readers never rename, move or delete anything;
+* old versions go only through :func:`collect_garbage`, which keeps every
+  version that the current version of a downstream partition names.
 
-The on-disk format is Zarr format 2 by default, written by zarr-python 3:
-GDAL (and so QGIS and rasterio) reads format 2 with its CRS and transform,
-but not format 3 (see the README). ``zarr_format=3`` is available for
-xarray-only consumers.
+Every object's checksum is in the manifest; :meth:`PartitionStore.verify`
+re-hashes a version and names each object that differs, and reads made with
+``verify=True`` (what the pipeline's own stages do) refuse corrupt data with
+the partition and object named.
+
+The on-disk format is Zarr format 2 by default, written by zarr-python 3: GDAL
+(and so QGIS and rasterio) reads format 2 with its CRS and transform, but not
+format 3. ``zarr_format=3`` is available for xarray-only consumers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import datetime as dt
+import errno
+import fcntl
+import hashlib
 import json
 import os
-import shutil
-import tempfile
+import posixpath
+import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 import xarray as xr
 
@@ -55,32 +68,33 @@ from agrifm_pipeline.errors import AgriFMError
 
 
 class StorageError(AgriFMError):
-    """A store cannot be opened, written or committed."""
+    """A store cannot be opened, written or committed, or holds data that fails its checksums."""
 
 
-STAGING_DIR = ".staging"
-_GROUPS_LOCK = threading.Lock()
-ASIDE_SUFFIX = ".previous"
+class CorruptionError(StorageError):
+    """A stored object's bytes differ from its manifest's checksum."""
+
+
 LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
+POINTER = "_current.json"
+MANIFEST = "_manifest.json"
+INTEGRITY = "_integrity.json"  # the last verification's verdict on the current version
+HISTORY_LEN = 32  # committed versions remembered in the pointer
+# An uncommitted version (no manifest, or never named by the pointer) younger than this
+# may still be being written by a live writer, so sweeps leave it alone.
+ORPHAN_GRACE_S = 6 * 3600
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_VERSION = re.compile(r"^v(\d{8}T\d{6}\d{6})Z-[0-9a-f]{8}$")
 
-# Blosc zstd level 3 with bit shuffle: measured on a full synthetic tile-year
-# (bench/bench_storage.py, 1 thread) it gave ratios of 1.91 (uint16 frames),
-# 1.50 (normalised float32) and 1.41 (embedding grid) at 750-1000 MB/s encode
-# and 2.2-2.6 GB/s decode — within 2 % of zstd level 5's ratio at 3-4x its
-# speed, and 15-30 % smaller than lz4. On real texture (bench_storage's tile-sized
-# mosaics of the bundled scenes: 2.59 against 1.93 for lz4) level 1 encodes 2.1x
-# faster at a 2 % better ratio but decodes 10-20 % slower, and on the mostly empty
-# demo tile it is slower overall; not adopted before it is measured on full-size
-# real tiles.
+# Blosc zstd level 3 with bit shuffle; bench/bench_storage.py compares the candidates.
 DEFAULT_COMPRESSOR: dict[str, Any] = {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2}
-
-# Datasets up to this size are encoded into memory and then written out as files in
-# one pass. Through zarr's LocalStore every metadata document and chunk is its own trip
-# through zarr's event loop and a worker thread: a tile-year's 20 kB chunk statistics
-# took 60-76 ms that way and 32-39 ms through memory, its 128 MB frame stack 138-170 ms
-# and 126-142 ms (2-vCPU AMD EPYC Zen 3). Larger datasets (kept float32 tensors, 1 GB
-# a tile-year) are written chunk by chunk, so the compressed copy is never all in memory.
+# Datasets up to this size are encoded into memory and written out in one pass (fewer
+# trips through zarr's event loop); larger ones are written chunk by chunk so the
+# compressed copy is never all in memory. bench/bench_storage.py measures both.
 ENCODE_IN_MEMORY_BYTES = 256 << 20
+
+_MEMORY_LOCKS: dict[str, threading.Lock] = {}
+_MEMORY_LOCKS_GUARD = threading.Lock()
 
 
 def _compressor(zarr_format: int) -> dict[str, Any]:
@@ -99,23 +113,101 @@ def _compressor(zarr_format: int) -> dict[str, Any]:
 
 
 def is_local(fs: Any) -> bool:
-    """Whether an fsspec filesystem is the local one (atomic renames available)."""
+    """Whether an fsspec filesystem is the local one."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols
+    return "file" in protocols or "local" in protocols
 
 
-def write_file_atomic(url: str, data: bytes) -> None:
-    """Whole-file write to any fsspec URL; locally a temporary name beside it, then one rename."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+def _protocol(fs: Any) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def storage_options_from_env() -> dict[str, Any]:
+    """``AGRIFM_PIPELINE_STORAGE_OPTIONS``: a JSON object passed to fsspec (endpoint, profile…)."""
+    text = os.environ.get("AGRIFM_PIPELINE_STORAGE_OPTIONS", "").strip()
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StorageError(
+            f"AGRIFM_PIPELINE_STORAGE_OPTIONS is not valid JSON ({exc}); set it to a JSON "
+            'object such as {"endpoint_url": "https://s3.example.org", "anon": false}'
+        ) from None
+    if not isinstance(out, dict):
+        raise StorageError(
+            "AGRIFM_PIPELINE_STORAGE_OPTIONS must be a JSON object of fsspec storage options"
+        )
+    return out
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """``(fs, path)`` for a storage URL, with a clear error for an unknown protocol."""
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ValueError, ImportError) as exc:
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        extra = {"s3": "[s3]", "gs": "[gcs]", "gcs": "[gcs]"}.get(scheme)
+        hint = (
+            f"install it with pip install 'agrifm-pipeline{extra}'"
+            if extra
+            else "use a local path or a URL fsspec knows (s3://, gs://, memory://)"
+        )
+        raise StorageError(f"storage root {url!r} cannot be opened ({exc}); {hint}") from None
+
+
+def gdal_path(url: str) -> str:
+    """The path GDAL opens for a storage URL (``/vsis3/``, ``/vsigs/``, or a local path)."""
+    for scheme, prefix in (("s3://", "/vsis3/"), ("gs://", "/vsigs/"), ("gcs://", "/vsigs/")):
+        if url.startswith(scheme):
+            return prefix + url[len(scheme) :]
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    return url
+
+
+def check_name(value: str | int, what: str) -> str:
+    """A path component built from user input: safe characters only, never ``.``/``..``."""
+    text = str(value)
+    if not _SAFE.match(text):
+        raise StorageError(
+            f"{what} {text!r} cannot be a storage path component; use letters, digits, "
+            "'_' and '-' (starting with a letter or digit, at most 128 characters)"
+        )
+    return text
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Whole-file write to any fsspec URL. Locally: a temporary file beside it with the
+    process umask's permissions, then one rename; the temporary file never outlives a
+    failed write. Elsewhere: one PUT."""
+    fs, path = filesystem(url, storage_options)
     if is_local(fs):
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        _write_local_atomic(Path(path), data)
     else:
         fs.pipe_file(path, data)
+
+
+def _write_local_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def lineage_from_attrs(attrs: Any) -> dict[str, Any]:
@@ -124,68 +216,39 @@ def lineage_from_attrs(attrs: Any) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-# -- atomic directory exchange ------------------------------------------------------------
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
-def _renameat2() -> Any:
-    if not hasattr(_renameat2, "fn"):
-        fn = None
-        name = ctypes.util.find_library("c")
-        if name and os.uname().sysname == "Linux":
-            libc = ctypes.CDLL(name, use_errno=True)
-            fn = getattr(libc, "renameat2", None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
-                fn.argtypes += [ctypes.c_uint]
-                fn.restype = ctypes.c_int
-        _renameat2.fn = fn  # type: ignore[attr-defined]
-    return _renameat2.fn  # type: ignore[attr-defined]
+def new_version_id() -> str:
+    """Sortable by creation time, unique: ``v20261201T143000123456Z-1a2b3c4d``."""
+    return f"v{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}Z-{uuid.uuid4().hex[:8]}"
 
 
-def exchange_dirs(a: Path, b: Path) -> bool:
-    """Atomically swap two existing directories; False where the OS cannot."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: filesystem cannot exchange
-            return False
-        raise OSError(err, os.strerror(err), f"{a} <-> {b}")
-    return True
+def version_age_s(version: str, now: float | None = None) -> float:
+    m = _VERSION.match(version)
+    if not m:
+        return float("inf")  # not ours: never younger than any grace
+    made = dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%f").replace(tzinfo=dt.UTC)
+    return (now if now is not None else time.time()) - made.timestamp()
 
 
-def commit_dir(staging: Path, final: Path) -> None:
-    """Move a complete ``staging`` directory to ``final``, replacing any previous version."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(final)
-    if not final.exists():
-        os.rename(staging, final)
-        return
-    if exchange_dirs(staging, final):
-        shutil.rmtree(staging, ignore_errors=True)  # now holds the previous version
-        return
-    aside = final.with_name(final.name + ASIDE_SUFFIX)
-    shutil.rmtree(aside, ignore_errors=True)
-    os.rename(final, aside)
-    os.rename(staging, final)
-    shutil.rmtree(aside, ignore_errors=True)
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, default=_json_default, sort_keys=True, indent=1).encode()
 
 
-def recover_dir(final: Path) -> None:
-    """Undo a commit that died between its two renames (non-exchange path)."""
-    aside = final.with_name(final.name + ASIDE_SUFFIX)
-    if aside.exists():
-        if final.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(aside, final)
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return str(obj)
 
 
-# -- the store ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PartitionRef:
     asset: str
@@ -197,89 +260,635 @@ class PartitionRef:
         return f"{self.year}/{self.tile}"
 
 
-class ZarrStore:
-    """The partitions of one asset under ``root``."""
+@dataclass(frozen=True)
+class Version:
+    """One committed version of a partition, as the pointer named it when it was read."""
 
-    def __init__(self, root: str | os.PathLike[str], asset: str, *, zarr_format: int = 2):
+    asset: str
+    year: str
+    tile: str
+    id: str
+    path: str  # the version's directory in the store's filesystem
+    url: str  # the same as a URL (what xarray and fsspec open)
+    manifest_sha256: str
+    committed_at: str = ""
+    run_id: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gdal_path(self) -> str:
+        return gdal_path(self.url)
+
+    def record(self) -> dict[str, Any]:
+        """What a downstream lineage records about the version it read."""
+        return {"asset": self.asset, "version": self.id, "url": self.url}
+
+
+@dataclass
+class Problem:
+    """One finding of :meth:`PartitionStore.verify`."""
+
+    asset: str
+    year: str
+    tile: str
+    version: str
+    object: str
+    what: str  # "mismatch" | "missing" | "unreadable" | "manifest"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return (
+            f"{self.asset} {self.year}/{self.tile} version {self.version}: {self.object}: "
+            f"{self.what}{' (' + self.detail + ')' if self.detail else ''}"
+        )
+
+
+class _HashingStore:
+    """Wraps a zarr store so that every object written is hashed on the way."""
+
+    @staticmethod
+    def wrap(store: Any, digests: dict[str, dict[str, Any]]) -> Any:
+        from zarr.storage import WrapperStore
+
+        class Hashing(WrapperStore):  # type: ignore[type-arg]
+            def _with_store(self, inner: Any) -> Any:
+                return Hashing(inner)
+
+            async def set(self, key: str, value: Any) -> None:
+                raw = value.to_bytes()
+                digests[key] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+                await self._store.set(key, value)
+
+        return Hashing(store)
+
+
+class PartitionStore:
+    """The versioned partitions of one asset under ``root``; objects are opaque bytes."""
+
+    suffix = ""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        asset: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        orphan_grace_s: float = ORPHAN_GRACE_S,
+        commit_lock: bool = True,
+    ):
+        """``commit_lock``: serialise a partition's commits with a POSIX lock on local and
+        network file systems (turned off by itself where the file system has no locks);
+        without it concurrent commits still never corrupt anything, but the pointer's
+        history may miss a version, which then waits for :func:`collect_garbage`."""
+        self.root = str(root).rstrip("/") or "/"
+        self.asset = check_name(asset, "asset name")
+        self.storage_options = dict(storage_options or {})
+        self.fs, root_path = filesystem(self.root, self.storage_options)
+        self._root_path = root_path.rstrip("/") if root_path != "/" else root_path
+        self.local = is_local(self.fs)
+        self.orphan_grace_s = orphan_grace_s
+        self.commit_lock = commit_lock
+
+    # -- paths -------------------------------------------------------------------------
+    @property
+    def store_path(self) -> str:
+        return f"{self._root_path}/{self.asset}{self.suffix}"
+
+    @property
+    def url(self) -> str:
+        return self._to_url(self.store_path)
+
+    def _to_url(self, path: str) -> str:
+        if self.local:
+            return path
+        return self.fs.unstrip_protocol(path)
+
+    def partition_path(self, year: str | int, tile: str) -> str:
+        y = check_name(year, "year")
+        if not y.isdigit():
+            raise StorageError(f"year {year!r} is not a year; use four digits such as 2019")
+        path = f"{self.store_path}/{y}/{check_name(tile, 'partition name')}"
+        # Belt and braces: nothing built from user input leaves the store.
+        if not posixpath.normpath(path).startswith(self.store_path + "/"):
+            raise StorageError(f"partition {year}/{tile} would leave the store {self.url}")
+        return path
+
+    def pointer_path(self, year: str | int, tile: str) -> str:
+        return f"{self.partition_path(year, tile)}/{POINTER}"
+
+    def version_path(self, year: str | int, tile: str, version: str) -> str:
+        if not _VERSION.match(version):
+            raise StorageError(f"{version!r} is not a version id of this store")
+        return f"{self.partition_path(year, tile)}/{version}"
+
+    # -- low-level I/O -------------------------------------------------------------------
+    def _read(self, path: str) -> bytes | None:
+        if self.local:
+            try:
+                return Path(path).read_bytes()
+            except FileNotFoundError:
+                return None
+        try:
+            data: bytes = self.fs.cat_file(path)
+            return data
+        except FileNotFoundError:
+            return None
+
+    def _read_many(self, paths: list[str]) -> dict[str, bytes | Exception]:
+        if self.local:
+            out: dict[str, bytes | Exception] = {}
+            for p in paths:
+                try:
+                    out[p] = Path(p).read_bytes()
+                except OSError as exc:
+                    out[p] = exc
+            return out
+        got = self.fs.cat(paths, on_error="return")
+        if len(paths) == 1 and not isinstance(got, dict):
+            got = {paths[0]: got}
+        return {self.fs._strip_protocol(k): v for k, v in got.items()}
+
+    def _put(self, path: str, data: bytes) -> None:
+        """One object of an uncommitted version (not atomic, need not be)."""
+        if self.local:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def _put_many(self, objects: dict[str, bytes]) -> None:
+        if self.local:
+            made: set[Path] = set()
+            for path, data in objects.items():
+                p = Path(path)
+                if p.parent not in made:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(p.parent)
+                p.write_bytes(data)
+        elif objects:
+            self.fs.pipe(objects)
+
+    def _rm_tree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.local:
+                import shutil
+
+                shutil.rmtree(path)
+            else:
+                self.fs.rm(path, recursive=True)
+
+    def _ls(self, path: str) -> list[str]:
+        try:
+            if self.local:
+                return sorted(e.name for e in os.scandir(path))
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    # -- the pointer ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _commit_lock(self, year: str | int, tile: str) -> Iterator[None]:
+        """Serialise commits of one partition where the store has no conditional write."""
+        part = self.partition_path(year, tile)
+        if self.local and not self.commit_lock:
+            yield
+        elif self.local:
+            os.makedirs(part, exist_ok=True)
+            fd = os.open(f"{part}/.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX)  # POSIX locks: NFS (lockd/v4) honours them
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self.commit_lock = False  # a file system without locks
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                os.close(fd)
+        elif _protocol(self.fs) == "memory":
+            with _MEMORY_LOCKS_GUARD:
+                lock = _MEMORY_LOCKS.setdefault(part, threading.Lock())
+            with lock:
+                yield
+        else:
+            yield
+
+    def _conditional(self) -> bool:
+        return _protocol(self.fs) in ("s3", "s3a")
+
+    def _read_pointer_tagged(self, year: str | int, tile: str) -> tuple[dict[str, Any] | None, str]:
+        """The pointer document and a token (ETag) for a conditional replace."""
+        path = self.pointer_path(year, tile)
+        if self._conditional():
+            bucket, key, _ = self.fs.split_path(path)
+            fs = self.fs
+
+            async def get() -> tuple[bytes, str]:
+                resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+                async with resp["Body"] as body:
+                    data = await body.read()
+                return data, str(resp.get("ETag", ""))
+
+            try:
+                data, etag = fsspec.asyn.sync(fs.loop, get)
+            except FileNotFoundError:
+                return None, ""
+            return json.loads(data), etag
+        raw = self._read(path)
+        return (json.loads(raw) if raw else None), ""
+
+    def _write_pointer(self, year: str | int, tile: str, doc: dict[str, Any], token: str) -> bool:
+        """Replace the pointer; False where a conditional write found another commit first."""
+        path = self.pointer_path(year, tile)
+        data = _json(doc)
+        if self.local:
+            _write_local_atomic(Path(path), data)
+            return True
+        if self._conditional():
+            kwargs: dict[str, Any] = {"IfMatch": token} if token else {"mode": "create"}
+            try:
+                self.fs.pipe_file(path, data, **kwargs)
+            except Exception as exc:  # botocore ClientError, surfaced by s3fs in several shapes
+                text = f"{type(exc).__name__} {exc}"
+                if (
+                    "PreconditionFailed" in text
+                    or "412" in text
+                    or "pre-condition" in text
+                    or isinstance(exc, FileExistsError)
+                ):
+                    return False
+                if "NotImplemented" in text or "501" in text:  # S3-compatible store without it
+                    self.fs.pipe_file(path, data)
+                    return True
+                raise
+            return True
+        self.fs.pipe_file(path, data)
+        return True
+
+    def pointer(self, year: str | int, tile: str) -> dict[str, Any] | None:
+        raw = self._read(self.pointer_path(year, tile))
+        if not raw:
+            return None
+        try:
+            doc: dict[str, Any] = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StorageError(
+                f"{self.asset} {year}/{tile}: the pointer {POINTER} is not JSON ({exc}); "
+                "run `agrifm-pipeline verify` and re-materialise the partition"
+            ) from None
+        return doc
+
+    def current(self, year: str | int, tile: str) -> Version | None:
+        """The current version, or None when the partition was never committed."""
+        doc = self.pointer(year, tile)
+        if doc is None:
+            return None
+        return self._version(year, tile, doc)
+
+    def _version(self, year: str | int, tile: str, doc: dict[str, Any]) -> Version:
+        vid = str(doc["version"])
+        path = self.version_path(year, tile, vid)
+        return Version(
+            asset=self.asset,
+            year=str(year),
+            tile=str(tile),
+            id=vid,
+            path=path,
+            url=self._to_url(path),
+            manifest_sha256=str(doc.get("manifest_sha256", "")),
+            committed_at=str(doc.get("committed_at", "")),
+            run_id=str(doc.get("run_id", "")),
+            summary=dict(doc.get("summary", {})),
+        )
+
+    def version(self, year: str | int, tile: str, version: str) -> Version:
+        """A named version (current or kept), checked to exist with its manifest."""
+        path = self.version_path(year, tile, version)
+        raw = self._read(f"{path}/{MANIFEST}")
+        if raw is None:
+            raise StorageError(
+                f"{self.asset} {year}/{tile} has no committed version {version} under "
+                f"{self.url}; it was never committed or garbage-collected"
+            )
+        return Version(
+            self.asset,
+            str(year),
+            str(tile),
+            version,
+            path,
+            self._to_url(path),
+            hashlib.sha256(raw).hexdigest(),
+        )
+
+    def resolve(self, year: str | int, tile: str, version: str | None = None) -> Version:
+        if version:
+            return self.version(year, tile, version)
+        cur = self.current(year, tile)
+        if cur is None:
+            raise StorageError(
+                f"{self.asset} has no partition {year}/{tile} under {self.url}; materialise it first"
+            )
+        return cur
+
+    def exists(self, year: str | int, tile: str) -> bool:
+        return self.current(year, tile) is not None
+
+    def partitions(self) -> list[PartitionRef]:
+        """Every committed partition of the asset."""
+        out: list[PartitionRef] = []
+        for year in self._ls(self.store_path):
+            if not year.isdigit():
+                continue
+            for tile in self._ls(f"{self.store_path}/{year}"):
+                if _SAFE.match(tile) and self._exists(f"{self.store_path}/{year}/{tile}/{POINTER}"):
+                    out.append(PartitionRef(self.asset, year, tile))
+        return out
+
+    def _exists(self, path: str) -> bool:
+        if self.local:
+            return os.path.exists(path)
+        return bool(self.fs.exists(path))
+
+    def versions(self, year: str | int, tile: str) -> list[str]:
+        """Every version directory of the partition, committed or not, oldest first."""
+        return [v for v in self._ls(self.partition_path(year, tile)) if _VERSION.match(v)]
+
+    # -- writing -------------------------------------------------------------------------
+    def begin(self, year: str | int, tile: str) -> tuple[str, str]:
+        """A new, empty version: ``(id, path)``. Sweeps this partition's old orphans."""
+        self.sweep(year, tile)
+        vid = new_version_id()
+        return vid, self.version_path(year, tile, vid)
+
+    def commit(
+        self,
+        year: str | int,
+        tile: str,
+        version: str,
+        objects: dict[str, dict[str, Any]],
+        lineage: dict[str, Any] | None,
+        *,
+        summary: dict[str, Any] | None = None,
+    ) -> Version:
+        """Write the manifest of a complete version, then point the partition at it."""
+        path = self.version_path(year, tile, version)
+        lineage = lineage or {}
+        manifest = {
+            "asset": self.asset,
+            "year": str(year),
+            "tile": str(tile),
+            "version": version,
+            "created_at": _now(),
+            "objects": dict(sorted(objects.items())),
+            "lineage": lineage,
+        }
+        raw = _json(manifest)
+        self._put(f"{path}/{MANIFEST}", raw)
+        entry = {
+            "version": version,
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+            "committed_at": _now(),
+            "run_id": str(lineage.get("run_id", "")),
+        }
+        for _ in range(64):
+            with self._commit_lock(year, tile):
+                doc, token = self._read_pointer_tagged(year, tile)
+                history = [h for h in (doc or {}).get("history", []) if h["version"] != version]
+                if doc is not None:
+                    history.append({k: doc[k] for k in ("version", "committed_at") if k in doc})
+                new = {
+                    **entry,
+                    "asset": self.asset,
+                    "summary": summary or {},
+                    "history": history[-HISTORY_LEN:],
+                }
+                if self._write_pointer(year, tile, new, token):
+                    return self._version(year, tile, new)
+            time.sleep(0.01)
+        raise StorageError(
+            f"{self.asset} {year}/{tile}: the pointer kept changing under 64 attempts to commit "
+            f"{version}; too many writers on one partition"
+        )
+
+    def put_objects(
+        self, year: str | int, tile: str, objects: dict[str, bytes], lineage: dict[str, Any] | None
+    ) -> Version:
+        """A version made of whole objects (Parquet, PNG…), committed."""
+        vid, path = self.begin(year, tile)
+        for name in objects:
+            check_name(name.replace(".", "_"), "object name")
+        try:
+            self._put_many({f"{path}/{name}": data for name, data in objects.items()})
+            digests = {
+                name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                for name, data in objects.items()
+            }
+            return self.commit(year, tile, vid, digests, lineage)
+        except BaseException:
+            self._rm_tree(path)
+            raise
+
+    # -- reading and verifying -----------------------------------------------------------
+    def manifest(self, v: Version) -> dict[str, Any]:
+        raw = self._read(f"{v.path}/{MANIFEST}")
+        if raw is None:
+            raise CorruptionError(
+                f"{v.asset} {v.year}/{v.tile} version {v.id}: {MANIFEST} is missing; the "
+                "version is incomplete — run `agrifm-pipeline verify` and re-materialise it"
+            )
+        if v.manifest_sha256 and hashlib.sha256(raw).hexdigest() != v.manifest_sha256:
+            raise CorruptionError(
+                f"{v.asset} {v.year}/{v.tile} version {v.id}: {MANIFEST} differs from the "
+                "checksum the pointer recorded — run `agrifm-pipeline verify` and re-materialise"
+            )
+        doc: dict[str, Any] = json.loads(raw)
+        return doc
+
+    def lineage(self, year: str | int, tile: str, version: str | None = None) -> dict[str, Any]:
+        """The lineage of a version (the current one by default), from its manifest."""
+        v = self.resolve(year, tile, version)
+        out: dict[str, Any] = self._cached_manifest(v).get("lineage", {})
+        return out
+
+    def _cached_manifest(self, v: Version) -> dict[str, Any]:
+        key = (self.url, v.year, v.tile, v.id)
+        got = _MANIFEST_CACHE.get(key)
+        if got is None:
+            got = self.manifest(v)
+            if len(_MANIFEST_CACHE) > 200_000:
+                _MANIFEST_CACHE.clear()
+            _MANIFEST_CACHE[key] = got  # versions are immutable: cached for good
+        return got
+
+    def read_objects(self, v: Version, *, verify: bool = True) -> dict[str, bytes]:
+        """Every object of a version, checked against its manifest when ``verify``."""
+        objects = self.manifest(v)["objects"]
+        got = self._read_many([f"{v.path}/{name}" for name in objects])
+        out: dict[str, bytes] = {}
+        problems: list[Problem] = []
+        for name, meta in objects.items():
+            data = got.get(f"{v.path}/{name}")
+            if not isinstance(data, bytes | bytearray):
+                problems.append(Problem(v.asset, v.year, v.tile, v.id, name, "missing", str(data)))
+                continue
+            if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                problems.append(
+                    Problem(
+                        v.asset,
+                        v.year,
+                        v.tile,
+                        v.id,
+                        name,
+                        "mismatch",
+                        f"{len(data)} bytes, manifest says {meta['size']}",
+                    )
+                )
+                continue
+            out[name] = bytes(data)
+        if problems:
+            raise CorruptionError(
+                "stored data fails its checksums: "
+                + "; ".join(map(str, problems))
+                + " — run `agrifm-pipeline verify` and re-materialise the partition"
+            )
+        return out
+
+    def verify(self, v: Version) -> list[Problem]:
+        """Re-hash one version; every object that is missing or differs is a problem."""
+        try:
+            self.read_objects(v, verify=True)
+        except CorruptionError as exc:
+            found = _problems_of(v, str(exc))
+            return found or [Problem(v.asset, v.year, v.tile, v.id, MANIFEST, "manifest", str(exc))]
+        return []
+
+    # -- integrity marks (written by verify, read by the audit and the stale sensor) --------
+    def mark_integrity(self, v: Version, problems: list[Problem]) -> None:
+        doc = {
+            "version": v.id,
+            "ok": not problems,
+            "checked_at": _now(),
+            "problems": [str(p) for p in problems],
+        }
+        path = f"{self.partition_path(v.year, v.tile)}/{INTEGRITY}"
+        if self.local:
+            _write_local_atomic(Path(path), _json(doc))
+        else:
+            self.fs.pipe_file(path, _json(doc))
+
+    def integrity(self, year: str | int, tile: str) -> dict[str, Any] | None:
+        raw = self._read(f"{self.partition_path(year, tile)}/{INTEGRITY}")
+        return json.loads(raw) if raw else None
+
+    # -- sweeping and garbage ----------------------------------------------------------
+    def sweep(self, year: str | int, tile: str, grace_s: float | None = None) -> list[str]:
+        """Remove this partition's uncommitted versions older than the grace period.
+
+        Uncommitted: no manifest (the writer died while writing), or a manifest that the
+        pointer never named (the writer died before its commit). Only stores whose commits
+        keep a complete history (locked or conditional) can tell the second kind apart; on
+        others they wait for :func:`collect_garbage`. Also removes temporary files a killed
+        pointer write left.
+        """
+        grace = self.orphan_grace_s if grace_s is None else grace_s
+        part = self.partition_path(year, tile)
+        names = self._ls(part)
+        if not any(_VERSION.match(n) for n in names) and not any(
+            n.startswith(".tmp-") for n in names
+        ):
+            return []
+        doc = self.pointer(year, tile) or {}
+        committed = {doc.get("version")} | {h["version"] for h in doc.get("history", [])}
+        complete_history = (
+            (self.local and self.commit_lock)
+            or self._conditional()
+            or _protocol(self.fs) == "memory"
+        )
+        removed: list[str] = []
+        now = time.time()
+        for name in names:
+            if name.startswith(".tmp-") and self.local:
+                with contextlib.suppress(OSError):
+                    if now - os.stat(f"{part}/{name}").st_mtime > grace:
+                        os.unlink(f"{part}/{name}")
+                continue
+            if not _VERSION.match(name) or name in committed:
+                continue
+            if version_age_s(name, now) <= grace:
+                continue
+            has_manifest = self._exists(f"{part}/{name}/{MANIFEST}")
+            if has_manifest and not complete_history:
+                continue
+            self._rm_tree(f"{part}/{name}")
+            removed.append(name)
+        return removed
+
+    def delete_version(self, year: str | int, tile: str, version: str) -> None:
+        """Remove one version: the manifest first, so a killed delete leaves an orphan."""
+        path = self.version_path(year, tile, version)
+        with contextlib.suppress(FileNotFoundError):
+            if self.local:
+                os.unlink(f"{path}/{MANIFEST}")
+            else:
+                self.fs.rm_file(f"{path}/{MANIFEST}")
+        self._rm_tree(path)
+
+
+_MANIFEST_CACHE: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+
+
+def _problems_of(v: Version, text: str) -> list[Problem]:
+    out = []
+    prefix = f"{v.asset} {v.year}/{v.tile} version {v.id}: "
+    for part in text.split("; "):
+        part = part.removeprefix("stored data fails its checksums: ")
+        if not part.startswith(prefix):
+            continue
+        rest = part[len(prefix) :].split(" — ")[0]
+        name, _, what = rest.partition(": ")
+        kind, _, detail = what.partition(" (")
+        out.append(Problem(v.asset, v.year, v.tile, v.id, name, kind, detail.rstrip(")")))
+    return out
+
+
+# -- Zarr partitions ----------------------------------------------------------------------
+class ZarrStore(PartitionStore):
+    """Versioned Zarr partitions of one asset: each version is a complete Zarr group."""
+
+    suffix = ".zarr"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        asset: str,
+        *,
+        zarr_format: int = 2,
+        **options: Any,
+    ):
         if zarr_format not in (2, 3):
             raise StorageError(f"zarr_format={zarr_format!r}; use 2 (GDAL-readable) or 3")
-        self.root = str(root).rstrip("/")
-        self.asset = asset
+        super().__init__(root, asset, **options)
         self.zarr_format = zarr_format
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
-        self.local = is_local(self.fs)
 
-    # paths
     @property
     def _fmt(self) -> Literal[2, 3]:
         return 2 if self.zarr_format == 2 else 3
 
-    @property
-    def store_path(self) -> str:
-        return f"{self._root_path}/{self.asset}.zarr"
+    def _zarr_store(self, path: str) -> Any:
+        import zarr.storage
 
-    @property
-    def url(self) -> str:
-        return f"{self.root}/{self.asset}.zarr"
-
-    def partition_path(self, year: str | int, tile: str) -> str:
-        return f"{self.store_path}/{year}/{tile}"
-
-    def partition_url(self, year: str | int, tile: str) -> str:
-        return f"{self.url}/{year}/{tile}"
-
-    def _staging_root(self) -> str:
-        return f"{self._root_path}/{STAGING_DIR}/{self.asset}"
-
-    # structure
-    def _ensure_groups(self, year: str | int) -> None:
-        """The store and year levels are plain Zarr groups, so the whole store opens."""
-        import zarr
-        from zarr.errors import ContainsGroupError
-
-        with _GROUPS_LOCK:  # writers of one process share a year group
-            for path in (self.store_path, f"{self.store_path}/{year}"):
-                if not self._is_group(path):
-                    with contextlib.suppress(ContainsGroupError):  # another process won
-                        zarr.open_group(self._mapper(path), mode="a", zarr_format=self._fmt)
-
-    def _is_group(self, path: str) -> bool:
-        name = ".zgroup" if self.zarr_format == 2 else "zarr.json"
-        return bool(self.fs.exists(f"{path}/{name}"))
-
-    def _mapper(self, path: str) -> Any:
         if self.local:
-            return path
-        return self.fs.get_mapper(path)
-
-    def exists(self, year: str | int, tile: str) -> bool:
-        path = self.partition_path(year, tile)
-        if self.local:
-            recover_dir(Path(path))
-        return self._is_group(path)
-
-    def partitions(self) -> list[PartitionRef]:
-        """Every committed partition in the store."""
-        out: list[PartitionRef] = []
-        if not self.fs.exists(self.store_path):
-            return out
-        for ydir in sorted(self.fs.ls(self.store_path, detail=False)):
-            year = Path(ydir).name
-            if not year.isdigit():
-                continue
-            for tdir in sorted(self.fs.ls(ydir, detail=False)):
-                tile = Path(tdir).name
-                if tile.endswith(ASIDE_SUFFIX) or tile.startswith("."):
-                    continue
-                if self._is_group(f"{ydir}/{tile}"):
-                    out.append(PartitionRef(self.asset, year, tile))
-        return out
+            return zarr.storage.LocalStore(path)
+        return zarr.storage.FsspecStore.from_mapper(self.fs.get_mapper(path))
 
     # write
     def write(
         self, year: str | int, tile: str, ds: xr.Dataset, lineage: dict[str, Any] | None = None
-    ) -> str:
-        """Write ``ds`` as the partition (year, tile), all or nothing; returns its URL."""
+    ) -> Version:
+        """Write ``ds`` as a new version of (year, tile) and commit it; returns the version."""
         return self.write_groups(year, tile, {"": ds}, lineage)
 
     def write_groups(
@@ -288,35 +897,52 @@ class ZarrStore:
         tile: str,
         groups: dict[str, xr.Dataset],
         lineage: dict[str, Any] | None = None,
-    ) -> str:
-        """Write several datasets as one partition (``""`` = the partition group itself,
-        other names = subgroups), committed together."""
-        self._ensure_groups(year)
-        self.sweep_staging()
-        staging = f"{self._staging_root()}/{uuid.uuid4().hex}"
-        text = None
-        if lineage is not None:
-            text = json.dumps(lineage, default=_json_default, sort_keys=True)
+    ) -> Version:
+        """Several datasets as one version (``""`` = the version's group itself, other
+        names = subgroups), committed together."""
+        for name in groups:
+            if name:
+                check_name(name, "subgroup name")
+        vid, path = self.begin(year, tile)
+        text = json.dumps(lineage, default=_json_default, sort_keys=True) if lineage else None
+        digests: dict[str, dict[str, Any]] = {}
         try:
             if "" not in groups:
-                import zarr
-
-                root = zarr.open_group(self._mapper(staging), mode="w", zarr_format=self._fmt)
-                if text is not None:
-                    root.attrs[LINEAGE_ATTR] = text
+                digests.update(self._root_group(path, text))
             for name, ds in sorted(groups.items()):
                 ds = ds.copy()
                 if text is not None:
                     ds.attrs[LINEAGE_ATTR] = text
-                self._write_dataset(f"{staging}/{name}" if name else staging, ds)
-            self._commit(staging, self.partition_path(year, tile))
+                sub = self._write_dataset(f"{path}/{name}" if name else path, ds)
+                digests.update({f"{name}/{k}" if name else k: d for k, d in sub.items()})
+            summary = {
+                "fingerprints": (lineage or {}).get("fingerprints", {}),
+                "inputs": (lineage or {}).get("inputs", {}),
+            }
+            return self.commit(year, tile, vid, digests, lineage, summary=summary)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.fs.rm(staging, recursive=True)
+                self._rm_tree(path)
             raise
-        return self.partition_url(year, tile)
 
-    def _write_dataset(self, path: str, ds: xr.Dataset) -> None:
+    def _root_group(self, path: str, text: str | None) -> dict[str, dict[str, Any]]:
+        import zarr
+
+        objects: dict[str, Any] = {}
+        root = zarr.open_group(zarr.storage.MemoryStore(objects), mode="w", zarr_format=self._fmt)
+        if text is not None:
+            root.attrs[LINEAGE_ATTR] = text
+        return self._flush(path, objects)
+
+    def _flush(self, path: str, objects: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        raw = {key: buf.to_bytes() for key, buf in objects.items()}
+        self._put_many({f"{path}/{key}": data for key, data in raw.items()})
+        return {
+            key: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            for key, data in raw.items()
+        }
+
+    def _write_dataset(self, path: str, ds: xr.Dataset) -> dict[str, dict[str, Any]]:
         import zarr.storage
 
         encoding = {
@@ -330,102 +956,218 @@ class ZarrStore:
             for name, var in ds.data_vars.items()
             if var.ndim > 0 and var.dtype.kind in "uif"
         }
-        objects: dict[str, Any] | None = {} if ds.nbytes <= ENCODE_IN_MEMORY_BYTES else None
+        digests: dict[str, dict[str, Any]] = {}
+        if ds.nbytes <= ENCODE_IN_MEMORY_BYTES:
+            objects: dict[str, Any] = {}
+            target: Any = zarr.storage.MemoryStore(objects)
+        else:
+            target = _HashingStore.wrap(self._zarr_store(path), digests)
         ds.to_zarr(
-            self._mapper(path) if objects is None else zarr.storage.MemoryStore(objects),
+            target,
             mode="w",
             zarr_format=self.zarr_format,
             consolidated=self.zarr_format == 2,
             encoding=encoding,
-            # A partition's chunks are whole variables, so zarr's default scan for chunks
-            # that are all fill value (to skip writing them) costs a full extra pass over
-            # the data and almost never skips anything; readers get the same values either way.
+            # A partition's chunks are whole variables: the scan for all-fill chunks would
+            # cost a pass over the data and skip almost nothing.
             write_empty_chunks=True,
         )
-        if objects is not None:
-            self._put_objects(path, objects)
-
-    def _put_objects(self, path: str, objects: dict[str, Any]) -> None:
-        """Write a group's encoded objects (zarr buffers by key) as files under ``path``."""
-        if not self.local:
-            self.fs.pipe({f"{path}/{key}": buf.to_bytes() for key, buf in objects.items()})
-            return
-        made: set[Path] = set()
-        for key, buf in objects.items():
-            dest = Path(path, key)
-            if dest.parent not in made:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                made.add(dest.parent)
-            dest.write_bytes(buf.as_numpy_array())
-
-    def _commit(self, staging: str, final: str) -> None:
-        if self.local:
-            commit_dir(Path(staging), Path(final))
-            return
-        meta = ".zmetadata" if self.zarr_format == 2 else "zarr.json"
-        staged = [p for p in self.fs.find(staging) if not p.endswith(meta)]
-        if self.fs.exists(final):
-            self.fs.rm(final, recursive=True)
-        for src in staged:
-            self.fs.copy(src, final + src[len(staging) :])
-        for src in self.fs.find(staging):
-            if src.endswith(meta):
-                self.fs.copy(src, final + src[len(staging) :])
-        self.fs.rm(staging, recursive=True)
-
-    def sweep_staging(self, older_than_s: float = 6 * 3600) -> None:
-        """Remove staging directories left by writers that died long ago."""
-        root = self._staging_root()
-        if not self.local or not os.path.isdir(root):
-            return
-        now = time.time()
-        for entry in os.scandir(root):
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > older_than_s:
-                    shutil.rmtree(entry.path, ignore_errors=True)
+        if ds.nbytes <= ENCODE_IN_MEMORY_BYTES:
+            return self._flush(path, objects)
+        return digests
 
     # read
-    def open(self, year: str | int, tile: str) -> xr.Dataset:
-        """Open a committed partition (lazy), CRS decoded."""
-        if not self.exists(year, tile):
-            raise StorageError(
-                f"{self.asset} has no partition {year}/{tile} under {self.root}; "
-                "materialise it first"
-            )
-        return xr.open_zarr(
-            self._mapper(self.partition_path(year, tile)),
+    def open(
+        self,
+        year: str | int,
+        tile: str,
+        *,
+        version: str | None = None,
+        verify: bool = False,
+    ) -> xr.Dataset:
+        """Open one version (the current one by default), CRS decoded.
+
+        With ``verify`` every object is read once, checked against the manifest, and
+        the dataset is decoded from those bytes and loaded; a corrupt object or an
+        undecodable variable is an error naming the partition, version and object.
+        Without it the arrays are lazy and read from the version on first use: a
+        version never changes, so a later commit cannot mix into what was opened.
+        """
+        return self.open_version(self.resolve(year, tile, version), verify=verify)
+
+    def open_version(self, v: Version, *, verify: bool = False) -> xr.Dataset:
+        import zarr.storage
+
+        if verify:
+            try:
+                objects = self.read_objects(v, verify=True)
+            except CorruptionError:
+                with contextlib.suppress(Exception):
+                    self.mark_integrity(v, self.verify(v))
+                raise
+            mem = {k: _buffer(b) for k, b in objects.items()}
+            source: Any = zarr.storage.MemoryStore(mem)
+        else:
+            source = self._zarr_store(v.path) if self.local else self.fs.get_mapper(v.path)
+        ds = xr.open_zarr(
+            source,
             zarr_format=self.zarr_format,
             consolidated=self.zarr_format == 2,
             decode_coords="all",
-            chunks=None,  # lazy numpy-backed arrays: a partition is read whole, dask adds copies
+            chunks=None,  # lazy numpy-backed arrays: a partition is read whole
+        )
+        ds.encoding["agrifm_version"] = v.id
+        if verify:
+            for name, var in ds.variables.items():
+                try:
+                    var.load()
+                except Exception as exc:
+                    raise CorruptionError(
+                        f"{v.asset} {v.year}/{v.tile} version {v.id}: variable {name} "
+                        f"(objects {name}/*) cannot be decoded: {exc}"
+                    ) from exc
+        return ds
+
+    def open_group(
+        self, year: str | int, tile: str, group: str, *, verify: bool = False
+    ) -> xr.Dataset:
+        """A subgroup of the current version (region mosaics spanning several UTM zones)."""
+        v = self.resolve(year, tile)
+        sub = Version(
+            v.asset,
+            v.year,
+            v.tile,
+            v.id,
+            f"{v.path}/{check_name(group, 'subgroup')}",
+            f"{v.url}/{group}",
+            v.manifest_sha256,
+        )
+        return xr.open_zarr(
+            self._zarr_store(sub.path) if self.local else self.fs.get_mapper(sub.path),
+            zarr_format=self.zarr_format,
+            consolidated=self.zarr_format == 2,
+            decode_coords="all",
+            chunks=None,
         )
 
     def attrs(self, year: str | int, tile: str) -> dict[str, Any]:
-        """The partition group's attributes, read from its metadata document alone."""
-        if not self.exists(year, tile):
-            raise StorageError(
-                f"{self.asset} has no partition {year}/{tile} under {self.root}; "
-                "materialise it first"
+        """The current version's group attributes, read from its metadata document alone."""
+        v = self.resolve(year, tile)
+        name = ".zattrs" if self.zarr_format == 2 else "zarr.json"
+        raw = self._read(f"{v.path}/{name}")
+        if raw is None:
+            return {}
+        doc: dict[str, Any] = json.loads(raw)
+        return doc if self.zarr_format == 2 else dict(doc.get("attributes", {}))
+
+
+def _buffer(data: bytes) -> Any:
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+class FileStore(PartitionStore):
+    """Versioned partitions made of whole files (chip tables, previews)."""
+
+    def put(
+        self, year: str | int, tile: str, name: str, data: bytes, lineage: dict[str, Any] | None
+    ) -> Version:
+        return self.put_objects(year, tile, {name: data}, lineage)
+
+    def read(self, year: str | int, tile: str, name: str, *, verify: bool = True) -> bytes:
+        v = self.resolve(year, tile)
+        objects = self.read_objects(v, verify=verify)
+        if name not in objects:
+            raise StorageError(f"{self.asset} {year}/{tile} version {v.id} has no object {name}")
+        return objects[name]
+
+
+# -- garbage collection across assets ------------------------------------------------------
+@dataclass
+class GCReport:
+    removed: list[tuple[str, str, str, str]] = field(default_factory=list)
+    kept_referenced: int = 0
+    kept_recent: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"removed {len(self.removed)} version(s); kept {self.kept_referenced} named by a "
+            f"current downstream version and {self.kept_recent} within the retention"
+        )
+
+
+def referenced_versions(lineage: dict[str, Any]) -> set[tuple[str, str, str, str]]:
+    """(asset, year, tile, version) of every upstream version a lineage names."""
+    out: set[tuple[str, str, str, str]] = set()
+    year = str(lineage.get("year", ""))
+    for asset, rec in (lineage.get("inputs") or {}).items():
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("version"):
+            out.add(
+                (
+                    asset,
+                    str(rec.get("year", year)),
+                    str(rec.get("tile", lineage.get("tile"))),
+                    rec["version"],
+                )
             )
-        path = self.partition_path(year, tile)
-        if self.zarr_format == 2:
-            with self.fs.open(f"{path}/.zattrs", "r") as fh:
-                out: dict[str, Any] = json.load(fh)
-            return out
-        with self.fs.open(f"{path}/zarr.json", "r") as fh:
-            return dict(json.load(fh).get("attributes", {}))
-
-    def lineage(self, year: str | int, tile: str) -> dict[str, Any]:
-        return lineage_from_attrs(self.attrs(year, tile))
+        for tile, vid in (rec.get("versions") or {}).items():
+            out.add((asset, year, str(tile), str(vid)))
+    return out
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    return str(obj)
+def collect_garbage(
+    stores: list[PartitionStore],
+    *,
+    keep: int = 1,
+    min_age_s: float = 3600.0,
+    dry_run: bool = False,
+) -> GCReport:
+    """Remove superseded versions beyond ``keep`` per partition and older than ``min_age_s``.
+
+    Never removes a current version, nor any version that the current version of any
+    partition in ``stores`` names as its input. Uncommitted versions older than the grace
+    period go too. ``min_age_s`` protects readers that opened a version shortly before it
+    was superseded.
+    """
+    referenced: set[tuple[str, str, str, str]] = set()
+    currents: dict[tuple[str, str, str], str] = {}
+    for store in stores:
+        for ref in store.partitions():
+            v = store.current(ref.year, ref.tile)
+            if v is None:
+                continue
+            currents[(store.asset, ref.year, ref.tile)] = v.id
+            referenced |= referenced_versions(store.lineage(ref.year, ref.tile, v.id))
+    report = GCReport()
+    now = time.time()
+    for store in stores:
+        for ref in store.partitions():
+            cur = currents.get((store.asset, ref.year, ref.tile))
+            part = store.partition_path(ref.year, ref.tile)
+            doc = store.pointer(ref.year, ref.tile) or {}
+            history = {h["version"] for h in doc.get("history", [])}
+            kept = 0
+            for vid in reversed(store.versions(ref.year, ref.tile)):  # newest first
+                key = (store.asset, ref.year, ref.tile, vid)
+                if vid == cur:
+                    continue
+                if key in referenced:
+                    report.kept_referenced += 1
+                    continue
+                # Committed once: in the pointer's history (a complete version the pointer
+                # never named is a writer that died before its commit, not a kept version).
+                committed = vid in history and store._exists(f"{part}/{vid}/{MANIFEST}")
+                age = version_age_s(vid, now)
+                if committed and (kept < keep or age < min_age_s):
+                    kept += 1
+                    report.kept_recent += 1
+                    continue
+                if not committed and age <= min(min_age_s, store.orphan_grace_s):
+                    continue  # perhaps still being written
+                if not dry_run:
+                    store.delete_version(ref.year, ref.tile, vid)
+                report.removed.append(key)
+    return report
