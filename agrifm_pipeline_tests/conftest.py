@@ -12,6 +12,9 @@ import pytest
 
 from agrifm_pipeline_tests.fixtures.reference import FIXTURES
 
+# Stores under test (local, memory, S3 on a moto server): fixtures for every module.
+pytest_plugins = ["agrifm_pipeline_tests.object_store"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
