@@ -535,10 +535,13 @@ def _selected(image: Image, selectors: list[Any], algorithm: str) -> list[Band]:
 
 @_alg("Image.select")
 def _select(ev: Evaluator, input: Image, bandSelectors: list[Any], newNames: Any = None) -> Image:
-    bands = _selected(input, bandSelectors, "Image.select")
-    if newNames is not None:
-        bands = [b.renamed(n) for b, n in zip(bands, newNames, strict=True)]
-    return Image(lambda: bands, input.props, input.granule)
+    def bands() -> list[Band]:
+        picked = _selected(input, bandSelectors, "Image.select")
+        if newNames is None:
+            return picked
+        return [b.renamed(n) for b, n in zip(picked, newNames, strict=True)]
+
+    return Image(bands, input.props, input.granule)
 
 
 @_alg("Image.rename")
@@ -646,6 +649,8 @@ def _unmask(
     ev: Evaluator, input: Image, value: Image | None = None, sameFootprint: bool = True
 ) -> Image:
     def bands() -> list[Band]:
+        if not input.bands:
+            return []  # a band-less image stays band-less
         if value is None:
             fill = [
                 Band(
@@ -894,7 +899,9 @@ def compute_pixels(
 
 def compute_value(catalog: list[Granule], body: dict[str, Any]) -> Any:
     result = Evaluator(catalog, None).run(body["expression"])
-    if isinstance(result, Image | list):
+    if isinstance(result, Image) or (
+        isinstance(result, list) and any(isinstance(r, Image) for r in result)
+    ):
         raise EEError("The stand-in returns plain values only (lists, numbers, dictionaries).")
     return result
 

@@ -10,6 +10,16 @@ them with the full-size encoder (``untrained:0`` weights: same cost as the
 released ones) — and reports the share outside the encoder.
 
     python bench/bench_provider.py [--repeats 3] [--frames 8] [--batch 8]
+
+``--gee`` instead counts the Earth Engine requests of a tile-year: the
+provider runs with the real client against the computing stand-in
+(``agrifm_pipeline_tests/ee_standin.py``) over the bundled scenes, three
+tile-years in one process, and the stand-in counts what arrives (discovery,
+``value:compute``, ``computePixels``). ``--before <commit>`` runs the
+provider as it was at that commit the same way. The pixel requests of a
+full default tile (896 x 896 px) follow from the provider's request plan.
+
+    python bench/bench_provider.py --gee [--before <commit>]
 """
 
 from __future__ import annotations
@@ -55,6 +65,75 @@ def _median_time(fn: Any, repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
+def _provider_at(commit: str | None) -> Any:
+    """The Earth Engine provider class as of ``commit`` (None: the working tree)."""
+    if commit is None:
+        from agrifm_pipeline.providers.gee import EarthEngineProvider
+
+        return EarthEngineProvider
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{commit}:agrifm_pipeline/providers/gee.py"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "gee_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("gee_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EarthEngineProvider
+
+
+def gee_request_counts(before: str | None, frames: int, tile_years: int = 3) -> dict[str, Any]:
+    """Requests per tile-year at the stand-in, and the pixel requests of a full tile."""
+    import google.oauth2.credentials
+    import numpy as np
+
+    from agrifm_pipeline.frames import range_windows
+    from agrifm_pipeline_tests.ee_standin import catalog_from_directory, ee_standin
+
+    cls = _provider_at(before)
+    # The sample's own year (every window has scenes, which the provider before needed).
+    windows = range_windows("2018-11-01", "2019-10-31", frames)
+    sensor, mask = SensorSpec(), CloudMask()
+    catalog = catalog_from_directory(overlapping=("2019-04-16",), redelivered=("2019-05-11",))
+    with ee_standin(catalog=catalog) as s:
+        kw: dict[str, Any] = {"slots_dir": "/tmp/bench-gee-slots"} if before is None else {}
+        stacks = []
+        for _ in range(tile_years):
+            provider = cls(project=s.project, endpoint=s.url, sleep=lambda _: None,
+                           credentials=google.oauth2.credentials.Credentials(token="t"), **kw)  # fmt: skip
+            stacks.append(provider.fetch(SAMPLE_GRID, windows, sensor, mask))
+        kinds: dict[str, int] = {}
+        for _method, path, _ in s.requests:
+            kind = "discovery" if "$discovery" in path else path.split("?")[0].rsplit("/", 1)[-1]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    local = LocalProvider(SAMPLE).fetch(SAMPLE_GRID, windows, sensor, mask).data.values
+    diff = int(np.abs(stacks[-1].data.values.astype(int) - local.astype(int)).max())
+    if before is None:
+        from agrifm_pipeline.providers.gee import band_groups, blocks
+
+        tags = [f"f{i}" for i in range(frames)]
+        tile_px = sum(
+            len(blocks(TILE.geobox().shape, len(g) * 21)) for g in band_groups(tags, 11, 1023)
+        )
+    else:
+        tile_px = len(cls.blocks(TILE.geobox(), (frames + 1) * 11))
+    return {
+        "provider": f"gee at {before or 'working tree'}",
+        "tile_years": tile_years,
+        "requests_by_kind": kinds,
+        "per_tile_year": {k: v / tile_years for k, v in kinds.items()},
+        "pixel_requests_full_tile": tile_px,
+        "max_dn_difference_to_local": diff,
+        "n_scenes": [f.n_scenes for f in stacks[-1].frames],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,7 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--year", type=int, default=2019)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", default="bench/results/bench_provider.json")
+    ap.add_argument("--gee", action="store_true", help="count Earth Engine requests instead")
+    ap.add_argument("--before", default=None, help="with --gee: also the provider at this commit")
     args = ap.parse_args(argv)
+
+    if args.gee:
+        print(
+            f"# Earth Engine requests per tile-year (stand-in, T={args.frames}); {platform.processor() or platform.machine()}"
+        )
+        results = [
+            gee_request_counts(c, args.frames)
+            for c in ([args.before] if args.before else []) + [None]
+        ]
+        for r in results:
+            print(json.dumps(r))
+        out = Path(args.json).with_name("bench_provider_gee.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"# wrote {out}")
+        return 0
 
     provider = LocalProvider(SAMPLE)
     windows = frame_windows(args.year, args.frames)

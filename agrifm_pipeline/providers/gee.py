@@ -415,8 +415,10 @@ class EarthEngineProvider:
 
     # -- connection ----------------------------------------------------------------------
     def _credential_key(self) -> tuple[Any, ...]:
-        if self._credentials is not None:
-            return ("given", id(self._credentials))
+        c = self._credentials
+        if c is not None:  # equal credentials built afresh by each caller count as one
+            who = [getattr(c, a, None) for a in ("service_account_email", "client_id", "token")]
+            return ("given", type(c).__name__, *who) if any(who) else ("given", id(c))
         if self._key is not None:
             return ("key", str(self._key.resolve()))
         return ("default",)
