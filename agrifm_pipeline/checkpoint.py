@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -129,19 +130,156 @@ def looks_like_torch_checkpoint(path: Path) -> bool:
     return head[:2] in _PICKLE_MAGIC
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint's tensors with ``weights_only=True`` and unwrap it to a flat dict."""
+_REFETCH = (
+    "download the weights again (RS_EMBED_AGRIFM_CKPT_URL) or point RS_EMBED_AGRIFM_CKPT "
+    "at the real AgriFM.pth"
+)
+
+
+def describe_non_checkpoint(path: Path) -> str | None:
+    """What the file plainly is when its first bytes show it is no torch checkpoint
+    (a web page, a Git LFS pointer, JSON or other text, nothing); None otherwise."""
+    with Path(path).open("rb") as fh:
+        head = fh.read(1024)
+    if not head:
+        return "an empty file (0 bytes)"
+    if head.startswith(b"PK") or head[:2] in _PICKLE_MAGIC:
+        return None
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    begins = head[:40].decode("utf-8", "replace").strip()
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text or b"<body" in text:
+        return f"an HTML page (it begins {begins!r}): a web page saved where the weights should be"
+    if text.startswith(b"<"):
+        return f"an XML/HTML document (it begins {begins!r}), not weights"
+    if text.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights; fetch them with `git lfs pull`"
+    if text[:1] in (b"{", b"["):
+        return f"a JSON or text file (it begins {begins!r})"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return f"a text file (it begins {begins!r})"
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The reason inside torch's weights-only refusal, without its advice on unsafe loading."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = " ".join(text.split())
+    for cut in (" was not an allowed global", " Check the documentation", " Please "):
+        text = text.split(cut, 1)[0]
+    return text.strip().rstrip(".")[:200]
+
+
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's tensors with ``weights_only=True`` and unwrap it to a flat dict.
+
+    ``mmap=True`` maps the tensors of a zip-format file instead of reading them
+    (enough to check names and shapes).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    what = describe_non_checkpoint(path)
+    if what is not None:
+        raise CheckpointError(f"{path} is {what}, not a torch checkpoint; {_REFETCH}")
+    with path.open("rb") as fh:
+        zipped = fh.read(2) == b"PK"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types here; all mean "not loadable"
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
+    except pickle.UnpicklingError as exc:
+        if looks_like_torch_checkpoint(path):
+            raise CheckpointError(
+                f"{path} is a torch file that holds more than tensors "
+                f"({_unpickler_reason(exc)}); checkpoints are only ever loaded with "
+                "weights_only=True, so re-save its state dict alone "
+                "(torch.save(model.state_dict(), path))"
+            ) from None
         raise CheckpointError(
-            f"{path} is not a torch checkpoint, or one that needs unsafe pickle loading "
-            f"(we only load weights_only=True): {type(exc).__name__}: {str(exc)[:300]}"
-        ) from exc
+            f"{path} is not a torch checkpoint (neither torch's zip layout nor a pickle "
+            f"stream: {_unpickler_reason(exc)}); {_REFETCH}"
+        ) from None
+    except Exception as exc:  # torch raises many types for damaged files
+        first = " ".join(str(exc).split())[:200]
+        if looks_like_torch_checkpoint(path) or zipped:
+            raise CheckpointError(
+                f"{path} looks like a torch checkpoint but cannot be read, probably "
+                f"truncated or damaged ({type(exc).__name__}: {first}); {_REFETCH}"
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint ({type(exc).__name__}: {first}); {_REFETCH}"
+        ) from None
     return unwrap_checkpoint(obj, source=str(path))
+
+
+# sha256 and the settings it was judged under -> why it is unusable ("" when it is usable).
+_JUDGED: dict[tuple[str, int], str] = {}
+
+
+def checkpoint_problem(
+    resolved: ResolvedCheckpoint, settings: AgriFMSettings | None = None
+) -> str | None:
+    """Why the encoder could not use ``resolved``, or None when it can.
+
+    Checked without building the model: at least ``RS_EMBED_AGRIFM_CKPT_MIN_BYTES``,
+    loadable with ``weights_only=True``, and the AgriFM S2 encoder's tensors under
+    their names with their shapes. The answer is kept per sha256 for this process.
+    """
+    if resolved.untrained or resolved.path is None:
+        return None
+    settings = settings or load_settings()
+    key = (resolved.sha256, settings.ckpt_min_bytes)
+    if key not in _JUDGED:
+        _JUDGED[key] = _judge(resolved.path, settings) or ""
+    return _JUDGED[key] or None
+
+
+def _judge(path: Path, settings: AgriFMSettings) -> str | None:
+    try:
+        what = describe_non_checkpoint(path)
+        if what is not None:
+            return f"{path} is {what}, not a torch checkpoint; {_REFETCH}"
+        size = path.stat().st_size
+        if size < settings.ckpt_min_bytes:
+            return (
+                f"{path} has {size} bytes, fewer than RS_EMBED_AGRIFM_CKPT_MIN_BYTES="
+                f"{settings.ckpt_min_bytes} (the full AgriFM checkpoint is larger); {_REFETCH}, "
+                "or lower the setting if this smaller checkpoint is meant"
+            )
+        _check_fits_encoder(read_checkpoint(path, mmap=True), str(path))
+    except CheckpointError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path} cannot be read: {exc}"
+    return None
+
+
+def _check_fits_encoder(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """The strict load's checks of names and shapes, on an encoder without storage."""
+    import warnings
+
+    from agrifm_pipeline.model import AgriFMEncoder, checkpoint_filter_fn, load_state_dict_strict
+    from agrifm_pipeline.model.layout import infer_config, to_upstream_layout
+
+    cfg = infer_config(to_upstream_layout(tensors, source=source).tensors)
+    with torch.device("meta"):
+        model = AgriFMEncoder(cfg)
+    state, _ = checkpoint_filter_fn(tensors, model, source=source)
+    with warnings.catch_warnings():
+        # Loading into storage-less parameters copies nothing (torch says so): only checked.
+        warnings.simplefilter("ignore", UserWarning)
+        load_state_dict_strict(model, state, source=source)
+
+
+def validate_checkpoint(
+    resolved: ResolvedCheckpoint, settings: AgriFMSettings | None = None
+) -> None:
+    """Raise CheckpointError with :func:`checkpoint_problem`'s reason, if there is one."""
+    problem = checkpoint_problem(resolved, settings)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def checkpoint_tensors(resolved: ResolvedCheckpoint) -> dict[str, torch.Tensor]:

@@ -77,7 +77,11 @@ class Ticker:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Pipeline, Ticker, Path]]:
+def world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Pipeline, Ticker, Path]]:
+    # The tiny reference checkpoint is far below the full one's minimum size.
+    monkeypatch.setenv("RS_EMBED_AGRIFM_CKPT_MIN_BYTES", "1000")
     ckpt = tmp_path / "weights" / "AgriFM.pth"
     ckpt.parent.mkdir()
     shutil.copy(TINY, ckpt)
@@ -174,6 +178,83 @@ def test_n_frames_change_reruns_everything_and_a_failed_partition_is_retried(
     assert ticker.execute([by_year[2019]], changed) == [True]
     again = ticker.tick(changed)
     assert ticker.covered(again) == {(a, t, 2018) for a in ALL for t in TILES}
+
+
+HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>login</body></html>\n"
+
+
+def _skip_reason(ticker: Ticker, resources: dict[str, Any]) -> str:
+    """One stale-sensor tick that must request nothing; its skip message."""
+    ctx = dg.build_sensor_context(
+        instance=ticker.pipe.instance, cursor=ticker.cursor, resources=resources
+    )
+    result = stale_partitions_sensor(ctx)
+    assert isinstance(result, dg.SensorResult) and not result.run_requests
+    ticker.cursor = result.cursor
+    assert result.skip_reason is not None
+    return str(result.skip_reason.skip_message)
+
+
+def test_html_checkpoint_is_reported_once_and_nothing_is_requested(world, capfd) -> None:
+    """It used to be recorded as a new version, and every stale tick then asked for a
+    re-embedding run that failed."""
+    pipe, ticker, ckpt = world
+    res = _resources(pipe, ckpt)
+
+    def watch(cursor: str | None) -> dg.SensorResult | dg.SkipReason:
+        ctx = dg.build_sensor_context(instance=pipe.instance, cursor=cursor, resources=res)
+        return checkpoint_sensor(ctx)
+
+    first = watch(None)
+    assert isinstance(first, dg.SensorResult) and first.asset_events
+    recorded = first.cursor
+    ckpt.write_bytes(HTML * 40)  # a login page saved in place of the weights
+
+    def reports() -> list[str]:  # the sensor's error lines in the log (dagster writes stderr)
+        return [line for line in capfd.readouterr().err.splitlines() if "is not usable;" in line]
+
+    reports()
+    seen = watch(recorded)
+    assert isinstance(seen, dg.SensorResult) and not seen.asset_events  # not recorded
+    assert seen.skip_reason is not None and "is an HTML page" in seen.skip_reason.skip_message
+    (report,) = reports()
+    assert "ERROR" in report and "HTML page" in report
+    # Later ticks: nothing new to report, recorded or requested, and they say why.
+    again = watch(seen.cursor)
+    assert isinstance(again, dg.SkipReason) and "still not usable" in again.skip_message
+    assert reports() == []
+    for _ in range(3):
+        reason = _skip_reason(ticker, res)
+        assert "embeddings not judged" in reason and "HTML page" in reason
+        assert "every materialised tile-year is current" not in reason
+    # Good weights again (new content): recorded, with the last good version as previous.
+    shutil.copy(TINY, ckpt)
+    _replace_checkpoint(ckpt)
+    fixed = watch(seen.cursor)
+    assert isinstance(fixed, dg.SensorResult) and fixed.cursor not in (recorded, seen.cursor)
+    (obs,) = fixed.asset_events
+    assert obs.metadata["previous_sha256"].value == recorded
+    assert ticker.covered(ticker.tick(res)) == _everything(EMBED)
+
+
+def test_unusable_checkpoint_with_changed_settings_requests_only_what_it_does_not_need(
+    world,
+) -> None:
+    pipe, ticker, ckpt = world
+    ckpt.write_bytes(HTML)
+    changed = _resources(pipe, ckpt, norm_mode="unit_scale")
+    reqs = ticker.tick(changed)
+    # The normalised tensors are re-made; the embeddings wait for usable weights.
+    assert ticker.covered(reqs) == {("normalized_tensors", t, y) for t in TILES for y in YEARS}
+
+
+def test_unresolvable_checkpoint_says_embeddings_were_not_judged(world, tmp_path: Path) -> None:
+    """It used to say every materialised tile-year is current."""
+    pipe, ticker, _ = world
+    res = _resources(pipe, tmp_path / "nowhere" / "AgriFM.pth")
+    reason = _skip_reason(ticker, res)
+    assert "embeddings not judged" in reason and "no such file" in reason
+    assert "every materialised tile-year is current" not in reason
 
 
 def test_partition_deleted_outside_the_pipeline_is_reported_and_remade(world) -> None:

@@ -14,6 +14,7 @@ from agrifm_pipeline.audit import (
     markdown_table,
     tile_year_state,
 )
+from agrifm_pipeline.checkpoint import checkpoint_problem, resolve_checkpoint
 from agrifm_pipeline.defs.assets import GROUP, tile_year_assets
 from agrifm_pipeline.defs.partitions import MAX_PARTITIONS_PER_RUN, split_key, tiles_partitions
 from agrifm_pipeline.defs.requests import range_run_request, tile_rectangles
@@ -24,7 +25,9 @@ from agrifm_pipeline.defs.resources import (
     ZarrStorage,
     run_fingerprints,
 )
+from agrifm_pipeline.errors import CheckpointError
 from agrifm_pipeline.lineage import Fingerprints
+from agrifm_pipeline.settings import load_settings
 
 REQUEST_TAG = "agrifm/stale_request"
 # A request whose run has not appeared after this long is forgotten (and re-requested if still stale).
@@ -38,11 +41,35 @@ IN_PROGRESS = {
 }
 
 
-def current_fingerprints(
-    tile_year: TileYearConfig, s2: S2Source, model: AgriFMModel
-) -> tuple[Fingerprints, tuple[str, ...], str]:
-    """Fingerprints of the current settings; the embedding is unknown if the checkpoint is."""
+def checkpoint_state(model: AgriFMModel) -> tuple[str | None, str, str | None]:
+    """(sha256, source, problem) of the checkpoint the model resource would load, found
+    without downloading: sha256 None when it cannot be resolved (source then says
+    why), problem set when it resolves but the encoder could not use it."""
     sha, source = current_checkpoint_sha(model.checkpoint)
+    if sha is None:
+        return None, source, None
+    settings = load_settings()
+    try:
+        resolved = resolve_checkpoint(
+            model.checkpoint or None, settings.replace(auto_download=False)
+        )
+    except CheckpointError as exc:  # changed in between: judged on the next tick
+        return None, str(exc), None
+    return sha, source, checkpoint_problem(resolved, settings)
+
+
+def current_fingerprints(
+    tile_year: TileYearConfig,
+    s2: S2Source,
+    model: AgriFMModel,
+    checkpoint: tuple[str | None, str, str | None] | None = None,
+) -> tuple[Fingerprints, tuple[str, ...], str]:
+    """Fingerprints of the current settings; the embedding is unknown (not judged) when
+    the checkpoint cannot be resolved without a download, or cannot be used.
+    ``checkpoint``: :func:`checkpoint_state`'s answer, when the caller has it."""
+    sha, source, problem = checkpoint or checkpoint_state(model)
+    if problem is not None:
+        sha, source = None, f"checkpoint {str(sha)[:12]}… is not usable: {problem}"
     fps = run_fingerprints(tile_year.resolve(), s2, sha or "", model)
     return fps, (() if sha else ("embedding",)), (sha or f"unknown: {source}")
 
@@ -90,11 +117,13 @@ def stale_partitions_sensor(
     instance = context.instance
     cursor = json.loads(context.cursor) if context.cursor else {}
     inflight, covered = _in_flight(instance, cursor)
-    current, unknown, sha = current_fingerprints(tile_year, s2, model)
+    ckpt = checkpoint_state(model)
+    current, unknown, sha = current_fingerprints(tile_year, s2, model, ckpt)
+    not_judged = ""
     if unknown:
-        context.log.warning(
-            f"checkpoint not resolvable without a download ({sha}); embeddings not judged"
-        )
+        not_judged = f"; embeddings not judged: {sha.removeprefix('unknown: ')}"
+        context.log.warning(f"embeddings not judged: {sha.removeprefix('unknown: ')}")
+    unusable = ckpt[2] is not None  # a run could not load it: request nothing that needs it
     stores = stage_stores(storage)
     materialised: dict[str, set[tuple[str, int]]] = {}
     for asset in ORDER:
@@ -116,6 +145,10 @@ def stale_partitions_sensor(
         selection = tuple(
             a for i, a in enumerate(stale) if i == 0 or (tile, year) in materialised[a]
         )
+        if unusable:
+            selection = tuple(a for a in selection if a in ORDER[:2])
+            if not selection:
+                continue
         if any((a, tile, year) in covered for a in selection):
             continue  # being re-made right now
         groups.setdefault((selection, year), []).append(tile)
@@ -124,7 +157,14 @@ def stale_partitions_sensor(
             reasons.setdefault(stale[0], set()).update(state.stages[first].reasons)
     if not groups:
         return dg.SensorResult(
-            skip_reason=dg.SkipReason("every materialised tile-year is current"),
+            skip_reason=dg.SkipReason(
+                (
+                    "no materialised tile-year is stale"
+                    if unknown
+                    else "every materialised tile-year is current"
+                )
+                + not_judged
+            ),
             cursor=json.dumps({"inflight": inflight}),
         )
     order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
@@ -165,14 +205,35 @@ def stale_partitions_sensor(
 def checkpoint_sensor(
     context: dg.SensorEvaluationContext, model: AgriFMModel
 ) -> dg.SensorResult | dg.SkipReason:
-    sha, source = current_checkpoint_sha(model.checkpoint)
+    # Cursor: the recorded sha256; or, while the file is unusable, a JSON object with the
+    # rejected sha256, its reason and the recorded one (so each change is reported once).
+    cursor = context.cursor or ""
+    rejected = json.loads(cursor) if cursor.startswith("{") else {}
+    recorded = rejected.get("recorded", "") if rejected else cursor
+    sha, source, problem = checkpoint_state(model)
     if sha is None:
         return dg.SkipReason(f"checkpoint not available without a download: {source}")
-    if context.cursor == sha:
-        return dg.SkipReason(f"checkpoint unchanged ({sha[:12]}…)")
+    if sha == rejected.get("sha256"):
+        return dg.SkipReason(
+            f"checkpoint {sha[:12]}… is still not usable, nothing recorded or requested "
+            f"(reported when it appeared): {rejected.get('reason', '')}"
+        )
+    if problem is not None:
+        context.log.error(
+            f"checkpoint {sha[:12]}… ({source}) is not usable; not recorded, nothing "
+            f"requested: {problem}"
+        )
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"checkpoint {sha[:12]}… is not usable: {problem}"),
+            cursor=json.dumps({"sha256": sha, "reason": problem, "recorded": recorded}),
+        )
+    if sha == recorded:
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"checkpoint unchanged ({sha[:12]}…)"), cursor=sha
+        )
     observation = dg.AssetObservation(
         asset_key=dg.AssetKey("agrifm_checkpoint"),
-        metadata={"sha256": sha, "source": source, "previous_sha256": context.cursor or ""},
+        metadata={"sha256": sha, "source": source, "previous_sha256": recorded},
         tags={"dagster/data_version": sha},
     )
     return dg.SensorResult(asset_events=[observation], cursor=sha)
