@@ -23,7 +23,12 @@ empty collection has no bands, and using it where bands are needed fails with
 a 400, as Earth Engine does.
 
 Errors go back as Earth Engine sends them: the HTTP status, and a JSON body
-``{"error": {"code", "message", "status"}}``. Tests can queue failures,
+``{"error": {"code", "message", "status"}}``. Messages that public reports
+of Earth Engine show are used word for word ("Computation timed out." as a
+400, "Pattern '…' did not match any bands.", "If one image has no bands, the
+other must also have no bands", "Too many concurrent aggregations.", "Earth
+Engine capacity exceeded."); the texts for a rename of the wrong length and
+for the request limits are the stand-in's own wording of those refusals. Tests can queue failures,
 drop connections without an answer, and make pixel requests above a size
 answer ``Computation timed out.`` (a 400, as Earth Engine answers it). The
 stand-in also enforces ``computePixels``'s limits (bands, bytes, side).

@@ -20,11 +20,12 @@ from odc.geo.geobox import GeoBox
 
 from agrifm_pipeline.errors import ProviderError, SettingsError
 from agrifm_pipeline.frames import FrameWindow, frame_windows, range_windows
-from agrifm_pipeline.providers.base import CloudMask, FrameStack
+from agrifm_pipeline.providers.base import CloudMask, FrameRecord, FrameStack
 from agrifm_pipeline.providers.gee import (
     EE_MAX_REQUEST_BANDS,
     HIGH_VOLUME_ENDPOINT,
     EarthEngineProvider,
+    backfill,
     band_groups,
     blocks,
     classify,
@@ -160,6 +161,34 @@ def test_mosaic_and_unmasked_settings_equal_local(
     sensor = SensorSpec(composite=composite, fill_value=fill, cloudy_pct=60)
     gee, local = _fetch_both(standin, tmp_path, SAMPLE_DIR, windows, sensor, CloudMask(mode=mode))
     assert_same_stack(gee, local)
+
+
+def _records(n: int) -> list[FrameRecord]:
+    day = dt.date(2020, 1, 1)
+    return [FrameRecord(i, day, day, n_scenes=1, clear_fraction=0.5) for i in range(n)]
+
+
+def test_backfill_takes_the_whole_range_then_the_nearest_window() -> None:
+    frames = [np.full((2, 2, 2), v, np.uint16) for v in (10, 0, 30, 0)]
+    whole = (np.full((2, 2, 2), 99, np.uint16), np.array([[True, False], [False, False]]))
+    records = _records(4)
+    backfill(frames, records, [False, True, False, True], whole)
+    assert [int(f[0, 0, 0]) for f in frames] == [10, 99, 30, 99]
+    assert [r.backfill_source for r in records] == [None, "whole_range", None, "whole_range"]
+    assert records[1].clear_fraction == 0.25 and not records[0].backfilled
+    # Without a whole-range composite (or with nothing clear in it): the nearest, earlier on ties.
+    frames = [np.full((2, 2, 2), v, np.uint16) for v in (10, 0, 30, 0)]
+    records = _records(4)
+    backfill(frames, records, [False, True, False, True], (whole[0], np.zeros((2, 2), bool)))
+    assert [int(f[0, 0, 0]) for f in frames] == [10, 10, 30, 30]
+    assert [r.backfill_source for r in records] == [None, "frame:0", None, "frame:2"]
+
+
+def test_an_area_no_granule_covers_is_a_clear_error(standin: StandIn, tmp_path: Path) -> None:
+    far = GeoBox.from_bbox((300000.0, 5000000.0, 300640.0, 5000640.0), "EPSG:32631", resolution=10)
+    with pytest.raises(ProviderError, match=r"no Sentinel-2 granule .* widen the range"):
+        _provider(standin, tmp_path).fetch(far, frame_windows(2019, 2), SensorSpec(), CloudMask())
+    assert not _pixel_bodies(standin)
 
 
 # --- acquisitions ------------------------------------------------------------------------

@@ -103,5 +103,5 @@ def test_slot_directory_threads_and_validation(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="slots=0"):
         SlotDirectory(tmp_path / "t", 0)
     (tmp_path / "file").write_text("")
-    with pytest.raises(SettingsError, match="AGRIFM_GEE_SLOTS_DIR"):
+    with pytest.raises(SettingsError, match="RS_EMBED_AGRIFM_GEE_SLOTS_DIR"):
         SlotDirectory(tmp_path / "file" / "sub", 2)

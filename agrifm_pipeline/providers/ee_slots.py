@@ -36,14 +36,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from agrifm_pipeline.errors import SettingsError
 
 #: Environment variable naming the shared slot directory (default: one per node and project).
-SLOTS_DIR_ENV = "AGRIFM_GEE_SLOTS_DIR"
+SLOTS_DIR_ENV = "RS_EMBED_AGRIFM_GEE_SLOTS_DIR"
 
 
 class Limiter(Protocol):
@@ -51,13 +51,13 @@ class Limiter(Protocol):
 
     slots: int
 
-    def slot(self) -> contextmanager[None]:  # type: ignore[valid-type]
+    def slot(self) -> AbstractContextManager[None]:
         """Hold one slot for the duration of the ``with`` block."""
         ...
 
 
 def default_slots_dir(project: str | None) -> Path:
-    """``$AGRIFM_GEE_SLOTS_DIR`` if set, else a directory per project in the node's temp dir."""
+    """``$RS_EMBED_AGRIFM_GEE_SLOTS_DIR`` if set, else a directory per project in the node's temp dir."""
     env = os.environ.get(SLOTS_DIR_ENV)
     if env:
         return Path(env)

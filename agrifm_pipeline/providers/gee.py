@@ -332,6 +332,31 @@ def pixel_grid(area: GeoBox, block: tuple[slice, slice]) -> dict[str, Any]:
     return grid
 
 
+def backfill(
+    frames: list[np.ndarray],
+    records: list[FrameRecord],
+    empty: Sequence[bool],
+    whole: tuple[np.ndarray, np.ndarray] | None,
+) -> None:
+    """Back-fill empty windows in place by the contract's rule (as the local provider does).
+
+    ``whole`` is the whole-range composite and its clear mask, or None when it
+    was not fetched: an empty window takes it when it has a clear pixel, and
+    otherwise the nearest non-empty window (the earlier one on ties).
+    """
+    available = whole is not None and bool(whole[1].any())
+    for i, source in enumerate(backfill_sources(empty, available)):
+        if source is None:
+            continue
+        records[i].backfilled, records[i].backfill_source = True, source
+        if source == "whole_range":
+            assert whole is not None
+            frames[i], records[i].clear_fraction = whole[0], float(whole[1].mean())
+        else:
+            j = int(source.split(":")[1])
+            frames[i], records[i].clear_fraction = frames[j], records[j].clear_fraction
+
+
 @dataclass
 class _Counters:
     """Requests of one fetch (a provider may run several fetches at once)."""
@@ -551,7 +576,8 @@ class EarthEngineProvider:
         query = ee.Dictionary.fromLists(
             list(GRANULE_PROPERTIES), [col.aggregate_array(p) for p in GRANULE_PROPERTIES]
         )
-        return self._call("the granule list", query.getInfo, counters)
+        found = self._call("the granule list", query.getInfo, counters)
+        return dict(found or {})
 
     # -- step 2: the expression -----------------------------------------------------------
     def _acquisition_images(
@@ -584,9 +610,8 @@ class EarthEngineProvider:
         import ee
 
         col = ee.ImageCollection(list(images))  # in time order: a mosaic puts the newest on top
+        # The median of an even count is a float: rounded half up, as the local median.
         comp = col.median().round() if sensor.composite == "median" else col.mosaic()
-        if sensor.composite not in ("median", "mosaic"):
-            raise ProviderError(f"composite={sensor.composite!r}; use 'median' or 'mosaic'")
         clear = comp.select([0]).mask().toUint8().rename(f"{tag}_clear")
         values = comp.unmask(fill_dn(sensor.fill_value)).toUint16()
         return values.rename([f"{tag}_{b}" for b in sensor.bands]).addBands(clear)
@@ -729,19 +754,7 @@ class EarthEngineProvider:
                     clear_fraction=0.0 if e else float(clear.mean()),
                 )
             )
-        whole_clear = fetched["all"][1] if "all" in fetched else None
-        for i, source in enumerate(
-            backfill_sources(empty, whole_clear is not None and bool(whole_clear.any()))
-        ):
-            if source is None:
-                continue
-            records[i].backfilled, records[i].backfill_source = True, source
-            if source == "whole_range":
-                assert whole_clear is not None
-                frames[i], records[i].clear_fraction = fetched["all"][0], float(whole_clear.mean())
-            else:
-                j = int(source.split(":")[1])
-                frames[i], records[i].clear_fraction = frames[j], records[j].clear_fraction
+        backfill(frames, records, empty, fetched.get("all"))
         return FrameStack(
             data=frame_stack_array(np.stack(frames), area, windows, sensor.bands),
             frames=records,
