@@ -40,3 +40,28 @@ class ProviderError(AgriFMError):
 
 class PerformanceWarning(UserWarning):
     """A setting that works here but runs far slower than its alternative (the message says which)."""
+
+
+class NoCoverageError(ProviderError):
+    """No scene of the source reaches the requested area at all, whatever the dates or
+    clouds: the tile lies outside the source's data.
+
+    ``area`` names the tile or grid asked for, ``source`` the data source (a local
+    root, a STAC catalog, a collection), ``extent`` where its scenes are (see
+    :meth:`extent_label`), or None when it has none.
+    """
+
+    def __init__(self, area: str, source: str, extent: str | None) -> None:
+        self.area, self.source, self.extent = area, source, extent
+        where = f"its scenes cover {extent}" if extent else "it has no scenes at all"
+        super().__init__(
+            f"no scene of {source} covers {area}: {where}. The tile lies outside the "
+            "source's data (cloud and date settings cannot help); use a region inside that "
+            "extent, or a source whose scenes cover the tile"
+        )
+
+    @staticmethod
+    def extent_label(bounds_wgs84: tuple[float, float, float, float], n_scenes: int) -> str:
+        """``lon a..b, lat c..d (WGS84, N scenes)`` from (min lon, min lat, max lon, max lat)."""
+        w, s, e, n = bounds_wgs84
+        return f"lon {w:.4f}..{e:.4f}, lat {s:.4f}..{n:.4f} (WGS84, {n_scenes} scene(s))"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agrifm_pipeline import runtime
 from agrifm_pipeline.definitions import default_resources
 from agrifm_pipeline.defs.resources import ZarrStorage
-from agrifm_pipeline.errors import SettingsError
+from agrifm_pipeline.errors import NoCoverageError, ProviderError, SettingsError
 from agrifm_pipeline.settings import (
     PIPELINE_STORAGE_ENV,
     check_storage_root,
@@ -111,3 +113,43 @@ def test_system_malloc_other_values_are_an_error(fresh_allocator, word: str) -> 
     msg = str(err.value)
     assert f"AGRIFM_PIPELINE_SYSTEM_MALLOC={word!r}" in msg
     assert "'true'" in msg and "'false'" in msg  # the accepted words
+
+
+# --- a tile that no scene covers -----------------------------------------------------------
+
+
+def test_no_coverage_error_names_the_source_its_extent_and_the_fix() -> None:
+    extent = NoCoverageError.extent_label((3.1, 50.7, 3.3, 50.8), 51)
+    err = NoCoverageError("tile 32631_1280m_E0100_N4392", "local root data/s2_sample", extent)
+    assert isinstance(err, ProviderError)  # callers that catch provider errors still do
+    msg = str(err)
+    assert msg.startswith(
+        "no scene of local root data/s2_sample covers tile 32631_1280m_E0100_N4392"
+    )
+    assert "lon 3.1000..3.3000, lat 50.7000..50.8000 (WGS84, 51 scene(s))" in msg
+    assert "cloudy_pct" not in msg and "widen the range" not in msg
+    assert "no scenes at all" in str(NoCoverageError("tile t", "catalog c.json", None))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="providers/ (another owner) still raise the 'no clear observation' advice; "
+    "they should raise NoCoverageError when no scene of the source intersects the tile",
+)
+def test_local_provider_says_no_scene_covers_a_tile_outside_the_sample() -> None:
+    """Reproduces the fault: a tile 30 km east of the bundled sample fails with advice
+    about clouds and dates instead of saying the sample does not reach it."""
+    from odc.geo.geobox import GeoBox
+
+    from agrifm_pipeline.frames import frame_windows
+    from agrifm_pipeline.providers.base import CloudMask
+    from agrifm_pipeline.providers.local import LocalProvider
+    from agrifm_pipeline.specs import SensorSpec
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "s2_sample"
+    away = GeoBox.from_bbox((604680.0, 5621800.0, 605320.0, 5622440.0), "EPSG:32631", resolution=10)
+    with pytest.raises(ProviderError) as err:
+        LocalProvider(sample).fetch(away, frame_windows(2019, 4), SensorSpec(), CloudMask())
+    assert isinstance(err.value, NoCoverageError), str(err.value)
+    assert "no scene of" in str(err.value) and "lon " in str(err.value)
