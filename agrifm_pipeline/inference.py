@@ -2,11 +2,15 @@
 
 The engine is what both the single-ROI API and the pipeline's embedding stage
 use. It owns the device, the precision and the batch size, and records them.
+Precision is applied here and nowhere else: the model is loaded in float32, and
+for bfloat16 the engine stores its matmul weights in bf16 once and runs every
+forward under ``torch.autocast``.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,8 +20,19 @@ from typing import Any, TypeVar
 import torch
 
 from agrifm_pipeline.checkpoint import ResolvedCheckpoint, checkpoint_tensors, resolve_checkpoint
-from agrifm_pipeline.errors import BackendError, InputContractError, SettingsError
-from agrifm_pipeline.model import load_encoder, resolve_device, resolve_precision
+from agrifm_pipeline.errors import (
+    BackendError,
+    InputContractError,
+    PerformanceWarning,
+    SettingsError,
+)
+from agrifm_pipeline.model import (
+    cast_for_autocast,
+    load_encoder,
+    native_bf16_cpu,
+    resolve_device,
+    resolve_precision,
+)
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
 
 ENCODER_BACKENDS = ("ours", "official")
@@ -61,6 +76,7 @@ class EmbeddingEngine:
     encoder: str
     checkpoint: dict[str, Any]
     param_stats: dict[str, float] = field(default_factory=dict)
+    autocast_dtype: torch.dtype | None = None
 
     @classmethod
     def create(
@@ -73,16 +89,18 @@ class EmbeddingEngine:
         settings = settings or load_settings()
         options = options or InferenceOptions()
         device = resolve_device(options.device)
-        precision, _ = resolve_precision(options.precision)
+        precision, autocast_dtype = resolve_precision(options.precision)
         resolved = (
             checkpoint
             if isinstance(checkpoint, ResolvedCheckpoint)
             else resolve_checkpoint(checkpoint, settings)
         )
         model: torch.nn.Module
+        info: dict[str, Any]
         if options.encoder == "ours":
-            ours = load_encoder(resolved, device=device, precision=precision)
-            model, info = ours, dict(ours.checkpoint_info)  # type: ignore[arg-type]
+            ours = load_encoder(resolved, device=device)
+            info = {**ours.checkpoint_info, "precision": precision}
+            model = ours
         else:
             from agrifm_pipeline.official import load_official_encoder
 
@@ -100,6 +118,9 @@ class EmbeddingEngine:
                 "param_std": float(flat.std()),
                 "param_absmax": float(flat.abs().max()),
             }
+        if autocast_dtype is not None:
+            _warn_if_software_bf16(device, precision)
+            cast_for_autocast(model, autocast_dtype)
         return cls(
             model=model,
             device=device,
@@ -108,11 +129,20 @@ class EmbeddingEngine:
             encoder=options.encoder,
             checkpoint=info,
             param_stats=stats,
+            autocast_dtype=autocast_dtype,
         )
 
     @property
     def untrained(self) -> bool:
         return bool(self.checkpoint.get("untrained"))
+
+    @property
+    def cpu_matmul(self) -> str | None:
+        """The library our fp32 linear layers run on (the one the model was built with);
+        None where they do not run: off the CPU, under autocast, or the official code."""
+        if self.device.type != "cpu" or self.autocast_dtype is not None:
+            return None
+        return getattr(self.model, "cpu_matmul", None)
 
     def record(self) -> dict[str, Any]:
         """What produced the embeddings: device, precision, batch size, checkpoint."""
@@ -121,7 +151,7 @@ class EmbeddingEngine:
             "device": str(self.device),
             "precision": self.precision,
             "batch_size": self.batch_size,
-            "cpu_matmul": getattr(self.model, "cpu_matmul", None),
+            "cpu_matmul": self.cpu_matmul,
             "checkpoint": self.checkpoint,
             **self.param_stats,
         }
@@ -145,8 +175,15 @@ class EmbeddingEngine:
         # forward passes run asynchronously, so the next batch is pinned and its
         # copy queued while the current one computes, and the only wait is the one
         # copy back at the end (an output is 1024 x 7 x 7 floats a chip, 200 kB).
-        outputs = [self.model(batch) for batch in self._batches(chips.float())]
+        outputs = [self.forward(batch) for batch in self._batches(chips.float())]
         return torch.cat(outputs, dim=0).float().cpu()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model on one batch already on the device, at the engine's precision."""
+        if self.autocast_dtype is None:
+            return self.model(batch)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            return self.model(batch)
 
     def embed_many(self, chip_groups: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         """Embed several (n_i, T, 10, S, S) groups together, in shared batches."""
@@ -202,6 +239,17 @@ class EmbeddingEngine:
         while queued:
             run(min(queued, self.batch_size))
         yield from ready()
+
+
+def _warn_if_software_bf16(device: torch.device, precision: str) -> None:
+    if device.type == "cpu" and not native_bf16_cpu():
+        warnings.warn(
+            f"precision={precision!r} on this CPU ({torch.backends.cpu.get_cpu_capability()}, "
+            "no AVX512-BF16 or AMX): PyTorch multiplies bfloat16 in software here, many "
+            "times slower than float32 for the encoder; use precision='float32' on this machine",
+            PerformanceWarning,
+            stacklevel=3,
+        )
 
 
 def prefetch(items: Iterable[K], depth: int = 1) -> Iterator[K]:

@@ -199,13 +199,15 @@ class OfficialEncoder(nn.Module):
         self.patch_emd = patch_emd
         self.backbone = backbone
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(encoder_features, features_list)`` from upstream's output dict, as ours gives them."""
         if x.ndim == 4:
             x = x.unsqueeze(1)
-        return self.backbone(self.patch_emd(x))
+        out = self.backbone(self.patch_emd(x))
+        return out["encoder_features"], list(out["features_list"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)["encoder_features"]
+        return self.forward_intermediates(x)[0]
 
 
 def load_official_encoder(

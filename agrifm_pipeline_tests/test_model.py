@@ -2,13 +2,17 @@
 
 Tiny reference checkpoints cover every geometry case (T from 1 to 48, padded
 and odd sizes, batch 2, non-square, both patch sizes); the full-size cases
-rebuild the recipe weights for the released model and compare at 224².
+rebuild the recipe weights for the released model and compare at 224². Every
+entry point (``forward``, ``forward_features``, ``forward_intermediates``) is
+compared, with and without an autograd graph, on each CPU matmul library.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +20,15 @@ import pytest
 import torch
 
 from agrifm_pipeline.errors import CheckpointError
-from agrifm_pipeline.model import AgriFMEncoder, EncoderConfig, checkpoint_filter_fn, load_encoder
-from agrifm_pipeline.model.agrifm import effective_window, relative_position_index
+from agrifm_pipeline.model import (
+    AgriFMEncoder,
+    EncoderConfig,
+    checkpoint_filter_fn,
+    cpu,
+    load_encoder,
+)
+from agrifm_pipeline.model.agrifm import effective_window, fold_time, relative_position_index
+from agrifm_pipeline.model.cache import ShapeCache
 from agrifm_pipeline.model.layout import infer_config, to_upstream_layout
 from agrifm_pipeline.model.weights import untrained_state_dict, untrained_tensor
 from agrifm_pipeline_tests.fixtures.reference import (
@@ -26,50 +37,121 @@ from agrifm_pipeline_tests.fixtures.reference import (
     full_input,
     tiny_case,
     tiny_cases,
+    tiny_checkpoint,
 )
 
 ATOL = RTOL = 1e-4
 F16_ATOL = 5e-3
+LIBRARIES = ["blas", "onednn"] if cpu.onednn_linear_available() else ["blas"]
 
 
-def _compare(out: dict, ref: ReferenceCase) -> None:
-    np.testing.assert_allclose(
-        out["encoder_features"].numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL
-    )
+def _compare(final: torch.Tensor, features: list[torch.Tensor], ref: ReferenceCase) -> None:
+    got = final.detach().numpy()
+    np.testing.assert_allclose(got, ref["encoder_features"], atol=ATOL, rtol=RTOL)
     if "encoder_features_f64" in ref:
-        np.testing.assert_allclose(
-            out["encoder_features"].numpy(), ref["encoder_features_f64"], atol=ATOL, rtol=RTOL
-        )
-    for k, feat in enumerate(out["features_list"]):
-        got = feat.numpy()
+        np.testing.assert_allclose(got, ref["encoder_features_f64"], atol=ATOL, rtol=RTOL)
+    for k, feat in enumerate(features):
+        stage = feat.detach().numpy()
         if f"features_list_{k}" in ref:
-            np.testing.assert_allclose(got, ref[f"features_list_{k}"], atol=ATOL, rtol=RTOL)
+            np.testing.assert_allclose(stage, ref[f"features_list_{k}"], atol=ATOL, rtol=RTOL)
         if f"features_list_{k}_f16" in ref:
             np.testing.assert_allclose(
-                got, ref[f"features_list_{k}_f16"].astype(np.float32), atol=F16_ATOL
+                stage, ref[f"features_list_{k}_f16"].astype(np.float32), atol=F16_ATOL
             )
         if f"features_list_{k}_slice" in ref:
             np.testing.assert_allclose(
-                got[:, :8, :4, :4], ref[f"features_list_{k}_slice"], atol=ATOL, rtol=RTOL
+                stage[:, :8, :4, :4], ref[f"features_list_{k}_slice"], atol=ATOL, rtol=RTOL
             )
 
 
+def _mode(mode: str) -> AbstractContextManager[object]:
+    return {
+        "inference_mode": torch.inference_mode(),
+        "no_grad": torch.no_grad(),
+        "grad": nullcontext(),
+    }[mode]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
 @pytest.mark.parametrize("variant", ["p444", "p422"])
-def test_tiny_reference_cases(fixtures_dir: Path, variant: str) -> None:
-    model = load_encoder(fixtures_dir / f"tiny_{variant}.pth")
+def test_tiny_reference_cases(variant: str, mode: str, library: str) -> None:
+    """Every entry point, on every path (in-place inference, no_grad, autograd recording a
+    graph through the input), gives the official outputs."""
+    model = load_encoder(tiny_checkpoint(variant), cpu_matmul=library)
     assert model.cfg.patch_size == ((4, 4, 4) if variant == "p444" else (4, 2, 2))
     assert model.cfg.embed_dim == 16 and model.cfg.depths == (2, 2, 2, 2)
     assert model.cfg.num_heads == (2, 2, 4, 8)
     cases = tiny_cases(variant)
     assert len(cases) >= 5
     for ref in cases:
-        x = torch.from_numpy(ref.x)
-        with torch.no_grad():
-            out = model.forward_features(x)
+        x = torch.from_numpy(ref.x).requires_grad_(mode == "grad")
+        with _mode(mode):
+            final, features = model.forward_intermediates(x)
             plain = model(x)
-        _compare(out, ref)
-        # forward() is exactly the first output of forward_features().
-        assert torch.equal(plain, out["encoder_features"]), ref.name
+            normed = model.forward_features(x)
+        assert final.requires_grad == (mode == "grad"), ref.name
+        _compare(final, features, ref)
+        # The three entry points are one computation.
+        assert torch.equal(plain, final), ref.name
+        assert torch.equal(fold_time(normed), final), ref.name
+
+
+def test_grad_path_agrees_with_the_inference_path() -> None:
+    """The autograd path (out-of-place residuals and GELU, nn.Linear) and the inference
+    path (in place, the CPU kernels) are the same function to float32 rounding."""
+    model = load_encoder(tiny_checkpoint("p444"))
+    for ref in tiny_cases("p444"):
+        x = torch.from_numpy(ref.x)
+        with torch.inference_mode():
+            fast, fast_features = model.forward_intermediates(x)
+        slow, slow_features = model.forward_intermediates(x.clone().requires_grad_(True))
+        torch.testing.assert_close(slow.detach(), fast, atol=1e-5, rtol=1e-5)
+        for a, b in zip(slow_features, fast_features, strict=True):
+            torch.testing.assert_close(a.detach(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_matches_finite_differences() -> None:
+    """Gradients of the tiny model (float64, input and every parameter, a shifted and
+    padded geometry) against central differences along random directions."""
+    model = load_encoder(tiny_checkpoint("p444")).double().requires_grad_(True)
+    x = torch.from_numpy(tiny_case("p444", "t6_40x40").x).double().requires_grad_(True)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+    weights = torch.randn_like(model(x), generator=torch.Generator().manual_seed(0))
+
+    def f(inp: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, dict(zip(names, flat, strict=True)), (inp,))
+        return (out * weights).sum()
+
+    tensors = [x.detach(), *params]
+    inputs = [t.clone().requires_grad_(True) for t in tensors]
+    grads = torch.autograd.grad(f(*inputs), inputs)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().max() > 0 and all(g.abs().max() > 0 for g in grads[1:])
+    gen = torch.Generator().manual_seed(1)
+    eps = 1e-6
+    with torch.no_grad():
+        for _ in range(3):
+            direction = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in tensors]
+            plus = f(*[t + eps * d for t, d in zip(tensors, direction, strict=True)])
+            minus = f(*[t - eps * d for t, d in zip(tensors, direction, strict=True)])
+            numeric = (plus - minus) / (2 * eps)
+            analytic = sum((g * d).sum() for g, d in zip(grads, direction, strict=True))
+            assert abs(numeric - analytic) <= 1e-6 * abs(analytic), (numeric, analytic)
+
+
+def test_backward_in_float32_agrees_with_float64() -> None:
+    """The float32 model's input gradient is the float64 one to float32 rounding."""
+    ref = tiny_case("p444", "t8_70x70")
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        model = load_encoder(tiny_checkpoint("p444")).to(dtype)
+        x = torch.from_numpy(ref.x).to(dtype).requires_grad_(True)
+        model(x).square().mean().backward()
+        assert x.grad is not None
+        grads.append(x.grad.double())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
 def test_tiny_decoy_keys_are_ignored_and_listed(fixtures_dir: Path) -> None:
@@ -86,16 +168,28 @@ def test_tiny_decoy_keys_are_ignored_and_listed(fixtures_dir: Path) -> None:
 
 
 def test_position_bias_quirk_matters(fixtures_dir: Path) -> None:
-    """The sliced full-window index (not a geometric one) is what reproduces upstream."""
+    """The position bias matters, and an in-place edit of its table after a forward pass
+    reaches the next one (the cached attention bias follows the table's values)."""
     ref = tiny_case("p444", "t8_70x70")
     model = load_encoder(fixtures_dir / "tiny_p444.pth")
     x = torch.from_numpy(ref.x)
+    with torch.inference_mode():
+        before = model(x)  # fills the bias caches
+    np.testing.assert_allclose(before.numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL)
     with torch.no_grad():
         for layer in model.layers:
             for block in layer.blocks:
+                assert len(block.attn.bias_cache) > 0
                 block.attn.relative_position_bias_table.zero_()
+    with torch.inference_mode():
         out = model(x).numpy()
     assert np.abs(out - ref["encoder_features"]).max() > 1e-2
+    fresh = load_encoder(fixtures_dir / "tiny_p444.pth")
+    with torch.no_grad():
+        for layer in fresh.layers:
+            for block in layer.blocks:
+                block.attn.relative_position_bias_table.zero_()
+        np.testing.assert_array_equal(fresh(x).numpy(), out)
 
 
 def test_effective_window_rule() -> None:
@@ -233,24 +327,56 @@ def test_full_size_reference_outputs(case: str, spec: str) -> None:
     assert model.checkpoint_info["untrained"] is True
     ref = full_case(case)
     x = torch.from_numpy(ref.x)
-    with torch.no_grad():
-        out = model.forward_features(x)
-    _compare(out, ref)
+    with torch.inference_mode():
+        final, features = model.forward_intermediates(x)
+    _compare(final, features, ref)
 
 
-def test_bfloat16_keeps_pooled_direction() -> None:
-    """bf16 autocast is measured, not assumed: pooled vectors keep cosine >= 0.999."""
+def _pooled_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.mean((2, 3)), b.mean((2, 3))).min().item()
+
+
+def test_bfloat16_autocast_keeps_pooled_direction_on_every_path() -> None:
+    """bf16 is the caller's autocast around the float32 model: forward, forward_features,
+    forward_intermediates and the autograd path all keep pooled cosine >= 0.999."""
     x = torch.from_numpy(full_input("full_input_t32_48x48.npz"))
-    fp32 = load_encoder("untrained:0")
-    bf16 = load_encoder("untrained:0", precision="bfloat16")
-    with torch.no_grad():
-        a, b = fp32(x), bf16(x)
+    model = load_encoder("untrained:0")
+    with torch.inference_mode():
+        reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            outs = {
+                "forward": model(x),
+                "forward_features": fold_time(model.forward_features(x)),
+                "forward_intermediates": model.forward_intermediates(x)[0],
+            }
+        grad_path = model.forward_intermediates(x.clone().requires_grad_(True))[0]
+    outs["grad"] = grad_path
+    for name, out in outs.items():
+        assert out.shape == reference.shape, name
+        cos = _pooled_cosine(reference, out.detach().float())
+        assert cos >= 0.999, (name, cos)
+        rel = ((reference - out.detach().float()).norm() / reference.norm()).item()
+        assert rel < 0.03, (name, rel)
+    grad_path.float().square().mean().backward()  # the bf16 graph runs backwards
+
+
+def test_engine_runs_bfloat16_under_its_autocast(fixtures_dir: Path) -> None:
+    """The engine owns precision: its bf16 output keeps the pooled direction of fp32, and the
+    model it loaded is the plain float32 module until the engine casts it."""
+    from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
+
+    x = torch.from_numpy(full_input("full_input_t32_48x48.npz"))
+    fp32 = EmbeddingEngine.create("untrained:0", options=InferenceOptions(device="cpu"))
+    bf16 = EmbeddingEngine.create(
+        "untrained:0", options=InferenceOptions(device="cpu", precision="bfloat16")
+    )
+    assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16
+    assert bf16.record()["precision"] == "bfloat16" and bf16.checkpoint["precision"] == "bfloat16"
+    a, b = fp32.embed(x), bf16.embed(x)
     assert b.dtype == torch.float32 and a.shape == b.shape
-    cos = torch.nn.functional.cosine_similarity(a.mean((2, 3)), b.mean((2, 3))).min().item()
-    assert cos >= 0.999, cos
-    # The grid itself: relative error 0.010 measured (AMD EPYC, torch 2.14.1).
-    rel = ((a - b).norm() / a.norm()).item()
-    assert rel < 0.03, rel
+    assert _pooled_cosine(a, b) >= 0.999
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
 
 
 def test_any_size_and_frame_count() -> None:
@@ -273,55 +399,51 @@ def test_filter_fn_maps_onto_our_names(fixtures_dir: Path) -> None:
     assert info["layout"] == "released"
 
 
-def test_cpu_linear_path_matches_nn_linear(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The oneDNN fp32 path is taken only without autograd or autocast, and agrees."""
-    from agrifm_pipeline.model import agrifm
+# --- CPU kernels and the matmul library ---------------------------------------------------
 
+
+class _Spy:
+    """Counts the calls of a function it stands in for."""
+
+    def __init__(self, fn: object) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: object) -> object:
+        self.calls += 1
+        return self.fn(*args)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_cpu_linear_path_matches_nn_linear(monkeypatch: pytest.MonkeyPatch, library: str) -> None:
+    """Each library's fp32 path agrees with nn.Linear; it is taken only without autograd or
+    autocast, and oneDNN's op runs exactly when the layer was built for it."""
     torch.manual_seed(0)
-    layer = agrifm.Linear(96, 288)
+    layer = cpu.Linear(96, 288, cpu_matmul=library)
     x = torch.randn(3, 5, 49, 96)
     reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    spy = _Spy(torch.ops.mkldnn._linear_pointwise)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
     with torch.inference_mode():
-        fast = layer(x)
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x), reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        layer(x)
+    assert spy.calls == (2 if library == "onednn" else 0)
     assert layer(x).requires_grad  # a graph is being recorded: the standard path
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast still casts
-    if not agrifm._onednn_linear_available():
-        return
-    monkeypatch.setattr(agrifm, "ONEDNN_LINEAR", True)  # whatever this host's auto choice is
-    with torch.inference_mode():
-        torch.testing.assert_close(layer(x), reference, atol=1e-5, rtol=1e-5)
-    calls = []
-    original = torch.ops.mkldnn._linear_pointwise
-
-    def spy(*args: object) -> torch.Tensor:
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
-    with torch.no_grad():
-        layer(x)
-    assert len(calls) == 1
+    assert spy.calls == (2 if library == "onednn" else 0)
+    with pytest.raises(ValueError, match="cpu_matmul='mkl'"):
+        cpu.Linear(4, 4, cpu_matmul="mkl")
 
 
 @pytest.mark.parametrize("threads", [2, 4])
 def test_few_row_linears_by_column_blocks(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     """Few rows on the BLAS: one matmul per thread over its output columns, same values."""
-    from agrifm_pipeline.model import agrifm
-
-    monkeypatch.setattr(agrifm, "ONEDNN_LINEAR", False)
-    monkeypatch.setattr(agrifm.torch, "get_num_threads", lambda: threads)
-    calls: list[int] = []
-    original = agrifm._linear_by_column_blocks
-
-    def spy(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, parts: int) -> torch.Tensor:
-        calls.append(parts)
-        return original(x, w, b, parts)
-
-    monkeypatch.setattr(agrifm, "_linear_by_column_blocks", spy)
+    monkeypatch.setattr(cpu.torch, "get_num_threads", lambda: threads)
+    spy = _Spy(cpu.linear_by_column_blocks)
+    monkeypatch.setattr(cpu, "linear_by_column_blocks", spy)
     torch.manual_seed(0)
-    wide, narrow = agrifm.Linear(64, 1024), agrifm.Linear(64, 256)
+    wide, narrow = cpu.Linear(64, 1024), cpu.Linear(64, 256)
     few = torch.randn(2, 49, 64)  # 98 rows
     many = torch.randn(2, 200, 64)  # 400 rows: more than SPLIT_ROWS_MAX
     with torch.inference_mode():
@@ -331,10 +453,15 @@ def test_few_row_linears_by_column_blocks(monkeypatch: pytest.MonkeyPatch, threa
             assert got.shape == ref.shape and got.is_contiguous()
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # Only the wide layer on few rows qualifies (the narrow one has < 256 columns a thread).
-    assert calls == [threads]
+    assert spy.calls == 1
     with torch.enable_grad():
         assert wide(few).requires_grad  # recording a graph: nn.Linear
-    assert calls == [threads]
+    assert spy.calls == 1
+    onednn = cpu.Linear(64, 1024, cpu_matmul="onednn")
+    if cpu.onednn_linear_available():
+        with torch.inference_mode():
+            onednn(few)
+        assert spy.calls == 1  # built for oneDNN: never the BLAS column blocks
 
 
 @pytest.mark.skipif(
@@ -342,62 +469,107 @@ def test_few_row_linears_by_column_blocks(monkeypatch: pytest.MonkeyPatch, threa
 )
 def test_linear_compiles() -> None:
     """Under torch.compile the layer is plain nn.Linear (oneDNN's op needs constant weights)."""
-    from agrifm_pipeline.model.agrifm import Linear
-
-    layer = Linear(16, 32)
+    layer = cpu.Linear(16, 32, cpu_matmul=LIBRARIES[-1])
     x = torch.randn(4, 16)
     with torch.no_grad():
         got = torch.compile(layer)(x)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
-def test_cpu_matmul_library_choice(monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path) -> None:
+def test_cpu_matmul_library_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto picks oneDNN on AVX-512 and the BLAS on AVX2; the setting overrides; bad values
-    are named with the fix; the choice is recorded with the embeddings."""
+    are named with the fix, at load."""
     from agrifm_pipeline.errors import SettingsError
-    from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
-    from agrifm_pipeline.model import agrifm
 
-    onednn = agrifm._onednn_linear_available()
+    onednn = cpu.onednn_linear_available()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert agrifm.cpu_matmul_library("auto") == ("onednn" if onednn else "blas")
+    assert cpu.cpu_matmul_library("auto") == ("onednn" if onednn else "blas")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert agrifm.cpu_matmul_library("auto") == "blas"
-    assert agrifm.cpu_matmul_library("") == "blas"
-    assert agrifm.cpu_matmul_library(" BLAS ") == "blas"
+    assert cpu.cpu_matmul_library("auto") == "blas"
+    assert cpu.cpu_matmul_library("") == "blas"
+    assert cpu.cpu_matmul_library(" BLAS ") == "blas"
     if onednn:
-        assert agrifm.cpu_matmul_library("onednn") == "onednn"
+        assert cpu.cpu_matmul_library("onednn") == "onednn"
     with pytest.raises(
         SettingsError, match=r"AGRIFM_PIPELINE_CPU_MATMUL='mkl-ish'.*auto, blas, onednn"
     ):
-        agrifm.cpu_matmul_library("mkl-ish")
-
-    monkeypatch.setenv(agrifm.CPU_MATMUL_ENV, "fastest")
+        cpu.cpu_matmul_library("mkl-ish")
+    monkeypatch.setenv(cpu.CPU_MATMUL_ENV, "fastest")
     with pytest.raises(SettingsError, match="AGRIFM_PIPELINE_CPU_MATMUL"):
-        load_encoder(fixtures_dir / "tiny_p444.pth")
-    monkeypatch.setenv(agrifm.CPU_MATMUL_ENV, "blas")
-    monkeypatch.setattr(agrifm, "ONEDNN_LINEAR", agrifm.ONEDNN_LINEAR)  # restored afterwards
-    engine = EmbeddingEngine.create(
-        fixtures_dir / "tiny_p444.pth", options=InferenceOptions(device="cpu")
+        load_encoder(tiny_checkpoint("p444"))
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_recorded_cpu_matmul_is_what_ran(monkeypatch: pytest.MonkeyPatch, library: str) -> None:
+    """The library is resolved once, at load, into every layer: a later change of the
+    setting (or another engine loaded with another one) changes nothing that is already
+    built, and the lineage's cpu_matmul names the kernels that ran."""
+    from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
+
+    other = "blas" if library == "onednn" else LIBRARIES[-1]
+    monkeypatch.setenv(cpu.CPU_MATMUL_ENV, library)
+    engine = EmbeddingEngine.create(tiny_checkpoint("p444"), options=InferenceOptions(device="cpu"))
+    monkeypatch.setenv(cpu.CPU_MATMUL_ENV, other)
+    second = EmbeddingEngine.create(tiny_checkpoint("p444"), options=InferenceOptions(device="cpu"))
+    assert engine.record()["cpu_matmul"] == library
+    assert second.record()["cpu_matmul"] == other
+    linears = [m for m in engine.model.modules() if isinstance(m, cpu.Linear)]
+    assert linears and {m.cpu_matmul for m in linears} == {library}
+    spy = _Spy(torch.ops.mkldnn._linear_pointwise)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    engine.embed(torch.randn(2, 4, 10, 32, 32))
+    assert (spy.calls > 0) == (library == "onednn")
+    assert spy.calls in (0, len(linears))  # every linear layer, once
+    bf16 = EmbeddingEngine.create(
+        tiny_checkpoint("p444"), options=InferenceOptions(device="cpu", precision="bfloat16")
     )
-    assert engine.record()["cpu_matmul"] == "blas" and agrifm.ONEDNN_LINEAR is False
+    assert bf16.record()["cpu_matmul"] is None  # autocast's kernels, not ours
 
 
-def test_bf16_on_cpu_without_bf16_instructions_warns(
-    monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path
-) -> None:
-    """bf16 where the CPU multiplies it in software is slow: said at load, with the fix."""
+def test_bf16_on_cpu_without_bf16_instructions_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 where the CPU multiplies it in software is slow: said when the engine is made,
+    with the fix."""
     import warnings
 
-    import agrifm_pipeline.model as model_pkg
+    import agrifm_pipeline.inference as inference
     from agrifm_pipeline.errors import PerformanceWarning
 
-    tiny = fixtures_dir / "tiny_p444.pth"
-    monkeypatch.setattr(model_pkg, "native_bf16_cpu", lambda: False)
+    options = inference.InferenceOptions(device="cpu", precision="bfloat16")
+    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: False)
     with pytest.warns(PerformanceWarning, match="precision='float32'"):
-        load_encoder(tiny, precision="bfloat16")
-    monkeypatch.setattr(model_pkg, "native_bf16_cpu", lambda: True)
+        inference.EmbeddingEngine.create(tiny_checkpoint("p444"), options=options)
+    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerformanceWarning)
-        load_encoder(tiny, precision="bfloat16")
-        load_encoder(tiny, precision="float32")
+        inference.EmbeddingEngine.create(tiny_checkpoint("p444"), options=options)
+        inference.EmbeddingEngine.create(
+            tiny_checkpoint("p444"), options=inference.InferenceOptions(device="cpu")
+        )
+
+
+# --- the per-shape cache ------------------------------------------------------------------
+
+
+def test_shape_cache_keeps_the_most_recent_and_follows_its_source() -> None:
+    cache = ShapeCache(maxsize=2)
+    built: list[str] = []
+
+    def make(name: str) -> torch.Tensor:
+        built.append(name)
+        return torch.zeros(1)
+
+    for key in ("a", "b", "a", "c", "a", "b"):
+        cache.get(key, functools.partial(make, key))
+    assert built == ["a", "b", "c", "b"]  # "b" was the least recently used when "c" came
+    assert len(cache) == 2
+    table = torch.ones(3)
+    first = cache.get("t", lambda: table * 2, depends_on=table)
+    assert cache.get("t", lambda: table * 2, depends_on=table) is first
+    with torch.no_grad():
+        table.add_(1)  # an in-place edit
+    assert torch.equal(cache.get("t", lambda: table * 2, depends_on=table), torch.full((3,), 4.0))
+    table.requires_grad_(True)
+    with torch.enable_grad():
+        assert cache.get("t", lambda: table * 2, depends_on=table).requires_grad  # not cached
+    cache.clear()
+    assert len(cache) == 0

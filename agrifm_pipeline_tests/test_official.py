@@ -48,7 +48,7 @@ class SwinPatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return PatchEmbed3D._project(self, x).permute(0, 4, 1, 2, 3)  # upstream's (N, E, D, H, W)
+        return PatchEmbed3D.project(self, x).permute(0, 4, 1, 2, 3)  # upstream's (N, E, D, H, W)
 
 
 @BACKBONES.register_module()
@@ -171,7 +171,9 @@ def test_real_official_code_matches_fixtures(fixtures_dir: Path) -> None:
         model = load_official_encoder(fixtures_dir / f"tiny_{variant}.pth", repo=repo)
         for ref in tiny_cases(variant):
             with torch.no_grad():
-                out = model.forward_features(torch.from_numpy(ref.x))
-            np.testing.assert_allclose(
-                out["encoder_features"].numpy(), ref["encoder_features"], atol=1e-4, rtol=1e-4
-            )
+                final, features = model.forward_intermediates(torch.from_numpy(ref.x))
+            np.testing.assert_allclose(final.numpy(), ref["encoder_features"], atol=1e-4, rtol=1e-4)
+            for k, feat in enumerate(features):
+                np.testing.assert_allclose(
+                    feat.numpy(), ref[f"features_list_{k}"], atol=1e-4, rtol=1e-4
+                )

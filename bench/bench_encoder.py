@@ -10,14 +10,20 @@ with like:
   GFLOP/s over the mean of its own two rates (the JSON also has the
   conservative share, over the highest rate seen);
 * FLOPs per chip counted with ``torch.utils.flop_counter`` on our encoder;
-* our encoder at each (patch, T, batch, precision): seconds per chip (median of
-  ``--repeats`` after warm-up), chips/s, GFLOP/s, share of matmul rate, peak
-  resident memory of the row; with the official code in the run, the timed
+* our encoder as the product runs it (``EmbeddingEngine.forward``: bfloat16 is
+  the engine's autocast over weights it cast once) at each (patch, T, batch,
+  precision): seconds per chip (median of ``--repeats`` after warm-up),
+  chips/s, GFLOP/s, share of matmul rate, peak resident memory of the row;
+  with the official code in the run, the timed
   calls of the two alternate (ours, official, official, ours, ...), so a slow
   phase of a shared machine slows both rather than one;
 * the official AgriFM code built from its source tree, with the same weights
   and inputs, when ``--official-repo`` or ``RS_EMBED_AGRIFM_REPO_PATH`` names a
   checkout (otherwise that column is left out, and the run says so).
+
+The JSON written (``--json``) records the machine, its CPU flags, the torch,
+numpy, MKL and oneDNN versions and the command line beside the rows; the
+committed results are in ``bench/results/``.
 
 Usage::
 
@@ -45,7 +51,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agrifm_pipeline.model import EncoderConfig, agrifm, load_encoder, untrained_state_dict
+from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
+from agrifm_pipeline.model import (
+    EncoderConfig,
+    cpu,
+    load_encoder,
+    untrained_state_dict,
+)
 
 PATCHES = {"p444": (4, 4, 4), "p422": (4, 2, 2)}
 
@@ -65,6 +77,41 @@ def cpu_name() -> str:
     return f"{name} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
 
 
+#: The CPU flags that decide which kernels are fast here.
+_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")
+
+
+def cpu_flags() -> list[str]:
+    """This CPU's vector-extension flags from /proc/cpuinfo (Linux), else []."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.partition(":")[2].split()
+                return sorted(f for f in flags if f.startswith(_FLAG_PREFIXES))
+    except OSError:
+        pass
+    return []
+
+
+def library_versions() -> dict[str, str | None]:
+    """torch, numpy, and the MKL and oneDNN builds inside torch (from its build config)."""
+    import numpy
+
+    found: dict[str, str | None] = {
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "mkl": None,
+        "onednn": None,
+    }
+    for line in torch.__config__.show().splitlines():
+        text = line.strip().lstrip("- ")
+        if "Math Kernel Library" in text:
+            found["mkl"] = text
+        elif "oneDNN" in text or "MKL-DNN" in text:
+            found["onednn"] = text
+    return found
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,14 +123,14 @@ def matmul_rate(
     """Dense n×n matmul GFLOP/s (median of timed repeats).
 
     In fp32 on a CPU, PyTorch ships two matmul libraries: ``a @ b`` goes to
-    MKL, and the encoder's linear layers go to oneDNN (see ``model.agrifm.Linear``).
+    MKL, and the encoder's linear layers may go to oneDNN (see ``model.cpu.Linear``).
     Both are timed and the faster one is the machine's rate, so the encoder is
     never measured against a slower denominator than the kernels it could use.
     """
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     kernels = [lambda: a @ b]
-    if device.type == "cpu" and dtype == torch.float32 and agrifm.ONEDNN_LINEAR:
+    if device.type == "cpu" and dtype == torch.float32 and cpu.onednn_linear_available():
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     rates = []
     for kernel in kernels:
@@ -106,19 +153,15 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
     Fused attention kernels are counted differently by the flop counter; the
     math kernel's count is the one the official model gives, so ratios compare.
-    The counter knows ATen's matmuls, not oneDNN's linear op, so the count runs
-    with that path switched off (the same FLOPs either way).
+    The counter knows ATen's matmuls, not oneDNN's linear op, so ``model``
+    should be built with ``cpu_matmul="blas"`` (the same FLOPs either way).
     """
-    onednn, agrifm.ONEDNN_LINEAR = agrifm.ONEDNN_LINEAR, False
-    try:
-        with (
-            torch.no_grad(),
-            sdpa_kernel(SDPBackend.MATH),
-            FlopCounterMode(display=False) as counter,
-        ):
-            model(x)
-    finally:
-        agrifm.ONEDNN_LINEAR = onednn
+    with (
+        torch.no_grad(),
+        sdpa_kernel(SDPBackend.MATH),
+        FlopCounterMode(display=False) as counter,
+    ):
+        model(x)
     return float(counter.get_total_flops())
 
 
@@ -140,7 +183,11 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def bf16_accuracy(fp32: torch.nn.Module, low: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+def bf16_accuracy(
+    fp32: Callable[[torch.Tensor], torch.Tensor],
+    low: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+) -> dict[str, float]:
     """bf16 against fp32 on the same input: pooled cosine (min over chips), grid relative error."""
     with torch.inference_mode():
         a, b = fp32(x).float(), low(x).float()
@@ -205,8 +252,8 @@ def time_interleaved(
 def best_vs_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per patch, T and precision: each encoder at its fastest batch, and the ratio.
 
-    The official code is no faster per chip at batch 4 or 8 than at 1, so what a
-    user gets from it is its best row; the per-row ratios compare equal batches.
+    A user of either encoder would run it at its own best batch, which need not
+    be the same one; the per-row ratios compare equal batches.
     """
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -262,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if (
         device.type == "cpu"
         and "bfloat16" in args.precision
-        and not agrifm.native_bf16_cpu()
+        and not cpu.native_bf16_cpu()
         and not args.force_bf16
     ):
         args.precision = [p for p in args.precision if p != "bfloat16"]
@@ -273,16 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.precision:
             return 0
     env: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]) if argv is None else f"main({argv!r})",
         "torch": torch.__version__,
+        "libraries": library_versions(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_matmul_ours": agrifm.cpu_matmul_library() if device.type == "cpu" else None,
-        "bf16_native_cpu": agrifm.native_bf16_cpu(),
+        "cpu_matmul_ours": cpu.cpu_matmul_library() if device.type == "cpu" else None,
+        "bf16_native_cpu": cpu.native_bf16_cpu(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
     }
     print(
@@ -308,13 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     for patch in args.patch:
         cfg = EncoderConfig(patch_size=PATCHES[patch])
         state = untrained_state_dict(args.seed, cfg)
-        # Ours as the product runs it: bfloat16 is load_encoder(precision="bfloat16")
-        # (matmul weights stored in bf16 once, autocast inside the forward); the
-        # official model gets autocast around its fp32 weights, as a caller would.
-        ours_by_precision = {
-            prec: load_encoder(state, device=device, precision=prec) for prec in args.precision
+        spec = f"untrained:{args.seed}" + ("" if patch == "p444" else f":{patch}")
+        # Ours as the product runs it: the engine's forward (bfloat16 is its autocast
+        # over matmul weights it cast once); the official model gets autocast around
+        # its fp32 weights, as a caller would.
+        engines = {
+            prec: EmbeddingEngine.create(
+                spec, options=InferenceOptions(device=str(device), precision=prec)
+            )
+            for prec in {"float32", *args.precision}
         }
-        ours = ours_by_precision.get("float32") or load_encoder(state, device=device)
+        ours = engines["float32"]
+        counted = load_encoder(state, device=device, cpu_matmul="blas")
         official = None
         if official_available:
             from agrifm_pipeline.official import load_official_encoder
@@ -325,15 +380,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         for t in args.frames:
             probe = torch.randn(1, t, 10, args.size, args.size, device=device)
-            gflop = count_flops(ours, probe) / 1e9
+            gflop = count_flops(counted, probe) / 1e9
             for prec in args.precision:
                 autocast = None if prec == "float32" else torch.bfloat16
                 for b in args.batch:
                     x = torch.randn(b, t, 10, args.size, args.size, device=device)
                     # The row's own denominator: the matmul rate measured just before and
-                    # just after it (a shared machine's rate drifts by several % over a run).
+                    # just after it (a shared machine's rate drifts over a run).
                     rate_in = matmul_rate(getattr(torch, prec), device, mm_n, seconds=1.0)
-                    fns = {"ours": (ours_by_precision[prec], None)}
+                    fns: dict[
+                        str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.dtype | None]
+                    ]
+                    fns = {"ours": (engines[prec].forward, None)}
                     if official is not None:
                         fns["official"] = (official, autocast)
                     try:
@@ -356,9 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                         "chips_per_s": b / sec,
                         "gflops": gflop * b / sec,
                         "peak_mb": peak,
+                        "cpu_matmul": engines[prec].cpu_matmul,
                     }
                     if autocast is not None:
-                        row.update(bf16_accuracy(ours, ours_by_precision[prec], x[:2]))
+                        row.update(bf16_accuracy(ours.forward, engines[prec].forward, x[:2]))
                     if "official" in timed:
                         osec, opeak = timed["official"]
                         row.update(
@@ -375,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     rows.append(row)
                     _print_row(row)
-        del ours, ours_by_precision, official
+        del ours, engines, counted, official
 
     rates_after = {p: matmul_rate(getattr(torch, p), device, mm_n) for p in args.precision}
     print("# matmul GFLOP/s after: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_after.items()))
