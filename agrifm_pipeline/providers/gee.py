@@ -557,22 +557,30 @@ class EarthEngineProvider:
         raise AssertionError("unreachable")
 
     # -- step 1: granules -----------------------------------------------------------------
-    def granules(
-        self, area: GeoBox, start: dt.date, end: dt.date, sensor: SensorSpec, counters: _Counters
-    ) -> dict[str, list[Any]]:
-        """Properties of the granules over ``area`` in ``[start, end)`` that pass the filter."""
+    @staticmethod
+    def _collection(area: GeoBox, start: dt.date, end: dt.date, sensor: SensorSpec) -> Any:
+        """The granules over ``area`` in ``[start, end)`` that pass the scene filter.
+
+        Bounds and dates are the filters Earth Engine answers from its index;
+        both steps start from this collection.
+        """
         import ee
 
         bbox = area.extent.boundingbox
         region = ee.Geometry.Rectangle(
             [bbox.left, bbox.bottom, bbox.right, bbox.top], str(area.crs), False
         )
-        col = (
+        return (
             ee.ImageCollection(sensor.collection)
             .filterBounds(region)
             .filterDate(start.isoformat(), end.isoformat())
             .filter(ee.Filter.lte("CLOUDY_PIXEL_PERCENTAGE", sensor.cloudy_pct))
         )
+
+    def granules(self, col: Any, counters: _Counters) -> dict[str, list[Any]]:
+        """Each granule's properties (:data:`GRANULE_PROPERTIES`), one request."""
+        import ee
+
         query = ee.Dictionary.fromLists(
             list(GRANULE_PROPERTIES), [col.aggregate_array(p) for p in GRANULE_PROPERTIES]
         )
@@ -581,7 +589,7 @@ class EarthEngineProvider:
 
     # -- step 2: the expression -----------------------------------------------------------
     def _acquisition_images(
-        self, acqs: Sequence[Acquisition], sensor: SensorSpec, cloud_mask: CloudMask
+        self, col: Any, acqs: Sequence[Acquisition], sensor: SensorSpec, cloud_mask: CloudMask
     ) -> dict[str, Any]:
         """One masked ee.Image per acquisition (a mosaic of its granules)."""
         import ee
@@ -597,11 +605,7 @@ class EarthEngineProvider:
             return values.updateMask(every_band.And(scl_ok))
 
         ids = sorted({g for a in acqs for g in a.granules})
-        base = (
-            ee.ImageCollection(sensor.collection)
-            .filter(ee.Filter.inList("system:index", ids))
-            .map(mask)
-        )
+        base = col.filter(ee.Filter.inList("system:index", ids)).map(mask)
         return {
             a.id: base.filter(ee.Filter.inList("system:index", a.granules)).mosaic() for a in acqs
         }
@@ -706,7 +710,8 @@ class EarthEngineProvider:
         counters = _Counters()
         start, end = windows[0].start, windows[-1].end
         label = f"{area.crs} {tuple(area.extent.boundingbox)}"
-        granules = self.granules(area, start, end, sensor, counters)
+        col = self._collection(area, start, end, sensor)
+        granules = self.granules(col, counters)
         acqs = group_acquisitions(granules)
         if not acqs:
             raise ProviderError(
@@ -715,7 +720,7 @@ class EarthEngineProvider:
                 "cloudy_pct (S2_SR_HARMONIZED starts on 2017-03-28)"
             )
         members = [[a for a in acqs if win.contains(a.date)] for win in windows]
-        images = self._acquisition_images(acqs, sensor, cloud_mask)
+        images = self._acquisition_images(col, acqs, sensor, cloud_mask)
         composites = {
             f"f{win.index}": self._composite([images[a.id] for a in m], sensor, f"f{win.index}")
             for win, m in zip(windows, members, strict=True)
