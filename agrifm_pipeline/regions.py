@@ -278,10 +278,28 @@ def _cover(geom: BaseGeometry, epsg: int, size: int) -> list[Tile]:
 
 
 def region_tiles_record(source: Any, tiles: list[Tile]) -> dict[str, Any]:
-    """A small JSON-friendly summary of a region and its tiles."""
-    gdf = read_region(source).to_crs("EPSG:4326")
-    bounds = [float(v) for v in gdf.total_bounds]
-    area_km2 = float(gdf.to_crs(gdf.estimate_utm_crs()).area.sum() / 1e6)
+    """A small JSON-friendly summary of a region and its tiles.
+
+    ``bounds_wgs84`` is (west, south, east, north); for a region across 180°
+    west is greater than east, as RFC 7946 writes such a box.
+    """
+    label = _label(source)
+    wgs84 = read_region(source).to_crs("EPSG:4326").geometry
+    region = shapely.union_all([_normalise_longitudes(g, label) for g in wgs84.values])
+    west, south, east, north = (float(v) for v in region.bounds)
+    if west <= -180.0 and east >= 180.0:  # across 180° unless one piece spans every longitude
+        lefts = [p.bounds[0] for p in shapely.get_parts(region) if p.bounds[0] > -180.0]
+        rights = [p.bounds[2] for p in shapely.get_parts(region) if p.bounds[2] < 180.0]
+        if lefts and rights:
+            west, east = min(lefts), max(rights)
+    bounds = [west, south, east, north]
+    area_km2 = (
+        sum(
+            gpd.GeoSeries([part], crs="EPSG:4326").to_crs(f"EPSG:{epsg}").area.iloc[0]
+            for epsg, part in _zone_parts(region)
+        )
+        / 1e6
+    )
     return {
         "n_tiles": len(tiles),
         "zones": sorted({t.epsg for t in tiles}),

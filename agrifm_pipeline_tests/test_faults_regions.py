@@ -13,7 +13,7 @@ from pyproj import Transformer
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from agrifm_pipeline.errors import RegionError
-from agrifm_pipeline.regions import tiles_for_region
+from agrifm_pipeline.regions import region_tiles_record, tiles_for_region
 from agrifm_pipeline.registry import RegionRegistry
 from agrifm_pipeline.settings import DEFAULT_MAX_REGION_TILES, MAX_REGION_TILES_ENV
 from agrifm_pipeline.tiles import Tile
@@ -176,3 +176,20 @@ def test_registry_refuses_the_region_and_keeps_what_it_had(
     active = registry.active_regions()
     assert set(active) == {"flanders", "fiji"}
     assert active["flanders"]["tiles"] == added.tiles
+
+
+def test_record_of_a_region_across_180() -> None:
+    """Bounds as RFC 7946 writes a box across 180° (west > east), and the area of the
+    region itself, not of the long way round."""
+    crossing = Polygon([(177.0, -19.0), (-179.0, -19.0), (-179.0, -16.0), (177.0, -16.0)])
+    tiles = tiles_for_region(crossing)
+    rec = region_tiles_record(crossing, tiles)
+    assert rec["zones"] == [32701, 32760] and rec["n_tiles"] == len(tiles)
+    west, south, east, north = rec["bounds_wgs84"]
+    assert (west, east) == pytest.approx((177.0, -179.0)) and (south, north) == (-19.0, -16.0)
+    # 4° x 3° at 17.5° S: about 425 x 333 km.
+    assert 135_000 < rec["area_km2"] < 147_000
+    utm = _fiji_box_utm()
+    assert region_tiles_record(utm, tiles_for_region(utm))["area_km2"] == pytest.approx(
+        16.0, rel=1e-3
+    )
