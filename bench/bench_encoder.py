@@ -19,7 +19,11 @@ with like:
   phase of a shared machine slows both rather than one;
 * the official AgriFM code built from its source tree, with the same weights
   and inputs, when ``--official-repo`` or ``RS_EMBED_AGRIFM_REPO_PATH`` names a
-  checkout (otherwise that column is left out, and the run says so).
+  checkout (otherwise that column is left out, and the run says so);
+* with ``--baseline REV``, our own encoder as it was at git revision REV
+  (fp32 rows; same weights and inputs, timed interleaved like the official
+  code), and the largest difference between the two outputs: the before and
+  after of a change to the encoder, measured in one process.
 
 The JSON written (``--json``) records the machine, its CPU flags, the torch,
 numpy, MKL and oneDNN versions and the command line beside the rows; the
@@ -30,16 +34,23 @@ Usage::
     python bench/bench_encoder.py                           # p444, T=8, 224², batch 1/4/8, fp32+bf16
     python bench/bench_encoder.py --patch p444 p422 --frames 8 32 --official-repo ~/src/AgriFM
     python bench/bench_encoder.py --device cuda --batch 16 32 64 --precision bfloat16
+    python bench/bench_encoder.py --batch 4 --precision float32 --baseline HEAD~1
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -249,6 +260,35 @@ def time_interleaved(
     return {n: (statistics.median(times[n]), peaks[n]) for n in names}
 
 
+def load_baseline(rev: str) -> tuple[Any, str]:
+    """``agrifm_pipeline.model`` as it was at git revision ``rev``, and that revision's
+    short hash; importable beside today's package.
+
+    The package is taken from ``git archive`` into a temporary directory under
+    another name (its own imports rewritten to it), so both versions live in one
+    process and are timed against each other.
+    """
+    root = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    name = f"agrifm_pipeline_at_{sha}"
+    tmp = Path(tempfile.mkdtemp(prefix="agrifm-baseline-"))
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", rev, "agrifm_pipeline"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
+    (tmp / "agrifm_pipeline").rename(tmp / name)
+    for path in (tmp / name).rglob("*.py"):
+        path.write_text(re.sub(r"\bagrifm_pipeline\b", name, path.read_text()))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(f"{name}.model"), sha
+
+
 def best_vs_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per patch, T and precision: each encoder at its fastest batch, and the ratio.
 
@@ -294,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="untrained:<seed> weights, full size")
     ap.add_argument("--official-repo", default=os.environ.get("RS_EMBED_AGRIFM_REPO_PATH"))
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also time our encoder as it was at this git revision (fp32 rows)",
+    )
     ap.add_argument("--json", default="bench/results/bench_encoder.json")
     ap.add_argument(
         "--force-bf16",
@@ -348,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     rates_before = {p: matmul_rate(getattr(torch, p), device, mm_n) for p in args.precision}
     print("# matmul GFLOP/s before: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_before.items()))
 
+    baseline_module = None
+    if args.baseline:
+        baseline_module, env["baseline_revision"] = load_baseline(args.baseline)
     official_available = bool(args.official_repo)
     if not official_available:
         print(
@@ -359,6 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EncoderConfig(patch_size=PATCHES[patch])
         state = untrained_state_dict(args.seed, cfg)
         spec = f"untrained:{args.seed}" + ("" if patch == "p444" else f":{patch}")
+        # FLOPs first, on a model of its own that is then freed (so it is not resident
+        # while the rows' peak memory is taken).
+        counted = load_encoder(state, device=device, cpu_matmul="blas")
+        gflops = {
+            t: count_flops(counted, torch.randn(1, t, 10, args.size, args.size, device=device))
+            / 1e9
+            for t in args.frames
+        }
+        del counted
         # Ours as the product runs it: the engine's forward (bfloat16 is its autocast
         # over matmul weights it cast once); the official model gets autocast around
         # its fp32 weights, as a caller would.
@@ -369,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
             for prec in {"float32", *args.precision}
         }
         ours = engines["float32"]
-        counted = load_encoder(state, device=device, cpu_matmul="blas")
+        baseline = (
+            baseline_module.load_encoder(state, device=device)
+            if baseline_module is not None
+            else None
+        )
         official = None
         if official_available:
             from agrifm_pipeline.official import load_official_encoder
@@ -379,8 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 state, settings=load_settings(repo_path=args.official_repo), device=str(device)
             )
         for t in args.frames:
-            probe = torch.randn(1, t, 10, args.size, args.size, device=device)
-            gflop = count_flops(counted, probe) / 1e9
+            gflop = gflops[t]
             for prec in args.precision:
                 autocast = None if prec == "float32" else torch.bfloat16
                 for b in args.batch:
@@ -394,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
                     fns = {"ours": (engines[prec].forward, None)}
                     if official is not None:
                         fns["official"] = (official, autocast)
+                    if baseline is not None and autocast is None:
+                        fns["baseline"] = (baseline, None)
                     try:
                         timed = time_interleaved(fns, x, device, args.repeats, args.warmup)
                     except torch.OutOfMemoryError:
@@ -426,6 +488,16 @@ def main(argv: list[str] | None = None) -> int:
                             official_peak_mb=opeak,
                             speedup_vs_official=osec / sec,
                         )
+                    if "baseline" in timed and baseline is not None:
+                        bsec, bpeak = timed["baseline"]
+                        with torch.inference_mode():
+                            diff = (ours.forward(x) - baseline(x)).abs().max().item()
+                        row.update(
+                            baseline_s_per_chip=bsec / b,
+                            baseline_peak_mb=bpeak,
+                            speedup_vs_baseline=bsec / sec,
+                            max_abs_diff_vs_baseline=diff,
+                        )
                     rate_out = matmul_rate(getattr(torch, prec), device, mm_n, seconds=1.0)
                     row["matmul_gflops_row"] = [rate_in, rate_out]
                     row["share_of_matmul"] = row["gflops"] / statistics.mean([rate_in, rate_out])
@@ -434,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     rows.append(row)
                     _print_row(row)
-        del ours, engines, counted, official
+        del ours, engines, official, baseline
 
     rates_after = {p: matmul_rate(getattr(torch, p), device, mm_n) for p in args.precision}
     print("# matmul GFLOP/s after: " + ", ".join(f"{p} {r:.0f}" for p, r in rates_after.items()))
@@ -484,6 +556,8 @@ def _print_row(row: dict[str, Any]) -> None:
     ]
     if "official_s_per_chip" in row:
         cols += ["official s/chip", "ours/official", "official peak MB"]
+    if "baseline_s_per_chip" in row:
+        cols += ["baseline s/chip", "ours/baseline", "max diff"]
     cols += ["bf16 cos", "bf16 relerr"]
     if not _HEADER_DONE:
         print(" | ".join(f"{c:>10}" for c in cols))
@@ -508,6 +582,12 @@ def _print_row(row: dict[str, Any]) -> None:
             f"{row['official_s_per_chip']:.3f}",
             f"{row['speedup_vs_official']:.2f}x",
             "-" if opeak is None else f"{opeak:.0f}",
+        ]
+    if "baseline_s_per_chip" in row:
+        vals += [
+            f"{row['baseline_s_per_chip']:.3f}",
+            f"{row['speedup_vs_baseline']:.2f}x",
+            f"{row['max_abs_diff_vs_baseline']:.1e}",
         ]
     if "bf16_pooled_cosine_min" in row:
         vals += [f"{row['bf16_pooled_cosine_min']:.5f}", f"{row['bf16_grid_rel_error']:.4f}"]
