@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from odc.geo.geobox import GeoBox
 
-from agrifm_pipeline.errors import ProviderError, SettingsError
+from agrifm_pipeline.errors import NoCoverageError, ProviderError, SettingsError
 from agrifm_pipeline.frames import FrameWindow, frame_windows, range_windows
 from agrifm_pipeline.providers.base import CloudMask, FrameRecord, FrameStack
 from agrifm_pipeline.providers.gee import (
@@ -184,10 +184,18 @@ def test_backfill_takes_the_whole_range_then_the_nearest_window() -> None:
     assert [r.backfill_source for r in records] == [None, "frame:0", None, "frame:2"]
 
 
-def test_an_area_no_granule_covers_is_a_clear_error(standin: StandIn, tmp_path: Path) -> None:
+def test_no_granule_is_told_apart_from_no_coverage(standin: StandIn, tmp_path: Path) -> None:
+    provider = _provider(standin, tmp_path)
+    # Covered, but nothing in the range: the dates or the cloud filter are to change.
+    with pytest.raises(ProviderError, match=r"no Sentinel-2 granule .* widen the range") as err:
+        provider.fetch(
+            SAMPLE, range_windows("2019-11-01", "2019-12-01", 2), SensorSpec(), CloudMask()
+        )
+    assert not isinstance(err.value, NoCoverageError)
+    # Outside every granule: no setting helps.
     far = GeoBox.from_bbox((300000.0, 5000000.0, 300640.0, 5000640.0), "EPSG:32631", resolution=10)
-    with pytest.raises(ProviderError, match=r"no Sentinel-2 granule .* widen the range"):
-        _provider(standin, tmp_path).fetch(far, frame_windows(2019, 2), SensorSpec(), CloudMask())
+    with pytest.raises(NoCoverageError, match="COPERNICUS/S2_SR_HARMONIZED covers"):
+        provider.fetch(far, frame_windows(2019, 2), SensorSpec(), CloudMask())
     assert not _pixel_bodies(standin)
 
 

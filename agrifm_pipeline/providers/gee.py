@@ -75,7 +75,7 @@ import numpy as np
 from odc.geo.geobox import GeoBox
 
 from agrifm_pipeline.compositing import backfill_sources, fill_dn
-from agrifm_pipeline.errors import ProviderError, SettingsError
+from agrifm_pipeline.errors import NoCoverageError, ProviderError, SettingsError
 from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.providers.base import CloudMask, FrameRecord, FrameStack, frame_stack_array
 from agrifm_pipeline.providers.ee_slots import Limiter, SlotDirectory, default_slots_dir
@@ -357,6 +357,16 @@ def backfill(
             frames[i], records[i].clear_fraction = frames[j], records[j].clear_fraction
 
 
+def _region(area: GeoBox) -> Any:
+    """``area``'s bounding box as an ee.Geometry in its own CRS (planar)."""
+    import ee
+
+    bbox = area.extent.boundingbox
+    return ee.Geometry.Rectangle(
+        [bbox.left, bbox.bottom, bbox.right, bbox.top], str(area.crs), False
+    )
+
+
 @dataclass
 class _Counters:
     """Requests of one fetch (a provider may run several fetches at once)."""
@@ -566,16 +576,21 @@ class EarthEngineProvider:
         """
         import ee
 
-        bbox = area.extent.boundingbox
-        region = ee.Geometry.Rectangle(
-            [bbox.left, bbox.bottom, bbox.right, bbox.top], str(area.crs), False
-        )
+        region = _region(area)
         return (
             ee.ImageCollection(sensor.collection)
             .filterBounds(region)
             .filterDate(start.isoformat(), end.isoformat())
             .filter(ee.Filter.lte("CLOUDY_PIXEL_PERCENTAGE", sensor.cloudy_pct))
         )
+
+    def _covered(self, area: GeoBox, sensor: SensorSpec, counters: _Counters) -> bool:
+        """Whether any granule of the collection, of any date, reaches ``area`` (one request)."""
+        import ee
+
+        region = _region(area)
+        anyone = ee.ImageCollection(sensor.collection).filterBounds(region).limit(1).size()
+        return bool(self._call("the coverage check", anyone.getInfo, counters))
 
     def granules(self, col: Any, counters: _Counters) -> dict[str, list[Any]]:
         """Each granule's properties (:data:`GRANULE_PROPERTIES`), one request."""
@@ -714,6 +729,8 @@ class EarthEngineProvider:
         granules = self.granules(col, counters)
         acqs = group_acquisitions(granules)
         if not acqs:
+            if not self._covered(area, sensor, counters):
+                raise NoCoverageError(label, sensor.collection, None)
             raise ProviderError(
                 f"no Sentinel-2 granule of {sensor.collection} covers {label} in [{start}, {end}) "
                 f"with CLOUDY_PIXEL_PERCENTAGE <= {sensor.cloudy_pct}; widen the range or raise "
