@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +51,8 @@ class StageState:
     current: str | None = None
     reasons: list[str] = field(default_factory=list)
     lineage: dict[str, Any] = field(default_factory=dict)
+    corrupt: str = ""  # what verification found wrong with the current version
+    version: str = ""
 
     @property
     def stale(self) -> bool:
@@ -76,32 +77,22 @@ class TileYearState:
         return downstream_of(stage) if stage else ()
 
 
-_LINEAGE_CACHE: dict[tuple[str, int], dict[str, Any]] = {}
-
-
-def _cached_lineage(store: ZarrStore, year: int, tile: str) -> dict[str, Any] | None:
-    """The partition's lineage, re-read only when its metadata file changed."""
-    if not store.exists(year, tile):
-        return None
-    if not store.local:  # object stores: no cheap change stamp; read every time
-        try:
-            return store.lineage(year, tile)
-        except StorageError:
-            return None
-    meta = ".zattrs" if store.zarr_format == 2 else "zarr.json"
-    path = f"{store.partition_path(year, tile)}/{meta}"
+def _current_lineage(
+    store: ZarrStore, year: int, tile: str
+) -> tuple[dict[str, Any] | None, str, str]:
+    """The current version's lineage (None when there is none), its integrity verdict
+    (``""`` when fine or never checked, else what verification found) and its id."""
     try:
-        key = (path, os.stat(path).st_mtime_ns)
-    except OSError:
-        return None
-    if key not in _LINEAGE_CACHE:
-        if len(_LINEAGE_CACHE) > 500_000:
-            _LINEAGE_CACHE.clear()
-        try:
-            _LINEAGE_CACHE[key] = store.lineage(year, tile)
-        except StorageError:
-            return None
-    return _LINEAGE_CACHE[key]
+        v = store.current(year, tile)
+        if v is None:
+            return None, "", ""
+        lineage = store.lineage(year, tile, v.id)  # cached per version: versions never change
+    except StorageError as exc:
+        return {}, str(exc), ""
+    mark = store.integrity(year, tile)
+    if mark and mark.get("version") == v.id and not mark.get("ok", True):
+        return lineage, "; ".join(mark.get("problems", [])) or "failed verification", v.id
+    return lineage, "", v.id
 
 
 def tile_year_state(
@@ -119,12 +110,18 @@ def tile_year_state(
     """
     stages: dict[str, StageState] = {}
     for stage, asset in STAGE_ASSET.items():
-        lineage = _cached_lineage(stores[asset], year, tile)
+        lineage, corrupt, vid = _current_lineage(stores[asset], year, tile)
         if lineage is None:
             stages[stage] = StageState(asset, present=False)
             continue
         rec = lineage.get("fingerprints", {}).get(stage, {})
-        st = StageState(asset, True, rec.get("fingerprint"), lineage=lineage)
+        st = StageState(
+            asset, True, rec.get("fingerprint"), lineage=lineage, corrupt=corrupt, version=vid
+        )
+        if corrupt:
+            st.reasons = [f"corrupt: {corrupt}"]
+            stages[stage] = st
+            continue
         if current is not None and stage not in unknown:
             cur = current.for_stage(stage)
             st.current = cur.value
@@ -175,6 +172,7 @@ AUDIT_COLUMNS = (
     "made_at",
     "run_id",
     "dagster_run_id",
+    "version",
     "disagreement",
 )
 
@@ -184,7 +182,7 @@ class AuditRow:
     asset: str
     tile: str
     year: int
-    status: str  # current | stale | missing-in-store | not-in-dagster | unknown
+    status: str  # current | stale | corrupt | missing-in-store | unknown
     why: str = ""
     checkpoint_sha256: str = ""
     n_frames: int | None = None
@@ -193,6 +191,7 @@ class AuditRow:
     made_at: str = ""
     run_id: str = ""
     dagster_run_id: str = ""
+    version: str = ""
     disagreement: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -266,6 +265,7 @@ def audit_rows(
                 image_size=settings.get("image_size") if stage != "acquisition" else None,
                 made_at=str(lin.get("created_at", "")),
                 run_id=str(lin.get("run_id", "")),
+                version=str(st.version),
                 dagster_run_id=dagster_runs.get((asset, t, y), ("", 0.0))[0],
             )
             if not st.present:
@@ -282,7 +282,9 @@ def audit_rows(
                         f"store written by run {row.run_id[:8]}, Dagster's latest is "
                         f"{row.dagster_run_id[:8]} (written outside the pipeline, or a failed run)"
                     )
-                if current is None or stage in unknown:
+                if st.corrupt:
+                    row.status, row.why = "corrupt", st.corrupt
+                elif current is None or stage in unknown:
                     row.status = "unknown"
                 elif st.stale:
                     row.status, row.why = "stale", "; ".join(st.reasons)

@@ -247,7 +247,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n{out['region']} {out['year']}: {len(out['tiles'])} tile(s) in {out['seconds']:.1f} s")
     print(f"checkpoint: {ck['source']} sha256 {ck['sha256'][:16]}… untrained={ck['untrained']}")
     print("checks: " + ", ".join(f"{k}={v}" for k, v in out["checks"].items()))
-    print("\nembedding grids (Zarr, one group per tile-year):\n  " + "\n  ".join(out["grid"]))
+    print(f"\nSTAC catalog of every current version:\n  {out['catalog']}")
+    print(
+        "embedding grids (Zarr, the current version of each tile-year):\n  "
+        + "\n  ".join(out["grid"])
+    )
     print(f"region mosaic:\n  {out['mosaic']}")
     print("chip vectors (GeoParquet):\n  " + "\n  ".join(out["chips"]))
     print("previews (PNG):\n  " + "\n  ".join(out["previews"]))
@@ -296,6 +300,76 @@ def cmd_audit(args: argparse.Namespace) -> int:
             f"current checkpoint {sha[:16]}",
             file=sys.stderr,
         )
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> Any:
+    from agrifm_pipeline.defs.resources import ZarrStorage
+    from agrifm_pipeline.demo import prepare_home
+
+    if args.store:
+        return ZarrStorage(root=args.store)
+    prepare_home(args.home)
+    return pipeline_resources()["storage"]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash stored versions against their manifests; non-zero exit on any mismatch."""
+    from agrifm_pipeline.storage import StorageError
+
+    storage = _storage(args)
+    checked = bad = swept = 0
+    for store in storage.all_stores():
+        if args.asset and store.asset != args.asset:
+            continue
+        for ref in store.partitions():
+            if (args.year and int(ref.year) != args.year) or (args.tile and ref.tile != args.tile):
+                continue
+            if args.sweep:
+                swept += len(store.sweep(ref.year, ref.tile))
+            current = store.current(ref.year, ref.tile)
+            ids = store.versions(ref.year, ref.tile) if args.all_versions else [current.id]
+            for vid in ids:
+                try:
+                    v = current if vid == current.id else store.version(ref.year, ref.tile, vid)
+                except StorageError:
+                    continue  # an uncommitted version: nothing to verify, swept when old
+                problems = store.verify(v)
+                checked += 1
+                if v.id == current.id:
+                    store.mark_integrity(v, problems)
+                for p in problems:
+                    bad += 1
+                    print(f"CORRUPT {p}")
+    print(
+        f"{checked} version(s) verified, {bad} problem(s), {swept} orphaned version(s) swept",
+        file=sys.stderr,
+    )
+    return 1 if bad else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove superseded versions no current downstream version names."""
+    from agrifm_pipeline.storage import collect_garbage
+
+    storage = _storage(args)
+    report = collect_garbage(
+        storage.all_stores(),
+        keep=args.keep,
+        min_age_s=args.min_age_hours * 3600,
+        dry_run=args.dry_run,
+    )
+    for asset, year, tile, vid in report.removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {asset} {year}/{tile} {vid}")
+    print(str(report), file=sys.stderr)
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """Rewrite the STAC catalog from the current versions (it is also kept at each commit)."""
+    storage = _storage(args)
+    n = storage.catalog().rebuild(storage.all_stores())
+    print(f"{n} item(s) written; catalog at {storage.root.rstrip('/')}/catalog.json")
     return 0
 
 
@@ -379,6 +453,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
     p.add_argument("--store", default=None, help="storage root (default <home>/store)")
     p.set_defaults(func=cmd_audit)
+
+    def where(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
+        p.add_argument("--store", default=None, help="storage root (default <home>/store)")
+
+    p = sub.add_parser(
+        "verify", help="re-hash stored versions against their manifests (exit 1 on a mismatch)"
+    )
+    p.add_argument("--asset", default=None)
+    p.add_argument("--year", type=int, default=None)
+    p.add_argument("--tile", default=None, help="a tile id, or a region id for region_mosaic")
+    p.add_argument("--all-versions", action="store_true", help="also the kept older versions")
+    p.add_argument(
+        "--no-sweep", dest="sweep", action="store_false",
+        help="do not remove orphaned versions of dead writers",
+    )  # fmt: skip
+    where(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "gc", help="remove superseded versions that no current downstream version names"
+    )
+    p.add_argument("--keep", type=int, default=1, help="superseded versions kept per partition")
+    p.add_argument(
+        "--min-age-hours", type=float, default=1.0,
+        help="never remove a version superseded less than this long ago (open readers)",
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true")
+    where(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("catalog", help="rewrite the STAC catalog at <store>/catalog.json")
+    where(p)
+    p.set_defaults(func=cmd_catalog)
     return parser
 
 

@@ -199,7 +199,16 @@ def _materialise(
         e.check_name: "pass" if e.passed else ("warn" if e.severity.value == "WARN" else "FAIL")
         for e in result.get_asset_check_evaluations()
     }
-    root = Path(storage.root)
+    grids, chips, previews = (
+        storage.store("agrifm_embedding_grid"),
+        storage.files("chip_embeddings"),
+        storage.files("embedding_preview"),
+    )
+
+    def current(store: Any, name: str, suffix: str = "") -> str:
+        version = store.current(year, name)
+        return f"{version.url}{suffix}" if version is not None else ""
+
     return {
         "region": region,
         "year": year,
@@ -208,9 +217,10 @@ def _materialise(
         "checkpoint": resolved.as_record(),
         "checks": checks,
         "dagster_home": str(dagster_home),
-        "store": str(root),
-        "grid": [str(root / "agrifm_embedding_grid.zarr" / str(year) / t) for t in tiles],
-        "mosaic": str(root / "region_mosaic.zarr" / str(year) / region),
-        "chips": [str(root / "chip_embeddings" / str(year) / f"{t}.parquet") for t in tiles],
-        "previews": [str(root / "embedding_preview" / str(year) / f"{t}.png") for t in tiles],
+        "store": storage.root,
+        "catalog": f"{storage.root.rstrip('/')}/catalog.json",
+        "grid": [current(grids, t) for t in tiles],
+        "mosaic": current(storage.store("region_mosaic"), region),
+        "chips": [current(chips, t, "/chips.parquet") for t in tiles],
+        "previews": [current(previews, t, "/preview.png") for t in tiles],
     }

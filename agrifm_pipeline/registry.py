@@ -2,8 +2,16 @@
 
 The registry is a small JSON document kept beside the stores
 (``<root>/_registry/regions.json``) and replaced atomically. Regions are
-registered from files (``data/regions/*.geojson`` / ``*.gpkg`` by default);
-a region's id is its file name without extension, cleaned for Dagster keys.
+registered from files (``data/regions/*.geojson`` / ``*.gpkg`` by default).
+
+A region's id comes from its file name by one rule (:func:`region_id`): the
+name without its extension, every run of characters other than ASCII letters,
+digits, ``_`` and ``-`` replaced by one ``_``, and leading or trailing ``_``
+and ``-`` dropped. ``Flanders demo.geojson`` is ``Flanders_demo``. A file
+whose id would be empty (``..geojson``, ``___.gpkg``), and files whose ids
+collide (``dup.geojson`` and ``dup.gpkg``; ``a b.geojson`` and ``a_b.geojson``)
+are refused with one error naming them: nothing is registered or changed for
+them until the files are renamed.
 A tile shared by two regions appears once in the tile partitions and lists
 both owners. Removing a region's file marks it ``removed`` and deletes
 nothing.
@@ -20,23 +28,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from agrifm_pipeline.errors import RegionError
 from agrifm_pipeline.regions import tiles_for_region
-from agrifm_pipeline.storage import write_file_atomic
+from agrifm_pipeline.storage import check_name, filesystem, write_file_atomic
 
 REGION_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".fgb", ".parquet")
-_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+_ID = re.compile(r"[^A-Za-z0-9_-]+")
+MAX_ID_LEN = 96
 
 
 def region_id(path: str | Path) -> str:
-    """A Dagster-safe id from a file name (no ``|``, ``,`` or spaces)."""
-    rid = _ID.sub("_", Path(path).stem).strip("_")
+    """The region id of a file (see the module's rule): safe as a Dagster partition key
+    and as a storage path component."""
+    name = Path(path).name
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
+    rid = _ID.sub("_", stem).strip("_-")
     if not rid:
         raise RegionError(
-            f"region file {path} has no usable name; rename it (letters, digits, _ . -)"
+            f"region file {path} gives an empty region id; rename it so its name (without "
+            "the extension) holds letters or digits, e.g. my_region.geojson"
         )
+    if len(rid) > MAX_ID_LEN:
+        raise RegionError(
+            f"region file {path} gives a region id of {len(rid)} characters; rename it to at "
+            f"most {MAX_ID_LEN}"
+        )
+    check_name(rid, "region id")
     return rid
 
 
@@ -66,10 +83,11 @@ class RegionChange:
 class RegionRegistry:
     """The registry document under a storage root (local path or fsspec URL)."""
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
         self.root = str(root).rstrip("/")
         self.url = f"{self.root}/_registry/regions.json"
-        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.path = filesystem(self.url, self.storage_options)
 
     def load(self) -> dict[str, Any]:
         if not self.fs.exists(self.path):
@@ -80,7 +98,9 @@ class RegionRegistry:
         return doc
 
     def save(self, doc: dict[str, Any]) -> None:
-        write_file_atomic(self.url, json.dumps(doc, indent=2, sort_keys=True).encode())
+        write_file_atomic(
+            self.url, json.dumps(doc, indent=2, sort_keys=True).encode(), self.storage_options
+        )
 
     # queries
     def active_regions(self) -> dict[str, dict[str, Any]]:
@@ -118,9 +138,27 @@ class RegionRegistry:
         changes: list[RegionChange] = []
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         geometry = {"chip_px": chip_px, "chips_per_side": chips_per_side, "scale_m": scale_m}
+        by_id: dict[str, list[Path]] = {}
         for path in region_files(directory):
-            rid = region_id(path)
-            seen.add(rid)
+            try:
+                by_id.setdefault(region_id(path), []).append(path)
+            except RegionError as exc:
+                changes.append(RegionChange(path.name, "error", [], str(exc)))
+        for rid, paths in sorted(by_id.items()):
+            seen.add(rid)  # a refused file never marks its id's registration removed
+            if len(paths) > 1:
+                names = ", ".join(p.name for p in paths)
+                changes.append(
+                    RegionChange(
+                        rid,
+                        "error",
+                        [],
+                        f"region files {names} all give the region id {rid!r}; rename all "
+                        "but one (nothing is registered for them until then)",
+                    )
+                )
+                continue
+            path = paths[0]
             sha = file_sha256(path)
             entry = regions.get(rid)
             if (
@@ -156,6 +194,6 @@ class RegionRegistry:
                 entry["status"] = "removed"
                 entry["updated_at"] = now
                 changes.append(RegionChange(rid, "removed", list(entry["tiles"])))
-        if changes:
+        if any(c.status != "error" for c in changes):
             self.save(doc)
         return changes

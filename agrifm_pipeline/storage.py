@@ -322,6 +322,119 @@ class _HashingStore:
         return Hashing(store)
 
 
+class Documents:
+    """Small JSON documents (pointers, catalogs) replaced whole, and updated by
+    read-modify-write without losing a concurrent update where the store allows it:
+    a POSIX lock beside the document on local and network file systems, an in-process
+    lock for ``memory://``, and conditional PUTs (``If-Match``/``If-None-Match``) on S3.
+    Other object stores replace the document unconditionally (the last writer wins)."""
+
+    def __init__(self, fs: Any, *, lock: bool = True, owner: Any = None):
+        self.fs = fs
+        self.local = is_local(fs)
+        self.lock_files = lock
+        self.owner = owner  # told when the file system turns out to have no locks
+        self.conditional = _protocol(fs) in ("s3", "s3a")
+        self.complete = (self.local and lock) or self.conditional or _protocol(fs) == "memory"
+
+    @contextlib.contextmanager
+    def _lock(self, path: str) -> Iterator[None]:
+        if self.local and self.lock_files:
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX)  # POSIX locks: NFS (lockd/v4) honours them
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self.lock_files = self.complete = False  # a file system without locks
+                    if self.owner is not None:
+                        self.owner.commit_lock = False
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                os.close(fd)
+        elif _protocol(self.fs) == "memory":
+            with _MEMORY_LOCKS_GUARD:
+                lock = _MEMORY_LOCKS.setdefault(path, threading.Lock())
+            with lock:
+                yield
+        else:
+            yield
+
+    def read(self, path: str) -> tuple[dict[str, Any] | None, str]:
+        """The document and a token (its ETag on S3) for a conditional replace."""
+        if self.conditional:
+            bucket, key, _ = self.fs.split_path(path)
+            fs = self.fs
+
+            async def get() -> tuple[bytes, str]:
+                resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+                async with resp["Body"] as body:
+                    data = await body.read()
+                return data, str(resp.get("ETag", ""))
+
+            try:
+                data, etag = fsspec.asyn.sync(fs.loop, get)
+            except FileNotFoundError:
+                return None, ""
+            return json.loads(data), etag
+        try:
+            raw = Path(path).read_bytes() if self.local else self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None, ""
+        return json.loads(raw), ""
+
+    def write(self, path: str, doc: dict[str, Any], token: str = "") -> bool:
+        """Replace the document; False where a conditional write found a newer one."""
+        data = _json(doc)
+        if self.local:
+            _write_local_atomic(Path(path), data)
+            return True
+        if self.conditional:
+            kwargs: dict[str, Any] = {"IfMatch": token} if token else {"mode": "create"}
+            try:
+                self.fs.pipe_file(path, data, **kwargs)
+            except Exception as exc:  # botocore's ClientError, surfaced by s3fs in several shapes
+                text = f"{type(exc).__name__} {exc}"
+                if isinstance(exc, FileExistsError) or any(
+                    m in text for m in ("PreconditionFailed", "412", "pre-condition")
+                ):
+                    return False
+                if "NotImplemented" in text or "501" in text:  # a store without them
+                    self.conditional = self.complete = False
+                    self.fs.pipe_file(path, data)
+                    return True
+                raise
+            return True
+        self.fs.pipe_file(path, data)
+        return True
+
+    def update(
+        self,
+        path: str,
+        mutate: Any,
+        write: Any = None,
+        *,
+        attempts: int = 64,
+    ) -> dict[str, Any]:
+        """``mutate(old or None) -> new``, written without losing a concurrent update."""
+        put = write or self.write
+        for _ in range(attempts):
+            with self._lock(path):
+                doc, token = self.read(path)
+                new: dict[str, Any] = mutate(doc)
+                if put(path, new, token):
+                    return new
+            time.sleep(0.01)
+        raise StorageError(
+            f"{path} kept changing over {attempts} attempts to update it; too many writers"
+        )
+
+
 class PartitionStore:
     """The versioned partitions of one asset under ``root``; objects are opaque bytes."""
 
@@ -447,86 +560,16 @@ class PartitionStore:
             return []
 
     # -- the pointer ---------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _commit_lock(self, year: str | int, tile: str) -> Iterator[None]:
-        """Serialise commits of one partition where the store has no conditional write."""
-        part = self.partition_path(year, tile)
-        if self.local and not self.commit_lock:
-            yield
-        elif self.local:
-            os.makedirs(part, exist_ok=True)
-            fd = os.open(f"{part}/.lock", os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX)  # POSIX locks: NFS (lockd/v4) honours them
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    self.commit_lock = False  # a file system without locks
-                yield
-            finally:
-                with contextlib.suppress(OSError):
-                    fcntl.lockf(fd, fcntl.LOCK_UN)
-                os.close(fd)
-        elif _protocol(self.fs) == "memory":
-            with _MEMORY_LOCKS_GUARD:
-                lock = _MEMORY_LOCKS.setdefault(part, threading.Lock())
-            with lock:
-                yield
-        else:
-            yield
+    @property
+    def documents(self) -> Documents:
+        return Documents(self.fs, lock=self.commit_lock, owner=self)
 
     def _conditional(self) -> bool:
-        return _protocol(self.fs) in ("s3", "s3a")
+        return self.documents.conditional
 
-    def _read_pointer_tagged(self, year: str | int, tile: str) -> tuple[dict[str, Any] | None, str]:
-        """The pointer document and a token (ETag) for a conditional replace."""
-        path = self.pointer_path(year, tile)
-        if self._conditional():
-            bucket, key, _ = self.fs.split_path(path)
-            fs = self.fs
-
-            async def get() -> tuple[bytes, str]:
-                resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-                async with resp["Body"] as body:
-                    data = await body.read()
-                return data, str(resp.get("ETag", ""))
-
-            try:
-                data, etag = fsspec.asyn.sync(fs.loop, get)
-            except FileNotFoundError:
-                return None, ""
-            return json.loads(data), etag
-        raw = self._read(path)
-        return (json.loads(raw) if raw else None), ""
-
-    def _write_pointer(self, year: str | int, tile: str, doc: dict[str, Any], token: str) -> bool:
+    def _write_pointer(self, path: str, doc: dict[str, Any], token: str) -> bool:
         """Replace the pointer; False where a conditional write found another commit first."""
-        path = self.pointer_path(year, tile)
-        data = _json(doc)
-        if self.local:
-            _write_local_atomic(Path(path), data)
-            return True
-        if self._conditional():
-            kwargs: dict[str, Any] = {"IfMatch": token} if token else {"mode": "create"}
-            try:
-                self.fs.pipe_file(path, data, **kwargs)
-            except Exception as exc:  # botocore ClientError, surfaced by s3fs in several shapes
-                text = f"{type(exc).__name__} {exc}"
-                if (
-                    "PreconditionFailed" in text
-                    or "412" in text
-                    or "pre-condition" in text
-                    or isinstance(exc, FileExistsError)
-                ):
-                    return False
-                if "NotImplemented" in text or "501" in text:  # S3-compatible store without it
-                    self.fs.pipe_file(path, data)
-                    return True
-                raise
-            return True
-        self.fs.pipe_file(path, data)
-        return True
+        return self.documents.write(path, doc, token)
 
     def pointer(self, year: str | int, tile: str) -> dict[str, Any] | None:
         raw = self._read(self.pointer_path(year, tile))
@@ -653,25 +696,20 @@ class PartitionStore:
             "committed_at": _now(),
             "run_id": str(lineage.get("run_id", "")),
         }
-        for _ in range(64):
-            with self._commit_lock(year, tile):
-                doc, token = self._read_pointer_tagged(year, tile)
-                history = [h for h in (doc or {}).get("history", []) if h["version"] != version]
-                if doc is not None:
-                    history.append({k: doc[k] for k in ("version", "committed_at") if k in doc})
-                new = {
-                    **entry,
-                    "asset": self.asset,
-                    "summary": summary or {},
-                    "history": history[-HISTORY_LEN:],
-                }
-                if self._write_pointer(year, tile, new, token):
-                    return self._version(year, tile, new)
-            time.sleep(0.01)
-        raise StorageError(
-            f"{self.asset} {year}/{tile}: the pointer kept changing under 64 attempts to commit "
-            f"{version}; too many writers on one partition"
-        )
+
+        def advance(doc: dict[str, Any] | None) -> dict[str, Any]:
+            history = [h for h in (doc or {}).get("history", []) if h["version"] != version]
+            if doc is not None:
+                history.append({k: doc[k] for k in ("version", "committed_at") if k in doc})
+            return {
+                **entry,
+                "asset": self.asset,
+                "summary": summary or {},
+                "history": history[-HISTORY_LEN:],
+            }
+
+        new = self.documents.update(self.pointer_path(year, tile), advance, self._write_pointer)
+        return self._version(year, tile, new)
 
     def put_objects(
         self, year: str | int, tile: str, objects: dict[str, bytes], lineage: dict[str, Any] | None
@@ -802,11 +840,7 @@ class PartitionStore:
             return []
         doc = self.pointer(year, tile) or {}
         committed = {doc.get("version")} | {h["version"] for h in doc.get("history", [])}
-        complete_history = (
-            (self.local and self.commit_lock)
-            or self._conditional()
-            or _protocol(self.fs) == "memory"
-        )
+        complete_history = self.documents.complete
         removed: list[str] = []
         now = time.time()
         for name in names:

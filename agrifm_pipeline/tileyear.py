@@ -35,7 +35,6 @@ from agrifm_pipeline.preprocess import preprocess_chips
 from agrifm_pipeline.providers.base import DEFAULT_MASKED_SCL, CloudMask, FrameStack, Provider
 from agrifm_pipeline.settings import AgriFMSettings, canonical_norm_mode, load_settings
 from agrifm_pipeline.specs import AGRIFM_S2_BANDS, SensorSpec
-from agrifm_pipeline.storage import lineage_from_attrs
 from agrifm_pipeline.tiles import DEFAULT_CHIP_PX, DEFAULT_CHIPS_PER_SIDE, Tile, tile_size_m
 
 
@@ -294,22 +293,26 @@ def model_input(
 ) -> torch.Tensor:
     """The (chips, T, 10, S, S) tensor a ``normalized_tensors`` partition stands for.
 
-    Its stored ``tensors`` when it kept them; otherwise the frame stack it was
-    made from (``frames()`` opens it), normalised again with the settings in its
-    lineage. That is exact only for the very frames it read, so the frames'
-    run id must match the one recorded, and the result must reproduce the
-    recorded statistics; either mismatch names the partition to re-make.
+    Its stored ``tensors`` when it kept them; otherwise the frame stack version it
+    was made from (``frames()`` opens the version its lineage names), normalised
+    again with the settings in its lineage. The opened version must be the one
+    recorded, and the result must reproduce the recorded statistics; either
+    mismatch names the partition to re-make.
     """
     if "tensors" in normalized:
         return torch.from_numpy(normalized["tensors"].values)
-    src = frames()
-    made_from = lineage.get("inputs", {}).get("s2_frame_stack", {}).get("run_id")
-    now = lineage_from_attrs(src.attrs).get("run_id")
-    if made_from is None or made_from != now:
+    made_from = lineage.get("inputs", {}).get("s2_frame_stack", {}).get("version")
+    if not made_from:
         raise InputContractError(
-            f"normalized_tensors {where} was computed from s2_frame_stack run {made_from}, "
-            f"but the frames stored now are from run {now}; re-materialise normalized_tensors "
-            "for this partition (it is stale)"
+            f"normalized_tensors {where} does not name the s2_frame_stack version it was "
+            "made from (written by an older release); re-materialise normalized_tensors for it"
+        )
+    src = frames()
+    now = src.encoding.get("agrifm_version")
+    if made_from != now:
+        raise InputContractError(
+            f"normalized_tensors {where} was computed from s2_frame_stack version {made_from}, "
+            f"but version {now} was opened; re-materialise normalized_tensors for this partition"
         )
     cfg = TileYearSettings.from_record(lineage["settings"])
     tensor, _ = normalise_tile(src["frames"].values, cfg)

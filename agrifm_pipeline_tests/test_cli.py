@@ -77,11 +77,15 @@ def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
     )
     out = capsys.readouterr().out
     assert "untrained=True" in out and "dagster dev" in out
-    mosaic = home / "store" / "region_mosaic.zarr" / "2019" / "flanders_demo"
+    # The printed paths are the current versions, and they open.
+    (mosaic,) = [line.strip() for line in out.splitlines() if "region_mosaic.zarr/" in line][:1]
     ds = xr.open_zarr(mosaic, decode_coords="all")
     assert str(ds.rio.crs) == "EPSG:32631" and ds["embedding"].shape == (1024, 28, 28)
-    grid = home / "store" / "agrifm_embedding_grid.zarr" / "2019" / "32631_8960m_E0064_N0627"
+    grid = next(
+        line.strip() for line in out.splitlines() if "agrifm_embedding_grid.zarr/2019/" in line
+    )
     assert xr.open_zarr(grid).attrs["untrained"] == 1
+    assert (home / "store" / "catalog.json").is_file()
     # The runs are in the SQLite instance that `dagster dev` will read.
     assert (tmp_path / "dagster" / "dagster.yaml").is_file()
     assert any((tmp_path / "dagster").rglob("*.db"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
+import pystac
 import pytest
 import rasterio
 import torch
@@ -19,6 +20,7 @@ from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
 from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.storage import LINEAGE_ATTR, lineage_from_attrs
+from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import TileYearSettings, model_input, normalise_tile
 
 from .pipeline_helpers import TILES, YEARS, Pipeline, make_pipeline, write_region
@@ -127,7 +129,20 @@ def test_lineage_on_materialisations(built) -> None:
 def test_outputs_open_cold_with_crs_coordinates_and_lineage(built) -> None:
     pipe, _, _ = built
     root = Path(pipe.storage.root)
-    path = root / "agrifm_embedding_grid.zarr" / "2019" / TILES[1]
+    # Found cold through the STAC catalog, as a tool outside the pipeline would.
+    item = stac_item(root, "agrifm_embedding_grid", 2019, TILES[1])
+    path = item.assets["data"].href
+    assert item.properties["agrifm:n_frames"] == 8
+    assert item.properties["agrifm:norm_mode"] == "agrifm_stats"
+    assert item.properties["proj:code"] == "EPSG:32631"
+    from pyproj import Transformer
+
+    x0, y0, x1, y1 = Tile.from_id(TILES[1]).bounds
+    lon, lat = Transformer.from_crs("EPSG:32631", "EPSG:4326", always_xy=True).transform(
+        (x0 + x1) / 2, (y0 + y1) / 2
+    )
+    west, south, east, north = item.bbox
+    assert item.geometry["type"] == "Polygon" and west < lon < east and south < lat < north
     ds = xr.open_zarr(path, decode_coords="all")
     da = ds["embedding"]
     assert da.dims == ("band", "y", "x") and da.shape == (128, 4, 4)
@@ -137,33 +152,60 @@ def test_outputs_open_cold_with_crs_coordinates_and_lineage(built) -> None:
     np.testing.assert_allclose(ds["x"].values, x0 + 160 + 320 * np.arange(4))
     np.testing.assert_allclose(ds["y"].values, 4393 * 1280 - 160 - 320 * np.arange(4))
     lineage = json.loads(ds.attrs[LINEAGE_ATTR])
+    assert item.properties["agrifm:checkpoint_sha256"] == ds.attrs["checkpoint_sha256"]
+    assert item.properties["agrifm:untrained"] is bool(ds.attrs["untrained"])
     assert lineage["tile"] == TILES[1] and lineage["year"] == 2019
     # GDAL itself reads the grid with its CRS and transform.
-    with rasterio.open(f'ZARR:"{path}":/embedding') as src:
+    assert item.assets["data"].extra_fields["agrifm:gdal_path"] == f'ZARR:"{path}":/embedding'
+    with rasterio.open(item.assets["data"].extra_fields["agrifm:gdal_path"]) as src:
         assert src.crs.to_epsg() == 32631
         assert src.transform.a == 320 and src.transform.c == x0 and src.count == 128
         np.testing.assert_allclose(src.read(5), da.values[4], rtol=1e-6)
     # Neighbouring tiles sit side by side on one lattice.
     left = xr.open_zarr(
-        root / "agrifm_embedding_grid.zarr" / "2019" / TILES[0], decode_coords="all"
+        stac_item(root, "agrifm_embedding_grid", 2019, TILES[0]).assets["data"].href,
+        decode_coords="all",
     )
     assert left["x"].values[-1] + 320 == ds["x"].values[0]
     np.testing.assert_allclose(left["y"].values, ds["y"].values)
     # Frame stacks and tensors describe themselves too.
-    fs = xr.open_zarr(root / "s2_frame_stack.zarr" / "2019" / TILES[1], decode_coords="all")
+    fs = xr.open_zarr(
+        stac_item(root, "s2_frame_stack", 2019, TILES[1]).assets["data"].href, decode_coords="all"
+    )
     assert fs["frames"].dims == ("time", "band", "y", "x") and fs["frames"].dtype == np.uint16
     assert fs["frames"].shape == (8, 10, 128, 128) and str(fs.rio.crs) == "EPSG:32631"
-    nt = xr.open_zarr(root / "normalized_tensors.zarr" / "2019" / TILES[1])
+    nt = xr.open_zarr(stac_item(root, "normalized_tensors", 2019, TILES[1]).assets["data"].href)
     assert nt["chip_stats"].dims == ("chip", "time", "band", "stat")
     assert nt["chip_stats"].shape == (4, 8, 10, 4) and "tensors" not in nt  # the default
     assert nt.attrs["tensors_kept"] == 0 and nt.attrs["n_nonfinite"] == 0
     # Chip vectors: GeoParquet with geometry, mean and max per chip.
-    table = pq.read_table(root / "chip_embeddings" / "2019" / f"{TILES[1]}.parquet")
+    table = pq.read_table(stac_item(root, "chip_embeddings", 2019, TILES[1]).assets["data"].href)
     assert table.num_rows == 4 and b"geo" in table.schema.metadata
     row = table.slice(0, 1).to_pylist()[0]
     np.testing.assert_allclose(row["mean"], da.values[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
     np.testing.assert_allclose(row["max"], da.values[:, :2, :2].max(axis=(1, 2)), rtol=1e-6)
-    assert (root / "embedding_preview" / "2019" / f"{TILES[1]}.png").read_bytes()[:4] == b"\x89PNG"
+    png = stac_item(root, "embedding_preview", 2019, TILES[1]).assets["data"].href
+    assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    # Lineage names the exact upstream versions read, and they exist.
+    grids = pipe.storage.store("agrifm_embedding_grid")
+    read = lineage["inputs"]["normalized_tensors"]["version"]
+    assert pipe.storage.store("normalized_tensors").version(2019, TILES[1], read).id == read
+    assert lineage["inputs"]["agrifm_checkpoint"]["sha256"]
+    assert grids.current(2019, TILES[1]).id == item.properties["agrifm:version"]
+
+
+def stac_item(root: Path, asset: str, year: int, tile: str) -> pystac.Item:
+    """An item reached from the root catalog by its links, as a STAC client would."""
+    catalog = pystac.Catalog.from_file(str(root / "catalog.json"))
+    collection = catalog.get_child(asset)
+    assert collection is not None, [c.id for c in catalog.get_children()]
+    year_catalog = collection.get_child(f"{asset}-{year}")
+    assert year_catalog is not None
+    for item in year_catalog.get_items():
+        if item.id == f"{tile}_{year}":
+            item.make_asset_hrefs_absolute()
+            return item
+    raise AssertionError(f"no STAC item for {asset} {tile} {year}")
 
 
 def test_kept_tensors_are_what_the_encoder_sees(built, tmp_path: Path) -> None:
@@ -195,10 +237,15 @@ def test_model_input_refuses_frames_it_was_not_made_from(built) -> None:
     lineage = lineage_from_attrs(nt.attrs)
     x = model_input(nt, lambda: frames, lineage, "t|2019")
     assert x.shape == (4, 8, 10, 64, 64) and x.dtype == torch.float32
-    # Frames re-made since (another run id): the partition is stale, not silently re-derived.
+    assert frames.encoding["agrifm_version"] == lineage["inputs"]["s2_frame_stack"]["version"]
+    # A lineage naming another frames version than the one opened: refused, not re-derived.
     other = json.loads(json.dumps(lineage))
-    other["inputs"]["s2_frame_stack"]["run_id"] = "another-run"
+    other["inputs"]["s2_frame_stack"]["version"] = "v20190101T000000000000Z-00000000"
     with pytest.raises(InputContractError, match="re-materialise normalized_tensors"):
+        model_input(nt, lambda: frames, other, "t|2019")
+    # A lineage that names no version (an older release's partition): refused too.
+    del other["inputs"]["s2_frame_stack"]["version"]
+    with pytest.raises(InputContractError, match="does not name the s2_frame_stack version"):
         model_input(nt, lambda: frames, other, "t|2019")
     # Frames whose values no longer give the recorded statistics.
     changed = frames.copy(deep=True)
@@ -265,15 +312,14 @@ def test_region_sensor_mosaic_and_removal(built, tmp_path: Path) -> None:
     )
     assert out.success
     root = Path(pipe.storage.root)
-    mosaic = xr.open_zarr(root / "region_mosaic.zarr" / "2019" / "field_a", decode_coords="all")
+    mosaic_item = stac_item(root, "region_mosaic", 2019, "field_a")
+    mosaic = xr.open_zarr(mosaic_item.assets["data"].href, decode_coords="all")
     grid = mosaic["embedding"]
     assert grid.shape == (128, 4, 8) and str(grid.rio.crs) == "EPSG:32631"
     for i, tile in enumerate(TILES):
-        g = xr.open_zarr(root / "agrifm_embedding_grid.zarr" / "2019" / tile)["embedding"].values
+        g = pipe.storage.store("agrifm_embedding_grid").open(2019, tile)["embedding"].values
         np.testing.assert_array_equal(grid.values[:, :, 4 * i : 4 * i + 4], g)
-    with rasterio.open(
-        f'ZARR:"{root / "region_mosaic.zarr" / "2019" / "field_a"}":/embedding'
-    ) as src:
+    with rasterio.open(mosaic_item.assets["data"].extra_fields["agrifm:gdal_path"]) as src:
         assert src.crs.to_epsg() == 32631 and src.width == 8 and src.transform.c == 448 * 1280
     # Once made, the mosaic is current: no request for it again.
     again = region_mosaic_sensor(
@@ -287,7 +333,7 @@ def test_region_sensor_mosaic_and_removal(built, tmp_path: Path) -> None:
     region_files_sensor(dg.build_sensor_context(instance=instance, resources=pipe.resources))
     doc = pipe.storage.registry().load()["regions"]
     assert doc["field_b"]["status"] == "removed"
-    assert (root / "agrifm_embedding_grid.zarr" / "2019" / TILES[1]).is_dir()
+    assert pipe.storage.store("agrifm_embedding_grid").exists(2019, TILES[1])
     assert TILES[1] in instance.get_dynamic_partitions("tiles")
 
 
@@ -352,14 +398,15 @@ def test_region_across_two_utm_zones_gets_one_mosaic_per_zone(tmp_path: Path) ->
             instance=instance, partition_key=str(region_year_key("border", 2020))
         )
         assert out.success
-    root = Path(storage.root) / "region_mosaic.zarr" / "2020" / "border"
+    root = Path(storage.store("region_mosaic").current(2020, "border").path)
     for epsg in (32631, 32632):
         group = root / f"utm_{epsg}"
         ds = xr.open_zarr(group, decode_coords="all")
         assert ds.rio.crs.to_epsg() == epsg and ds["embedding"].shape[0] == 128
         with rasterio.open(f'ZARR:"{group}":/embedding') as src:
             assert src.crs.to_epsg() == epsg
-    lineage = json.loads(zarr_attrs(root)[LINEAGE_ATTR])
+    lineage = storage.store("region_mosaic").lineage(2020, "border")
+    assert json.loads(zarr_attrs(root)[LINEAGE_ATTR]) == lineage
     assert lineage["zones"] == [32631, 32632] and sorted(lineage["tiles"]) == sorted(tiles)
 
 

@@ -260,6 +260,7 @@ def test_unresolvable_checkpoint_says_embeddings_were_not_judged(world, tmp_path
 def test_partition_deleted_outside_the_pipeline_is_reported_and_remade(world) -> None:
     pipe, ticker, ckpt = world
     res = _resources(pipe, ckpt)
+    # Deleted by hand, the whole partition (every version and its pointer).
     shutil.rmtree(Path(pipe.storage.root) / "normalized_tensors.zarr" / "2019" / TILES[1])
     current, unknown, _ = current_fingerprints(res["tile_year"], res["s2"], res["model"])
     rows = audit_rows(pipe.instance, stage_stores(pipe.storage), current, unknown=unknown)

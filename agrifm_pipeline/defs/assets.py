@@ -40,7 +40,7 @@ from agrifm_pipeline.defs.resources import (
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.inference import prefetch
 from agrifm_pipeline.lineage import CODE_VERSIONS
-from agrifm_pipeline.storage import ZarrStore, lineage_from_attrs, write_file_atomic
+from agrifm_pipeline.storage import Version, ZarrStore
 from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import (
     TileYearSettings,
@@ -108,16 +108,16 @@ def _derived_lineage(
     cfg: TileYearSettings,
     upstream: dict[str, Any],
     fingerprint: Any,
-    source: ZarrStore,
+    source: Version,
 ) -> dict[str, Any]:
-    """A stage's lineage: the upstream partition's record, this stage's fields, its
-    fingerprint added to the chain, and the upstream partition it read."""
+    """A stage's lineage: the upstream version's record, this stage's fields, its
+    fingerprint added to the chain, and the exact upstream version it read."""
     asset, upstream_stage = DERIVED_STAGES[stage]
     lineage = {**upstream, **_base_lineage(context, stage, tile, year, cfg, asset)}
     lineage["fingerprints"] = {**upstream.get("fingerprints", {}), stage: fingerprint.as_record()}
     lineage["inputs"] = {
         source.asset: {
-            "url": source.partition_url(year, tile.id),
+            **source.record(),
             "run_id": upstream.get("run_id"),
             "fingerprint": upstream.get("fingerprints", {})
             .get(upstream_stage, {})
@@ -127,14 +127,17 @@ def _derived_lineage(
     return lineage
 
 
-def _summary(lineage: dict[str, Any], url: str) -> dict[str, Any]:
+def _summary(lineage: dict[str, Any], version: Version) -> dict[str, Any]:
     """The metadata users scan in the UI; the whole record is under ``lineage``."""
     settings = lineage["settings"]
     acq = lineage.get("acquisition", {})
     emb = lineage.get("embedding", {})
     fps = lineage.get("fingerprints", {})
     out: dict[str, Any] = {
-        "path": dg.MetadataValue.path(url),
+        "path": dg.MetadataValue.path(version.url),
+        "version": version.id,
+        "gdal_path": version.gdal_path,
+        "manifest_sha256": version.manifest_sha256,
         "n_frames": settings["n_frames"],
         "norm_mode": settings["norm_mode"],
         "image_size": settings["image_size"],
@@ -159,13 +162,18 @@ def _summary(lineage: dict[str, Any], url: str) -> dict[str, Any]:
     return out
 
 
-def _upstream(store: ZarrStore, tile: Tile, year: int, what: str) -> xr.Dataset:
-    if not store.exists(year, tile.id):
+def _upstream(
+    store: ZarrStore, tile: Tile, year: int, what: str, version: str | None = None
+) -> tuple[xr.Dataset, Version]:
+    """An upstream partition (its current version, or the one named), read whole and
+    checked against its manifest; with the version it is."""
+    v = store.current(year, tile.id) if version is None else store.version(year, tile.id, version)
+    if v is None:
         raise InputContractError(
             f"{what} has no partition {tile.id}|{year} under {store.root}; materialise "
             f"{store.asset} for it first (or include it in the same backfill)"
         )
-    return store.open(year, tile.id)
+    return store.open_version(v, verify=True), v
 
 
 # -- assets ----------------------------------------------------------------------------------
@@ -205,41 +213,42 @@ def s2_frame_stack(
     fps = run_fingerprints(cfg, s2, "", None)
     items = _tile_years(context)
 
-    def one(item: tuple[str, Tile, int]) -> tuple[str, dict[str, Any], str]:
+    def one(item: tuple[str, Tile, int]) -> tuple[str, dict[str, Any], Version]:
         key, tile, year = item
         stack = acquire(provider, tile, year, cfg)
         lineage = _base_lineage(context, "acquisition", tile, year, cfg)
         lineage["acquisition"] = stack.record()
         lineage["fingerprints"] = {"acquisition": fps.acquisition.as_record()}
         lineage["output"] = {"shape": list(stack.data.shape), "dtype": str(stack.data.dtype)}
-        url = store.write(year, tile.id, frame_stack_dataset(stack), lineage)
-        return key, lineage, url
+        version = store.write(year, tile.id, frame_stack_dataset(stack), lineage)
+        storage.catalog().record(version, lineage)
+        return key, lineage, version
 
     workers = max(1, min(s2.workers(), len(items)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for key, lineage, url in pool.map(one, items):
-            context.add_asset_metadata(_summary(lineage, url), partition_key=key)
-            context.log.info(f"{key}: frames written to {url}")
+        for key, lineage, version in pool.map(one, items):
+            context.add_asset_metadata(_summary(lineage, version), partition_key=key)
+            context.log.info(f"{key}: frames written to {version.url}")
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
 
-Item = tuple[str, Tile, int, dict[str, Any]]  # partition key, tile, year, normalisation lineage
+# partition key, tile, year, normalisation lineage, and the normalisation version it is
+Item = tuple[str, Tile, int, dict[str, Any], Version]
 
 
 def _normalise(
     context: dg.AssetExecutionContext,
     cfg: TileYearSettings,
     src: ZarrStore,
-    store: ZarrStore,
+    storage: ZarrStorage,
     fingerprint: Any,
-    keep_tensors: bool,
     item: tuple[str, Tile, int],
 ) -> tuple[Item, torch.Tensor]:
     """One ``normalized_tensors`` partition: frames read, normalised, written; returns its
     lineage and the model input it stands for."""
     key, tile, year = item
-    up = _upstream(src, tile, year, "s2_frame_stack")
-    upstream = lineage_from_attrs(up.attrs)
+    up, up_version = _upstream(src, tile, year, "s2_frame_stack")
+    upstream = src.lineage(year, tile.id, up_version.id)
     values = up["frames"].values
     if values.shape[0] != cfg.n_frames:
         raise InputContractError(
@@ -248,14 +257,16 @@ def _normalise(
         )
     tensor, record = normalise_tile(values, cfg)
     lineage = _derived_lineage(
-        context, "normalisation", tile, year, cfg, upstream, fingerprint, src
+        context, "normalisation", tile, year, cfg, upstream, fingerprint, up_version
     )
-    lineage["normalisation"] = {**record, "tensors_kept": keep_tensors}
+    keep = storage.keep_tensors
+    lineage["normalisation"] = {**record, "tensors_kept": keep}
     lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
-    ds = normalized_dataset(tensor, cfg, keep_tensors=keep_tensors)
-    url = store.write(year, tile.id, ds, lineage)
-    context.add_asset_metadata(_summary(lineage, url), partition_key=key, asset_key=NORMALIZED)
-    return (key, tile, year, lineage), tensor
+    ds = normalized_dataset(tensor, cfg, keep_tensors=keep)
+    version = storage.store("normalized_tensors").write(year, tile.id, ds, lineage)
+    storage.catalog().record(version, lineage)
+    context.add_asset_metadata(_summary(lineage, version), partition_key=key, asset_key=NORMALIZED)
+    return (key, tile, year, lineage, version), tensor
 
 
 def _stored_input(
@@ -263,15 +274,16 @@ def _stored_input(
 ) -> tuple[Item, torch.Tensor]:
     """The model input of a ``normalized_tensors`` partition made by an earlier run."""
     key, tile, year = item
-    ds = _upstream(store, tile, year, "normalized_tensors")
-    lineage = lineage_from_attrs(ds.attrs)
+    ds, version = _upstream(store, tile, year, "normalized_tensors")
+    lineage = store.lineage(year, tile.id, version.id)
+    recorded = lineage.get("inputs", {}).get("s2_frame_stack", {}).get("version")
     x = model_input(
         ds,
-        functools.partial(_upstream, frames, tile, year, "s2_frame_stack"),
+        lambda: _upstream(frames, tile, year, "s2_frame_stack", recorded)[0],
         lineage,
         f"{tile.id}|{year}",
     )
-    return (key, tile, year, lineage), x
+    return (key, tile, year, lineage, version), x
 
 
 def _write_embedding(
@@ -282,12 +294,11 @@ def _write_embedding(
     fingerprint: Any,
     record: dict[str, Any],
     resolved: dict[str, Any],
-    src: ZarrStore,
-    store: ZarrStore,
+    storage: ZarrStorage,
 ) -> None:
-    key, tile, year, upstream = item
+    key, tile, year, upstream, source = item
     grid = embedding_grid(feats, tile, cfg)
-    lineage = _derived_lineage(context, "embedding", tile, year, cfg, upstream, fingerprint, src)
+    lineage = _derived_lineage(context, "embedding", tile, year, cfg, upstream, fingerprint, source)
     lineage["embedding"] = record
     lineage["inputs"]["agrifm_checkpoint"] = {"sha256": resolved["sha256"]}
     lineage["output"] = {
@@ -303,8 +314,9 @@ def _write_embedding(
         norm_mode=cfg.norm_mode,
         image_size=cfg.image_size,
     )
-    url = store.write(year, tile.id, ds, lineage)
-    context.add_asset_metadata(_summary(lineage, url), partition_key=key, asset_key=EMBEDDING)
+    version = storage.store("agrifm_embedding_grid").write(year, tile.id, ds, lineage)
+    storage.catalog().record(version, lineage)
+    context.add_asset_metadata(_summary(lineage, version), partition_key=key, asset_key=EMBEDDING)
 
 
 @dg.multi_asset(
@@ -361,13 +373,10 @@ def normalise_and_embed(
     cfg = tile_year.resolve()
     frames = storage.store("s2_frame_stack")
     tensors = storage.store("normalized_tensors")
-    grids = storage.store("agrifm_embedding_grid")
     fps = run_fingerprints(cfg, s2, "", None)
     items = _tile_years(context)
     selected = context.selected_asset_keys
-    normalise = functools.partial(
-        _normalise, context, cfg, frames, tensors, fps.normalisation, storage.keep_tensors
-    )
+    normalise = functools.partial(_normalise, context, cfg, frames, storage, fps.normalisation)
     if EMBEDDING not in selected:
         for tile_year_item in items:
             normalise(tile_year_item)
@@ -386,9 +395,7 @@ def normalise_and_embed(
     make = normalise if both else functools.partial(_stored_input, tensors, frames)
     # The next tile-year is normalised (or read) while the current one is embedded.
     for done, feats in engine.embed_stream(prefetch(make(i) for i in items)):
-        _write_embedding(
-            context, cfg, done, feats, emb_fps.embedding, record, resolved, tensors, grids
-        )
+        _write_embedding(context, cfg, done, feats, emb_fps.embedding, record, resolved, storage)
     if both:
         yield dg.MaterializeResult(asset_key=NORMALIZED, metadata={"partitions_in_run": len(items)})
     yield dg.MaterializeResult(asset_key=EMBEDDING, metadata={"partitions_in_run": len(items)})
@@ -410,17 +417,38 @@ def chip_embeddings(
     src = storage.store("agrifm_embedding_grid")
     items = _tile_years(context)
     for key, tile, year in items:
-        ds = _upstream(src, tile, year, "agrifm_embedding_grid")
-        lineage = lineage_from_attrs(ds.attrs)
+        ds, grid_version = _upstream(src, tile, year, "agrifm_embedding_grid")
+        lineage = _file_lineage(
+            context, "chip_embeddings", src.lineage(year, tile.id, grid_version.id), grid_version
+        )
         gdf = chip_table(ds["embedding"], tile, year, cfg)
         gdf["checkpoint_sha256"] = ds.attrs.get("checkpoint_sha256", "")
-        url = storage.file_url("chip_embeddings", year, tile.id, ".parquet")
-        buf = _parquet_bytes(gdf, lineage)
-        write_file_atomic(url, buf)
-        meta = _summary({**lineage, "asset": "chip_embeddings"}, url)
+        version = storage.files("chip_embeddings").put(
+            year, tile.id, CHIPS_FILE, _parquet_bytes(gdf, lineage), lineage
+        )
+        storage.catalog().record(version, lineage)
+        meta = _summary(lineage, version)
+        meta["path"] = dg.MetadataValue.path(f"{version.url}/{CHIPS_FILE}")
         meta["n_chips"] = len(gdf)
         context.add_asset_metadata(meta, partition_key=key)
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+
+
+CHIPS_FILE = "chips.parquet"
+PREVIEW_FILE = "preview.png"
+
+
+def _file_lineage(
+    context: dg.AssetExecutionContext, asset: str, grid: dict[str, Any], *read: Version
+) -> dict[str, Any]:
+    """A derived file's lineage: the grid's record, this asset's run, the versions read."""
+    return {
+        **grid,
+        "asset": asset,
+        "run_id": context.run.run_id,
+        "created_at": _now(),
+        "inputs": {v.asset: v.record() for v in read},
+    }
 
 
 def _parquet_bytes(gdf: Any, lineage: dict[str, Any]) -> bytes:
@@ -455,25 +483,29 @@ def embedding_preview(
     grids, stacks = storage.store("agrifm_embedding_grid"), storage.store("s2_frame_stack")
     items = _tile_years(context)
     for key, tile, year in items:
-        grid = _upstream(grids, tile, year, "agrifm_embedding_grid")
+        grid, grid_version = _upstream(grids, tile, year, "agrifm_embedding_grid")
         rgb = ["B4", "B3", "B2"]
-        frames = band_frames(_upstream(stacks, tile, year, "s2_frame_stack")["frames"], rgb)
-        png = preview_png(frames, grid["embedding"].values, rgb)
-        url = storage.file_url("embedding_preview", year, tile.id, ".png")
-        write_file_atomic(url, png)
-        lineage = lineage_from_attrs(grid.attrs)
+        stack, stack_version = _upstream(stacks, tile, year, "s2_frame_stack")
+        png = preview_png(band_frames(stack["frames"], rgb), grid["embedding"].values, rgb)
+        grid_lineage = grids.lineage(year, tile.id, grid_version.id)
+        lineage = _file_lineage(
+            context, "embedding_preview", grid_lineage, grid_version, stack_version
+        )
+        version = storage.files("embedding_preview").put(year, tile.id, PREVIEW_FILE, png, lineage)
+        storage.catalog().record(version, lineage)
         b64 = base64.b64encode(png).decode()
         context.add_asset_metadata(
             {
-                "path": dg.MetadataValue.path(url),
+                "path": dg.MetadataValue.path(f"{version.url}/{PREVIEW_FILE}"),
+                "version": version.id,
                 "preview": dg.MetadataValue.md(
                     f"**{tile.id} {year}** — input median (left), embedding PCA (right)\n\n"
                     f"![preview](data:image/png;base64,{b64})"
                 ),
-                "checkpoint_sha256": lineage.get("embedding", {})
+                "checkpoint_sha256": grid_lineage.get("embedding", {})
                 .get("checkpoint", {})
                 .get("sha256", ""),
-                "fingerprint_embedding": lineage.get("fingerprints", {})
+                "fingerprint_embedding": grid_lineage.get("fingerprints", {})
                 .get("embedding", {})
                 .get("fingerprint", ""),
             },
@@ -507,7 +539,8 @@ def region_mosaic(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg
     for key in keys:
         region, year = split_key(key, REGION_DIM)
         tiles = [Tile.from_id(t) for t in registry.tiles_of(region)]
-        missing = [t.id for t in tiles if not src.exists(year, t.id)]
+        currents = {t.id: src.current(year, t.id) for t in tiles}
+        missing = [t for t, v in currents.items() if v is None]
         if missing:
             raise InputContractError(
                 f"region {region} {year}: no embedding grid yet for {len(missing)} of its "
@@ -520,38 +553,47 @@ def region_mosaic(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg
         groups: dict[str, xr.Dataset] = {}
         shas: set[str] = set()
         tile_lineage: dict[str, dict[str, Any]] = {}
+        read: dict[str, str] = {}
         for epsg, zone_tiles in sorted(by_zone.items()):
-            opened = [src.open(year, t.id) for t in zone_tiles]
+            opened = []
+            for t in zone_tiles:
+                v = currents[t.id]
+                assert v is not None
+                opened.append(src.open_version(v, verify=True))
+                read[t.id] = v.id
+                tile_lineage[t.id] = src.lineage(year, t.id, v.id)
             shas.update(str(o.attrs.get("checkpoint_sha256", "")) for o in opened)
-            tile_lineage.update(
-                (t.id, lineage_from_attrs(o.attrs)) for t, o in zip(zone_tiles, opened, strict=True)
-            )
-            merged = mosaic([o["embedding"].load() for o in opened]).to_dataset()
+            merged = mosaic([o["embedding"] for o in opened]).to_dataset()
             name = "" if len(by_zone) == 1 else f"utm_{epsg}"
             groups[name] = merged
         lineage = {
             "asset": "region_mosaic",
             "region": region,
             "year": year,
+            "tile": region,
             "tiles": [t.id for t in tiles],
             "zones": sorted(by_zone),
             "checkpoint_sha256": sorted(shas),
             "package_version": __version__,
             "run_id": context.run.run_id,
             "created_at": _now(),
-            "inputs": {t: lin.get("fingerprints", {}) for t, lin in tile_lineage.items()},
-            "input_runs": {t: str(lin.get("run_id")) for t, lin in tile_lineage.items()},
+            "fingerprints_of_tiles": {
+                t: lin.get("fingerprints", {}) for t, lin in tile_lineage.items()
+            },
+            "inputs": {"agrifm_embedding_grid": {"versions": read}},
         }
-        url = store.write_groups(year, region, groups, lineage)
+        version = store.write_groups(year, region, groups, lineage)
+        storage.catalog().record(version, lineage)
         context.add_asset_metadata(
             {
-                "path": dg.MetadataValue.path(url),
+                "path": dg.MetadataValue.path(version.url),
+                "version": version.id,
                 "n_tiles": len(tiles),
                 "zones": str(sorted(by_zone)),
                 "checkpoint_sha256": ",".join(sorted(shas)),
-                "gdal_path": f'ZARR:"{store.partition_path(year, region)}":/embedding'
+                "gdal_path": f'ZARR:"{version.gdal_path}":/embedding'
                 if len(by_zone) == 1
-                else f'ZARR:"{store.partition_path(year, region)}/utm_<epsg>":/embedding',
+                else f'ZARR:"{version.gdal_path}/utm_<epsg>":/embedding',
             },
             partition_key=key,
         )

@@ -13,7 +13,7 @@ import numpy as np
 from agrifm_pipeline.defs.assets import EMBEDDING, NORMALIZED, s2_frame_stack
 from agrifm_pipeline.defs.partitions import split_key, tile_year_partitions
 from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
-from agrifm_pipeline.storage import ZarrStore
+from agrifm_pipeline.storage import StorageError, ZarrStore
 
 # Variance floor below which a chip's embedding is considered collapsed.
 MIN_CHIP_VARIANCE = 1e-8
@@ -34,10 +34,18 @@ def _evaluate(
     failed: list[str] = []
     for key in context.partition_keys if _has_keys(context) else []:
         tile, year = split_key(key)
-        if not store.exists(year, tile):
+        version = store.current(year, tile)
+        if version is None:
             ok, info = False, {"error": "partition missing from the store"}
         else:
-            ok, info = judge(store.open(year, tile), tile, year)
+            # The committed version, re-hashed against its manifest before it is judged.
+            try:
+                ds = store.open_version(version, verify=True)
+            except StorageError as exc:
+                ok, info = False, {"version": version.id, "error": str(exc)}
+            else:
+                ok, info = judge(ds, tile, year)
+                info = {"version": version.id, **info}
         per[str(key)] = {"passed": ok, **info}
         if not ok:
             failed.append(str(key))

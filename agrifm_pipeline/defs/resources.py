@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from agrifm_pipeline.catalog import StacCatalog
 from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
 from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_engine
 from agrifm_pipeline.lineage import Fingerprints
@@ -21,7 +22,12 @@ from agrifm_pipeline.providers import Provider, make_provider
 from agrifm_pipeline.registry import RegionRegistry
 from agrifm_pipeline.runtime import freeze_long_lived
 from agrifm_pipeline.settings import AgriFMSettings, load_settings, pipeline_storage_root
-from agrifm_pipeline.storage import ZarrStore
+from agrifm_pipeline.storage import (
+    FileStore,
+    PartitionStore,
+    ZarrStore,
+    storage_options_from_env,
+)
 from agrifm_pipeline.tileyear import TileYearSettings
 
 
@@ -160,10 +166,26 @@ class AgriFMModel(dg.ConfigurableResource):
         return engine
 
 
+ZARR_ASSETS = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid", "region_mosaic")
+FILE_ASSETS = ("chip_embeddings", "embedding_preview")
+
+
 class ZarrStorage(dg.ConfigurableResource):
-    """Where outputs live: a local directory or any fsspec URL (s3://, gs://, …)."""
+    """Where outputs live: a local directory or any fsspec URL (s3://, gs://, …).
+
+    Every partition is a set of immutable versions and a pointer to the current one
+    (see :mod:`agrifm_pipeline.storage`); ``storage_options`` reach every read and
+    write (Zarr stores, Parquet, PNG, the region registry and the STAC catalog).
+    """
 
     root: str = Field(default_factory=default_storage_root, description="storage root")
+    storage_options: dict[str, Any] = Field(
+        default_factory=storage_options_from_env,
+        description=(
+            "fsspec options for the root (endpoint_url, profile, anon…); default "
+            "AGRIFM_PIPELINE_STORAGE_OPTIONS (JSON)"
+        ),
+    )
     zarr_format: int = Field(default=2, description="2 (GDAL/QGIS open it) or 3")
     regions_dir: str = Field(
         default="data/regions", description="region files watched by the sensor"
@@ -178,13 +200,26 @@ class ZarrStorage(dg.ConfigurableResource):
     )
 
     def store(self, asset: str) -> ZarrStore:
-        return ZarrStore(self.root, asset, zarr_format=self.zarr_format)
+        return ZarrStore(
+            self.root, asset, zarr_format=self.zarr_format, storage_options=self.storage_options
+        )
+
+    def files(self, asset: str) -> FileStore:
+        return FileStore(self.root, asset, storage_options=self.storage_options)
+
+    def all_stores(self) -> list[PartitionStore]:
+        """Every stored asset's partitions, upstream first (verify, gc, the catalog)."""
+        return [
+            *(self.store(a) for a in ZARR_ASSETS[:3]),
+            *(self.files(a) for a in FILE_ASSETS),
+            self.store(ZARR_ASSETS[3]),
+        ]
 
     def registry(self) -> RegionRegistry:
-        return RegionRegistry(self.root)
+        return RegionRegistry(self.root, storage_options=self.storage_options)
 
-    def file_url(self, asset: str, year: str | int, tile: str, suffix: str) -> str:
-        return f"{self.root.rstrip('/')}/{asset}/{year}/{tile}{suffix}"
+    def catalog(self) -> StacCatalog:
+        return StacCatalog(self.root, storage_options=self.storage_options)
 
 
 def run_fingerprints(

@@ -60,13 +60,14 @@ def region_files_sensor(
 
 
 def mosaic_inputs(storage: ZarrStorage, tiles: list[str], year: int) -> dict[str, str] | None:
-    """tile -> the run that made its current grid; None while any tile lacks a grid."""
+    """tile -> its current grid version; None while any tile lacks a grid."""
     grids = storage.store("agrifm_embedding_grid")
     out = {}
     for t in tiles:
-        if not grids.exists(year, t):
+        v = grids.current(year, t)
+        if v is None:
             return None
-        out[t] = str(grids.lineage(year, t).get("run_id"))
+        out[t] = v.id
     return out
 
 
@@ -95,7 +96,10 @@ def region_mosaic_sensor(
             if inputs is None:
                 continue
             made = (
-                mosaics.lineage(year, region).get("input_runs")
+                mosaics.lineage(year, region)
+                .get("inputs", {})
+                .get("agrifm_embedding_grid", {})
+                .get("versions")
                 if mosaics.exists(year, region)
                 else None
             )
