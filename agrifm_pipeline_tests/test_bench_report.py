@@ -41,3 +41,32 @@ def test_best_batch_of_each_encoder() -> None:
     assert fp32["speedup"] == pytest.approx(4.1 / 2.7)
     assert bf16["precision"] == "bfloat16" and bf16["speedup"] == pytest.approx(7.0 / 6.0)
     assert best_vs_best([_row(1, 3.0, None)]) == []
+
+
+@pytest.mark.skipif(
+    not (BENCH.parent.parent / ".git").exists(), reason="--baseline reads the git history"
+)
+def test_baseline_is_the_encoder_at_a_revision_beside_todays() -> None:
+    """--baseline REV imports the package at REV under its own name, next to today's."""
+    import torch
+
+    from agrifm_pipeline.model import load_encoder
+    from agrifm_pipeline_tests.fixtures.reference import tiny_case, tiny_checkpoint
+
+    module, sha = _bench().load_baseline("HEAD")  # type: ignore[attr-defined]
+    assert module.__name__ == f"agrifm_pipeline_at_{sha}.model"
+    old, new = module.load_encoder(tiny_checkpoint("p444")), load_encoder(tiny_checkpoint("p444"))
+    assert type(old).__module__.startswith(f"agrifm_pipeline_at_{sha}.")
+    x = torch.from_numpy(tiny_case("p444", "t8_64x64").x)
+    with torch.inference_mode():
+        torch.testing.assert_close(old(x), new(x), atol=1e-5, rtol=1e-5)
+
+
+def test_interleaved_kernel_timing_reports_each_call() -> None:
+    calls: list[str] = []
+    medians = _bench()._time_each(  # type: ignore[attr-defined]
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4
+    )
+    assert set(medians) == {"a", "b"} and all(t >= 0 for t in medians.values())
+    # one warm-up each, then A B, B A, A B, B A
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]

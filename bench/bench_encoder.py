@@ -20,6 +20,10 @@ with like:
 * the official AgriFM code built from its source tree, with the same weights
   and inputs, when ``--official-repo`` or ``RS_EMBED_AGRIFM_REPO_PATH`` names a
   checkout (otherwise that column is left out, and the run says so);
+* with ``--kernels``, each CPU kernel choice of the encoder against its
+  alternative at the encoder's own shapes (see :func:`kernel_rows`): the fp32
+  linear on the BLAS, in column blocks and on oneDNN; bf16 attention fused and
+  explicit; the patch embedding per sample and per batch;
 * with ``--baseline REV``, our own encoder as it was at git revision REV
   (fp32 rows; same weights and inputs, timed interleaved like the official
   code), and the largest difference between the two outputs: the before and
@@ -35,6 +39,7 @@ Usage::
     python bench/bench_encoder.py --patch p444 p422 --frames 8 32 --official-repo ~/src/AgriFM
     python bench/bench_encoder.py --device cuda --batch 16 32 64 --precision bfloat16
     python bench/bench_encoder.py --batch 4 --precision float32 --baseline HEAD~1
+    python bench/bench_encoder.py --kernels --json bench/results/kernels.json
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +295,117 @@ def load_baseline(rev: str) -> tuple[Any, str]:
     return importlib.import_module(f"{name}.model"), sha
 
 
+def _time_each(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each no-argument call, the calls interleaved (A B, B A, ...)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for n in names:
+            fns[n]()
+        for r in range(repeats):
+            for n in names if r % 2 == 0 else reversed(names):
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+#: (stage, layer, rows, in, out): the full encoder's linear layers at the row counts
+#: they see (p444, T=8, 224²): stage 3 at batch 1 and 8 (49 and 392 rows), stage 2
+#: at batch 1 and 8 (196, 1568), stage 0 one sample at a time (6272).
+KERNEL_LINEARS = [
+    (3, "qkv", 49, 1024, 3072),
+    (3, "fc1", 49, 1024, 4096),
+    (3, "fc2", 49, 4096, 1024),
+    (3, "fc1", 392, 1024, 4096),
+    (2, "qkv", 196, 512, 1536),
+    (2, "fc1", 196, 512, 2048),
+    (2, "fc2", 196, 2048, 512),
+    (2, "fc1", 1568, 512, 2048),
+    (0, "fc1", 6272, 128, 512),
+    (0, "fc2", 6272, 512, 128),
+]
+#: (stage, windows x batch, heads, tokens, head dim) for bf16 attention.
+KERNEL_ATTENTION = [(0, 64, 4, 98, 32), (2, 4, 16, 49, 32), (3, 1, 32, 49, 32), (0, 8, 4, 392, 32)]
+
+
+def kernel_rows(repeats: int, force_bf16: bool) -> list[dict[str, Any]]:
+    """Each CPU kernel choice in ``model/cpu.py`` and ``model/agrifm.py`` against its
+    alternative, at the encoder's shapes; values are checked equal before timing."""
+    from agrifm_pipeline.model.agrifm import PatchEmbed3D
+
+    rows: list[dict[str, Any]] = []
+    threads = torch.get_num_threads()
+    for stage, layer, m, k, n in KERNEL_LINEARS:
+        x = torch.randn(m, k)
+        w, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
+        fns: dict[str, Callable[[], object]] = {
+            "blas": partial(torch.nn.functional.linear, x, w, bias)
+        }
+        if n % threads == 0 and n // threads >= cpu.SPLIT_MIN_COLUMNS and threads > 1:
+            fns["column_blocks"] = partial(cpu.linear_by_column_blocks, x, w, bias, threads)
+        if cpu.onednn_linear_available():
+            fns["onednn"] = partial(torch.ops.mkldnn._linear_pointwise, x, w, bias, "none", [], "")
+        with torch.inference_mode():
+            ref = fns["blas"]()
+            for name, fn in fns.items():
+                torch.testing.assert_close(fn(), ref, atol=1e-4, rtol=1e-4, msg=name)
+        secs = _time_each(fns, repeats)
+        rows.append(
+            {
+                "kernel": "linear_fp32",
+                "stage": stage,
+                "layer": layer,
+                "shape": [m, k, n],
+                "gflops": {name: 2 * m * k * n / s / 1e9 for name, s in secs.items()},
+            }
+        )
+        print(
+            f"# linear fp32 stage {stage} {layer} {m}x{k}->{n}: "
+            + ", ".join(f"{name} {g:.0f}" for name, g in rows[-1]["gflops"].items())
+            + " GFLOP/s",
+            flush=True,
+        )
+    if cpu.native_bf16_cpu() or force_bf16:
+        for stage, batch, heads, tokens, hd in KERNEL_ATTENTION:
+            qkv = torch.randn(batch, tokens, 3, heads, hd).to(torch.bfloat16)
+            q, k_, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided, as in the model
+            bias = torch.randn(1, heads, tokens, tokens).to(torch.bfloat16)
+            att: dict[str, Callable[[], object]] = {
+                "fused": partial(
+                    torch.nn.functional.scaled_dot_product_attention, q, k_, v, attn_mask=bias
+                ),
+                "explicit": partial(cpu.explicit_attention, q, k_, v, bias),
+            }
+            secs = _time_each(att, repeats)
+            rows.append(
+                {
+                    "kernel": "attention_bf16",
+                    "stage": stage,
+                    "shape": [batch, heads, tokens, hd],
+                    "seconds": secs,
+                }
+            )
+            print(
+                f"# attention bf16 stage {stage} {batch}x{heads}x{tokens}x{hd}: "
+                + ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in secs.items()),
+                flush=True,
+            )
+    embed = PatchEmbed3D((4, 4, 4), 10, 128)
+    chips = torch.randn(8, 8, 10, 224, 224)
+    secs = _time_each(
+        {"per_sample": lambda: embed(chips), "whole_batch": lambda: embed.project(chips)},
+        repeats,
+    )
+    rows.append({"kernel": "patch_embed", "shape": list(chips.shape), "seconds": secs})
+    print(
+        "# patch embed 8 chips: "
+        + ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in secs.items()),
+        flush=True,
+    )
+    return rows
+
+
 def best_vs_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per patch, T and precision: each encoder at its fastest batch, and the ratio.
 
@@ -335,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="untrained:<seed> weights, full size")
     ap.add_argument("--official-repo", default=os.environ.get("RS_EMBED_AGRIFM_REPO_PATH"))
     ap.add_argument(
+        "--kernels",
+        action="store_true",
+        help="time each CPU kernel choice against its alternative instead of the encoder",
+    )
+    ap.add_argument(
         "--baseline",
         metavar="REV",
         help="also time our encoder as it was at this git revision (fp32 rows)",
@@ -379,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_matmul_ours": cpu.cpu_matmul_library() if device.type == "cpu" else None,
         "bf16_native_cpu": cpu.native_bf16_cpu(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        # Other work on a shared host shows here (1, 5 and 15 minute averages).
+        "load_average_start": list(os.getloadavg()),
     }
     print(
         f"# torch {env['torch']} on {env['device_name'] or env['machine']}, {env['torch_threads']} threads"
@@ -388,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
     )
+    if args.kernels:
+        kernels = kernel_rows(args.repeats, args.force_bf16)
+        _write(Path(args.json), {"env": env, "kernels": kernels})
+        return 0
     mm_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
     env["matmul_n"] = mm_n
     rates_before = {p: matmul_rate(getattr(torch, p), device, mm_n) for p in args.precision}
@@ -518,22 +646,24 @@ def main(argv: list[str] | None = None) -> int:
             f"{b['official_chips_per_s']:.2f} (batch {b['official_batch']}): "
             f"{b['speedup']:.2f}x"
         )
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "env": env,
-                "matmul_gflops_before": rates_before,
-                "matmul_gflops_after": rates_after,
-                "rows": rows,
-                "best_vs_best": best,
-            },
-            indent=2,
-        )
+    _write(
+        Path(args.json),
+        {
+            "env": env,
+            "matmul_gflops_before": rates_before,
+            "matmul_gflops_after": rates_after,
+            "rows": rows,
+            "best_vs_best": best,
+        },
     )
-    print(f"# wrote {out}")
     return 0
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    result["env"]["load_average_end"] = list(os.getloadavg())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"# wrote {out}")
 
 
 _HEADER_DONE = False
