@@ -31,12 +31,13 @@ from agrifm_pipeline.providers.gee import (
     classify,
     group_acquisitions,
     is_retryable,
+    pixel_grid,
 )
 from agrifm_pipeline.providers.local import LocalProvider
 from agrifm_pipeline.specs import SensorSpec
 from agrifm_pipeline.tiles import Tile
 
-from .ee_standin import SAMPLE_DIR, StandIn, catalog_from_directory, ee_standin
+from .ee_standin import SAMPLE_DIR, StandIn, catalog_from_directory, compute_pixels, ee_standin
 
 SAMPLE = GeoBox.from_bbox((574680.0, 5621800.0, 575320.0, 5622440.0), "EPSG:32631", resolution=10)
 OVERLAP_DATE, REDELIVERED_DATE = "2019-04-16", "2019-05-11"
@@ -197,6 +198,46 @@ def test_no_granule_is_told_apart_from_no_coverage(standin: StandIn, tmp_path: P
     with pytest.raises(NoCoverageError, match="COPERNICUS/S2_SR_HARMONIZED covers"):
         provider.fetch(far, frame_windows(2019, 2), SensorSpec(), CloudMask())
     assert not _pixel_bodies(standin)
+
+
+def test_the_duplicates_matter_without_merging(standin: StandIn, tmp_path: Path) -> None:
+    """A median over granules (no merging) differs with the duplicated granules: the parity
+    tests above have something to catch."""
+    import io
+
+    import ee
+
+    _provider(standin, tmp_path).initialise()
+    bands = list(SensorSpec().bands)
+    win = [w for w in frame_windows(2019, 8) if w.contains(dt.date.fromisoformat(OVERLAP_DATE))]
+    col = ee.ImageCollection("COPERNICUS/S2_SR_HARMONIZED").filterDate(
+        win[0].start.isoformat(), win[0].end.isoformat()
+    )
+    naive = col.select(bands).median().round().unmask(0).toUint16()
+    body = {
+        "expression": ee.serializer.encode(naive, for_cloud_api=True),
+        "bandIds": bands,
+        "grid": pixel_grid(SAMPLE, (slice(0, 64), slice(0, 64))),
+    }
+    with_duplicates = np.load(io.BytesIO(compute_pixels(standin.catalog, body)))
+    without = np.load(io.BytesIO(compute_pixels(catalog_from_directory(), body)))
+    changed = [(with_duplicates[b] != without[b]).mean() for b in bands]
+    assert min(changed) > 0.1
+
+
+def test_fetch_many_keeps_the_order(standin: StandIn, tmp_path: Path) -> None:
+    areas = [SAMPLE[:32, :], SAMPLE[32:, :]]
+    stacks = _provider(standin, tmp_path).fetch_many(
+        areas, frame_windows(2019, 2), SensorSpec(), CloudMask(), workers=2
+    )
+    whole = LocalProvider(SAMPLE_DIR).fetch(
+        SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask()
+    )
+    for rows, stack in zip((slice(0, 32), slice(32, 64)), stacks, strict=True):
+        assert (
+            np.abs(stack.data.values.astype(int) - whole.data.values[:, :, rows].astype(int)).max()
+            <= 1
+        )
 
 
 # --- acquisitions ------------------------------------------------------------------------
