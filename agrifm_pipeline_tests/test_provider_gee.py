@@ -466,6 +466,14 @@ def test_initialised_once_per_process_with_cached_credentials(
     assert len(standin.tokens) == 1  # the credentials (and their token) were reused
 
 
+def test_equal_credentials_built_afresh_initialise_once(standin: StandIn, tmp_path: Path) -> None:
+    for _ in range(3):  # each provider gets its own Credentials object with the same token
+        _provider(standin, tmp_path).fetch(
+            SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask()
+        )
+    assert standin.discovery_requests() == 2 and len(standin.bodies("value:compute")) == 3
+
+
 # --- the pipeline ------------------------------------------------------------------------
 
 

@@ -452,8 +452,14 @@ class EarthEngineProvider:
     def _credential_key(self) -> tuple[Any, ...]:
         c = self._credentials
         if c is not None:  # equal credentials built afresh by each caller count as one
-            who = [getattr(c, a, None) for a in ("service_account_email", "client_id", "token")]
-            return ("given", type(c).__name__, *who) if any(who) else ("given", id(c))
+            # Who they are (stable across token refreshes); a bare token is its own identity.
+            who = [
+                getattr(c, a, None) for a in ("service_account_email", "client_id", "refresh_token")
+            ]
+            if any(who):
+                return ("given", type(c).__name__, *who)
+            token = getattr(c, "token", None)
+            return ("given", type(c).__name__, token) if token else ("given", id(c))
         if self._key is not None:
             return ("key", str(self._key.resolve()))
         return ("default",)
