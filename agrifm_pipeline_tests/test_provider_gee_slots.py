@@ -23,7 +23,7 @@ THREADS = 6
 SLOTS = 4
 
 
-def _acquire(url: str, project: str, slots_dir: str, queue: multiprocessing.Queue) -> None:
+def _acquire(url: str, project: str, slots_dir: str, queue: multiprocessing.Queue, barrier) -> None:
     """One worker process: a tile-year over the sample, in many small pixel requests."""
     import google.oauth2.credentials
     from odc.geo.geobox import GeoBox
@@ -43,20 +43,29 @@ def _acquire(url: str, project: str, slots_dir: str, queue: multiprocessing.Queu
         slots_dir=slots_dir,
         max_request_bytes=40_000,  # about 18 pixel requests per tile-year
     )
+    provider.initialise()
+    barrier.wait(timeout=120)  # every process starts its tile-year together
+    start = time.time()
     stack = provider.fetch(area, frame_windows(2019, 8), SensorSpec(), CloudMask())
-    queue.put((stack.extra["requests"], provider.stats["in_flight_max"]))
+    queue.put((stack.extra["requests"], start, time.time()))
 
 
-def _run_processes(tmp_path: Path, shared: bool) -> tuple[int, list[tuple[int, int]]]:
+def _run_processes(tmp_path: Path, shared: bool) -> tuple[int, list[tuple[int, float, float]]]:
     ctx = multiprocessing.get_context("spawn")
     with ee_standin() as s:
         s.delay_s = 0.05
         s.max_bytes = 40_000
-        queue = ctx.Queue()
+        queue, barrier = ctx.Queue(), ctx.Barrier(N_PROCESSES)
         procs = [
             ctx.Process(
                 target=_acquire,
-                args=(s.url, s.project, str(tmp_path / ("slots" if shared else f"own{i}")), queue),
+                args=(
+                    s.url,
+                    s.project,
+                    str(tmp_path / ("slots" if shared else f"own{i}")),
+                    queue,
+                    barrier,
+                ),
             )
             for i in range(N_PROCESSES)
         ]
@@ -71,7 +80,8 @@ def _run_processes(tmp_path: Path, shared: bool) -> tuple[int, list[tuple[int, i
 
 def test_the_limit_holds_across_processes(tmp_path: Path) -> None:
     in_flight_max, results = _run_processes(tmp_path, shared=True)
-    assert all(requests > SLOTS for requests, _ in results)  # each could have sent more at once
+    assert all(requests > SLOTS for requests, _, _ in results)  # each could send more at once
+    assert max(start for _, start, _ in results) < min(end for _, _, end in results)  # overlapped
     assert 1 < in_flight_max <= SLOTS
 
 
