@@ -89,8 +89,8 @@ def _current_lineage(
         lineage = store.lineage(year, tile, v.id)  # cached per version: versions never change
     except StorageError as exc:
         return {}, str(exc), ""
-    mark = store.integrity(year, tile)
-    if mark and mark.get("version") == v.id and not mark.get("ok", True):
+    mark = v.integrity  # in the pointer already read: no extra request
+    if mark and not mark.get("ok", True):
         return lineage, "; ".join(mark.get("problems", [])) or "failed verification", v.id
     return lineage, "", v.id
 

@@ -78,7 +78,6 @@ class CorruptionError(StorageError):
 LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
 POINTER = "_current.json"
 MANIFEST = "_manifest.json"
-INTEGRITY = "_integrity.json"  # the last verification's verdict on the current version
 HISTORY_LEN = 32  # committed versions remembered in the pointer
 # An uncommitted version (no manifest, or never named by the pointer) younger than this
 # may still be being written by a live writer, so sweeps leave it alone.
@@ -274,6 +273,7 @@ class Version:
     committed_at: str = ""
     run_id: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
+    integrity: dict[str, Any] | None = None  # verification's last verdict, if any
 
     @property
     def gdal_path(self) -> str:
@@ -320,6 +320,10 @@ class _HashingStore:
                 await self._store.set(key, value)
 
         return Hashing(store)
+
+
+class _Superseded(Exception):
+    """The pointer moved on while a verdict was being recorded."""
 
 
 class Documents:
@@ -605,6 +609,7 @@ class PartitionStore:
             committed_at=str(doc.get("committed_at", "")),
             run_id=str(doc.get("run_id", "")),
             summary=dict(doc.get("summary", {})),
+            integrity=doc.get("integrity"),
         )
 
     def version(self, year: str | int, tile: str, version: str) -> Version:
@@ -781,7 +786,7 @@ class PartitionStore:
                         v.id,
                         name,
                         "mismatch",
-                        f"{len(data)} bytes, manifest says {meta['size']}",
+                        f"sha256 differs; {len(data)} bytes, {meta['size']} in the manifest",
                     )
                 )
                 continue
@@ -803,23 +808,26 @@ class PartitionStore:
             return found or [Problem(v.asset, v.year, v.tile, v.id, MANIFEST, "manifest", str(exc))]
         return []
 
-    # -- integrity marks (written by verify, read by the audit and the stale sensor) --------
+    # -- integrity verdicts (written by verify, read by the audit and the stale sensor) ----
     def mark_integrity(self, v: Version, problems: list[Problem]) -> None:
-        doc = {
-            "version": v.id,
-            "ok": not problems,
-            "checked_at": _now(),
-            "problems": [str(p) for p in problems],
-        }
-        path = f"{self.partition_path(v.year, v.tile)}/{INTEGRITY}"
-        if self.local:
-            _write_local_atomic(Path(path), _json(doc))
-        else:
-            self.fs.pipe_file(path, _json(doc))
+        """Record verification's verdict in the pointer, if ``v`` is still current (a
+        conditional update: a commit in between wins, and its version is unjudged)."""
+        verdict = {"ok": not problems, "checked_at": _now(), "problems": [str(p) for p in problems]}
+
+        def note(doc: dict[str, Any] | None) -> dict[str, Any]:
+            if doc is None or doc.get("version") != v.id:
+                raise _Superseded
+            return {**doc, "integrity": verdict}
+
+        with contextlib.suppress(_Superseded):
+            self.documents.update(self.pointer_path(v.year, v.tile), note)
 
     def integrity(self, year: str | int, tile: str) -> dict[str, Any] | None:
-        raw = self._read(f"{self.partition_path(year, tile)}/{INTEGRITY}")
-        return json.loads(raw) if raw else None
+        """The last verdict on the current version (None when never verified)."""
+        doc = self.pointer(year, tile)
+        return (
+            dict(doc["integrity"], version=doc["version"]) if doc and "integrity" in doc else None
+        )
 
     # -- sweeping and garbage ----------------------------------------------------------
     def sweep(self, year: str | int, tile: str, grace_s: float | None = None) -> list[str]:
