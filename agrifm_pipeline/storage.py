@@ -200,8 +200,6 @@ def _write_local_atomic(path: Path, data: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -576,17 +574,13 @@ class PartitionStore:
         return self.documents.write(path, doc, token)
 
     def pointer(self, year: str | int, tile: str) -> dict[str, Any] | None:
-        raw = self._read(self.pointer_path(year, tile))
-        if not raw:
-            return None
         try:
-            doc: dict[str, Any] = json.loads(raw)
+            return self.documents.read(self.pointer_path(year, tile))[0]  # one GET on S3
         except json.JSONDecodeError as exc:
             raise StorageError(
                 f"{self.asset} {year}/{tile}: the pointer {POINTER} is not JSON ({exc}); "
                 "run `agrifm-pipeline verify` and re-materialise the partition"
             ) from None
-        return doc
 
     def current(self, year: str | int, tile: str) -> Version | None:
         """The current version, or None when the partition was never committed."""
@@ -751,9 +745,15 @@ class PartitionStore:
         return doc
 
     def lineage(self, year: str | int, tile: str, version: str | None = None) -> dict[str, Any]:
-        """The lineage of a version (the current one by default), from its manifest."""
+        """The lineage of a version (the current one by default), from its manifest;
+        a version's manifest is read once per process (versions never change)."""
+        if version:
+            cached = _MANIFEST_CACHE.get((self.url, str(year), str(tile), version))
+            if cached is not None:
+                out: dict[str, Any] = cached.get("lineage", {})
+                return out
         v = self.resolve(year, tile, version)
-        out: dict[str, Any] = self._cached_manifest(v).get("lineage", {})
+        out = self._cached_manifest(v).get("lineage", {})
         return out
 
     def _cached_manifest(self, v: Version) -> dict[str, Any]:

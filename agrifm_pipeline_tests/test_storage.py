@@ -426,7 +426,7 @@ def test_files_follow_the_umask_and_failed_writes_leave_nothing(
         def full(*a, **k):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr("agrifm_pipeline.storage.os.fsync", full)
+        monkeypatch.setattr("agrifm_pipeline.storage.os.replace", full)
         with pytest.raises(OSError, match="No space"):
             write_file_atomic(str(target), b'{"new": 1}')
         assert target.read_bytes() == b"{}"
