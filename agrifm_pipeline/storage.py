@@ -308,7 +308,7 @@ class _HashingStore:
     def wrap(store: Any, digests: dict[str, dict[str, Any]]) -> Any:
         from zarr.storage import WrapperStore
 
-        class Hashing(WrapperStore):  # type: ignore[type-arg]
+        class Hashing(WrapperStore[Any]):
             def _with_store(self, inner: Any) -> Any:
                 return Hashing(inner)
 
