@@ -36,12 +36,13 @@ tile_year_backfill = dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PART
 
 
 def split_key(key: str, first: str = TILE_DIM) -> tuple[str, int]:
-    """A ``tile|year`` (or ``region|year``) key -> (tile or region, year)."""
-    if isinstance(key, dg.MultiPartitionKey):
-        dims = key.keys_by_dimension
-        return dims[first], int(dims[YEAR_DIM])
-    name, _, year = str(key).partition("|")
-    return name, int(year)
+    """A tile-year (or region-year) partition key -> (tile or region, year), read through
+    the partitions definition's own parser."""
+    if not isinstance(key, dg.MultiPartitionKey):
+        definition = tile_year_partitions if first == TILE_DIM else region_year_partitions
+        key = definition.get_partition_key_from_str(str(key))
+    dims = key.keys_by_dimension
+    return dims[first], int(dims[YEAR_DIM])
 
 
 def tile_year_key(tile: Tile | str, year: int | str) -> dg.MultiPartitionKey:

@@ -55,8 +55,8 @@ def region_files_sensor(
         requests.append(tiles_partitions.build_add_request(new_tiles))
     if new_regions:
         requests.append(regions_partitions.build_add_request(new_regions))
-    summary = {c.region: c.status for c in changes}
-    return dg.SensorResult(dynamic_partitions_requests=requests, cursor=json.dumps(summary))
+    # No cursor: the registry document is the state (what each file's sha256 was).
+    return dg.SensorResult(dynamic_partitions_requests=requests)
 
 
 def mosaic_inputs(storage: ZarrStorage, tiles: list[str], year: int) -> dict[str, str] | None:
