@@ -18,9 +18,11 @@ class ShapeCache:
     """The ``maxsize`` most recently used tensors, by key (least recently used goes first).
 
     ``depends_on``, where given, is a tensor the value was computed from (a
-    parameter): an entry is used only while that tensor still holds the values
+    parameter): an entry is used only while that tensor still holds the bytes
     it held when the entry was made, so loading or editing weights in place can
-    never serve a stale value. Entries are not made while autograd records a
+    never serve a stale value. The check is a byte comparison on the calling
+    thread (``torch.equal`` may fan out to the intra-op thread pool, which costs
+    more than the comparison at these sizes). Entries are not made while autograd records a
     graph through ``depends_on`` (the value must then be part of the graph), and
     not on devices other than the CPU when ``depends_on`` is given: checking a
     GPU tensor's values would wait for the device on every call, and building
@@ -31,9 +33,7 @@ class ShapeCache:
 
     def __init__(self, maxsize: int = 8) -> None:
         self.maxsize = maxsize
-        self._entries: OrderedDict[Hashable, tuple[torch.Tensor | None, torch.Tensor]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[Hashable, tuple[bytes | None, torch.Tensor]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -55,15 +55,18 @@ class ShapeCache:
             return build()
         key = (key, torch.is_inference_mode_enabled())
         hit = self._entries.get(key)
-        if hit is not None:
-            snapshot, value = hit
-            if snapshot is None or (depends_on is not None and torch.equal(snapshot, depends_on)):
-                self._entries.move_to_end(key)
-                return value
+        current = None if depends_on is None else _contents(depends_on)
+        if hit is not None and hit[0] == current:
+            self._entries.move_to_end(key)
+            return hit[1]
         value = build()
-        snapshot = None if depends_on is None else depends_on.detach().clone()
-        self._entries[key] = (snapshot, value)
+        self._entries[key] = (current, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
         return value
+
+
+def _contents(t: torch.Tensor) -> bytes:
+    """The bytes of a CPU tensor's values."""
+    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
