@@ -218,3 +218,21 @@ def test_pipeline_on_s3(tmp_path: Path, s3_server, monkeypatch: pytest.MonkeyPat
     with rasterio.open(item.assets["data"].extra_fields["agrifm:gdal_path"]) as src:
         assert src.crs.to_epsg() == 32631
         np.testing.assert_allclose(src.read(1), ds["embedding"].values[0], rtol=1e-6)
+
+
+def test_the_catalog_recipe_in_the_docs_works(built) -> None:
+    """docs/storage.md's recipe, word for word but the path."""
+    import pystac
+
+    root = built.storage.root
+    item = (
+        pystac.Catalog.from_file(f"{root}/catalog.json")
+        .get_child("agrifm_embedding_grid")
+        .get_child("agrifm_embedding_grid-2019")
+        .get_item(f"{TILES[0]}_2019")
+    )
+    grid = xr.open_zarr(item.assets["data"].get_absolute_href(), decode_coords="all")
+    assert str(grid.rio.crs) == "EPSG:32631"
+    assert item.properties["agrifm:version"] == (
+        built.storage.store("agrifm_embedding_grid").current(2019, TILES[0]).id
+    )
