@@ -147,8 +147,8 @@ class PatchEmbed3D(nn.Module):
         transposed copy) with its weight in channels-last-3d memory, so the
         output comes out channels-last and the final permute is a view. On a
         CPU it runs one sample at a time: oneDNN first reorders its input into
-        a blocked layout, and one sample's reorder stays in cache where a
-        batch's does not.
+        a blocked layout, and one sample's reorder can stay in cache where a
+        batch's cannot (``bench_encoder.py --kernels``: ``patch_embed``).
         """
         if x.device.type == "cpu" and x.shape[0] > 1:
             return torch.cat([self.project(sample) for sample in x.split(1)])

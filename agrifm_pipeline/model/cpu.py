@@ -9,7 +9,8 @@ here reads the environment or a global during a forward pass.
 
 Every kernel here computes the same values as the plain PyTorch op it stands
 in for (the reference-fixture tests run through them); they differ only in
-speed. The measurements behind each choice are in ``bench/results/`` (see
+speed. ``bench/bench_encoder.py --kernels`` times each choice against its
+alternative at the encoder's shapes; results are in ``bench/results/`` (see
 ``docs/performance.md``).
 """
 
@@ -53,7 +54,7 @@ def cpu_matmul_library(setting: str | None = None) -> str:
     ``blas`` (PyTorch's default, MKL on x86-64 builds), ``onednn``, or ``auto``.
     ``auto`` picks oneDNN on CPUs with AVX-512 and the BLAS otherwise: each was
     the faster of the two at this encoder's matmul shapes on that kind of CPU
-    (``bench/bench_encoder.py``; results in ``bench/results/``). The two agree
+    (``bench/bench_encoder.py --kernels``, ``linear_fp32`` rows). The two agree
     to about 1e-6, and the choice is recorded with every embedding.
 
     Raises:
@@ -128,8 +129,8 @@ class Linear(nn.Linear):
       the last stages at batch 1), 2-4 threads and at least ``SPLIT_MIN_COLUMNS``
       output columns a thread: one matmul per thread over its share of the
       columns (:func:`linear_by_column_blocks`). MKL appears to split such a
-      matmul by rows, each thread packing the whole weight; bench case
-      ``bench_encoder.py --batch 1`` shows the difference;
+      matmul by rows, each thread packing the whole weight
+      (``bench_encoder.py --kernels``: ``blas`` against ``column_blocks``);
     * ``blas`` otherwise: ``nn.Linear``.
     """
 
@@ -176,10 +177,11 @@ def explicit_attention(
 ) -> torch.Tensor:
     """softmax(q kᵀ / √d + bias) v as two batched matmuls and a softmax: (..., N, hd).
 
-    Used for bfloat16 on a CPU, where PyTorch's fused attention kernel is slower
-    than this on the encoder's small windows (49-392 tokens) and strided q/k/v.
-    The (N, N) scores are small at window sizes. fp32 keeps the fused kernel,
-    which never holds the scores.
+    Used for bfloat16 on a CPU, where PyTorch's fused attention kernel was found
+    slower than this on the encoder's small windows (49-392 tokens) and strided
+    q/k/v (``bench_encoder.py --kernels``: ``attention_bf16`` rows). The (N, N)
+    scores are small at window sizes. fp32 keeps the fused kernel, which never
+    holds the scores.
     """
     scores = torch.matmul(q, k.transpose(-2, -1))  # (..., N, N)
     scores.mul_(q.shape[-1] ** -0.5).add_(bias)
