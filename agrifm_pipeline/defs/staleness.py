@@ -1,8 +1,10 @@
 """Change that re-runs exactly what it invalidates: the checkpoint watch, the stale sensor, the audit asset."""
 
+import datetime as dt
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -79,21 +81,72 @@ def stage_stores(storage: ZarrStorage) -> dict[str, Any]:
     return {a: storage.store(a) for a in ORDER[:3]}
 
 
-def _in_flight(instance: dg.DagsterInstance, cursor: dict[str, Any]) -> tuple[dict[str, Any], set]:
-    """Requests still queued or running (or not yet started), and the tile-year assets they cover."""
-    keep: dict[str, Any] = {}
-    covered: set[tuple[str, str, int]] = set()
+@dataclass
+class InFlight:
+    """The sensor's requests still queued or running, what they cover, and what was let go."""
+
+    requests: dict[str, Any]  # request id -> {assets, year, tiles, t}: kept in the cursor
+    covered: set[tuple[str, str, int]]  # (asset, tile, year) being re-made now
+    runs: list[str]  # "<run id> <STATUS> since <time>" of each live run, oldest first
+    released: list[str]  # why each request was let go this tick
+
+
+def _in_flight(instance: dg.DagsterInstance, cursor: dict[str, Any]) -> InFlight:
+    """Look up the run of every request the cursor remembers.
+
+    A request whose runs all ended (success, failure, cancellation, or marked failed
+    from outside, as run monitoring does when a run's process dies) is let go: what
+    it covered is judged again on this tick, and requested again if still stale. A
+    request whose run has not appeared is kept for :data:`PENDING_GRACE_S`.
+    """
+    out = InFlight({}, set(), [], [])
     now = time.time()
+    live: list[tuple[float, str]] = []
     for req_id, req in cursor.get("inflight", {}).items():
         runs = instance.get_runs(dg.RunsFilter(tags={REQUEST_TAG: req_id}))
         if runs:
-            alive = any(r.status in IN_PROGRESS for r in runs)
+            running = [r for r in runs if r.status in IN_PROGRESS]
+            alive = bool(running)
+            if not alive:
+                ended = ", ".join(f"{r.run_id[:8]} {r.status.value}" for r in runs)
+                n = len(req["tiles"])
+                out.released.append(f"run {ended}: {n} tile-year(s) of {req['year']} released")
+            for r in running:
+                record = instance.get_run_record_by_id(r.run_id)
+                since = record.create_timestamp.timestamp() if record else req["t"]
+                live.append((since, f"{r.run_id[:8]} {r.status.value} since {_hhmm(since)}"))
         else:
             alive = now - req["t"] < PENDING_GRACE_S
+            if alive:
+                live.append((req["t"], f"request {req_id[:8]} not started yet"))
         if alive:
-            keep[req_id] = req
-            covered.update((a, t, req["year"]) for a in req["assets"] for t in req["tiles"])
-    return keep, covered
+            out.requests[req_id] = req
+            out.covered.update((a, t, req["year"]) for a in req["assets"] for t in req["tiles"])
+    out.runs = [text for _, text in sorted(live)]
+    return out
+
+
+def _hhmm(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _counts_message(counts: dict[str, int], flight: InFlight) -> str:
+    """What a tick that requests nothing found, each kind of tile-year counted apart."""
+    if counts["stale_in_flight"] == counts["waiting"] == counts["not_judged"] == 0:
+        return f"every materialised tile-year is current ({counts['current']})"
+    parts = [f"{counts['current']} current"]
+    if counts["stale_in_flight"]:
+        runs = flight.runs
+        shown = "; ".join(runs[:3]) + (f"; … {len(runs) - 3} more" if len(runs) > 3 else "")
+        parts.append(
+            f"{counts['stale_in_flight']} stale and already requested "
+            f"({len(runs)} run(s) queued or running: {shown})"
+        )
+    if counts["waiting"]:
+        parts.append(f"{counts['waiting']} stale, waiting for a usable checkpoint")
+    if counts["not_judged"]:
+        parts.append(f"{counts['not_judged']} not judged")
+    return "nothing requested: tile-years: " + ", ".join(parts)
 
 
 @dg.sensor(
@@ -116,7 +169,10 @@ def stale_partitions_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     instance = context.instance
     cursor = json.loads(context.cursor) if context.cursor else {}
-    inflight, covered = _in_flight(instance, cursor)
+    flight = _in_flight(instance, cursor)
+    inflight, covered = flight.requests, flight.covered
+    for note in flight.released:
+        context.log.info(f"{note}; judged again on this tick")
     ckpt = checkpoint_state(model)
     current, unknown, sha = current_fingerprints(tile_year, s2, model, ckpt)
     not_judged = ""
@@ -133,6 +189,7 @@ def stale_partitions_sensor(
     candidates = set().union(*(materialised[a] for a in ORDER[:3]))
     groups: dict[tuple[tuple[str, ...], int], list[str]] = {}
     reasons: dict[str, set[str]] = {}
+    counts = {"current": 0, "stale_in_flight": 0, "waiting": 0, "not_judged": 0}
     for tile, year in sorted(candidates):
         state = tile_year_state(stores, tile, year, current, unknown=unknown)
         for st in state.stages.values():  # recorded by Dagster, gone from the store
@@ -140,6 +197,7 @@ def stale_partitions_sensor(
                 st.present, st.reasons = True, [f"{st.asset} partition missing from the store"]
         stale = state.stale_assets()
         if not stale:
+            counts["not_judged" if unknown else "current"] += 1
             continue
         # Only assets this partition has (the stale stage itself always).
         selection = tuple(
@@ -148,8 +206,10 @@ def stale_partitions_sensor(
         if unusable:
             selection = tuple(a for a in selection if a in ORDER[:2])
             if not selection:
+                counts["waiting"] += 1
                 continue
         if any((a, tile, year) in covered for a in selection):
+            counts["stale_in_flight"] += 1
             continue  # being re-made right now
         groups.setdefault((selection, year), []).append(tile)
         first = state.first_stale()
@@ -157,14 +217,7 @@ def stale_partitions_sensor(
             reasons.setdefault(stale[0], set()).update(state.stages[first].reasons)
     if not groups:
         return dg.SensorResult(
-            skip_reason=dg.SkipReason(
-                (
-                    "no materialised tile-year is stale"
-                    if unknown
-                    else "every materialised tile-year is current"
-                )
-                + not_judged
-            ),
+            skip_reason=dg.SkipReason(_counts_message(counts, flight) + not_judged),
             cursor=json.dumps({"inflight": inflight}),
         )
     order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
