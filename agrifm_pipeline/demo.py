@@ -20,9 +20,98 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-DEMO_REGION = "flanders_demo"
+DEMO_REGION = "flanders_sample"
 DEMO_YEAR = 2019
+# The demo's grid is fitted to the bundled sample (64 x 64 px at 10 m): one chip of 64 px
+# per tile (640 m), resized to the contract's image_size (224) as RS_EMBED_AGRIFM_IMG
+# does for any chip. Tiles are anchored at the zone's origin, so the tile holding most of
+# the sample (32631_640m_E0898_N8784) has data in 60 x 60 of its 64 x 64 px; the strips
+# on its right and bottom edges are fill. The default grid (4 x 4 chips of 224 px) stays
+# the default for real use.
+DEMO_CHIP_PX = 64
+DEMO_CHIPS_PER_SIDE = 1
+DEMO_DATA = Path(__file__).resolve().parent.parent / "data"
+DEMO_REGIONS_DIR = DEMO_DATA / "regions" / "demo"
+DEMO_ENV_FILE = "demo.env"
+
+
+def demo_env() -> dict[str, str]:
+    """The environment that makes a code location use the demo's grid and region files
+    (``make ui`` reads it from ``<home>/demo.env``)."""
+    return {
+        "AGRIFM_PIPELINE_CHIP_PX": str(DEMO_CHIP_PX),
+        "AGRIFM_PIPELINE_CHIPS_PER_SIDE": str(DEMO_CHIPS_PER_SIDE),
+        "AGRIFM_PIPELINE_REGIONS_DIR": str(DEMO_REGIONS_DIR),
+        "AGRIFM_PIPELINE_S2_LOCAL_ROOT": str(DEMO_DATA / "s2_sample"),
+    }
+
+
 POOL_LIMITS = {"agrifm_encoder": 1, "s2_acquisition": 4}
+
+
+# The instance the project writes (``agrifm-pipeline home``, the demo). Rewritten while its
+# first line is this header; delete the line to keep hand edits.
+HOME_HEADER = "# written by agrifm-pipeline"
+# A run whose process died is marked failed by the code server that launched it (it polls
+# its run processes); the monitoring daemon then frees the pool slots that run still holds
+# after FREE_SLOTS_AFTER_S, on a poll every MONITOR_POLL_S: a dead run blocks the encoder
+# pool for at most about FREE_SLOTS_AFTER_S + MONITOR_POLL_S (+ the launcher's own poll).
+MONITOR_POLL_S = 10
+FREE_SLOTS_AFTER_S = 10
+MAX_CONCURRENT_RUNS = 4
+
+
+def run_monitoring_config(
+    poll_s: int = MONITOR_POLL_S, free_slots_after_s: int = FREE_SLOTS_AFTER_S
+) -> dict[str, Any]:
+    """``run_monitoring`` for dagster.yaml: dead runs marked failed, their pool slots freed."""
+    return {
+        "enabled": True,
+        "start_timeout_seconds": 180,
+        "cancel_timeout_seconds": 180,
+        # Resuming needs a launcher that supports it; a dead tile-year run is simply failed
+        # and its partitions are requested again (the stale sensor, a backfill retry).
+        "max_resume_run_attempts": 0,
+        "poll_interval_seconds": poll_s,
+        "free_slots_after_run_end_seconds": free_slots_after_s,
+    }
+
+
+def home_instance_config() -> dict[str, Any]:
+    """The local (SQLite) instance: queued runs, op-granularity pools, run monitoring on."""
+    return {
+        "telemetry": {"enabled": False},
+        "concurrency": {
+            "runs": {"max_concurrent_runs": MAX_CONCURRENT_RUNS},
+            "pools": {"granularity": "op"},
+        },
+        "run_monitoring": run_monitoring_config(),
+    }
+
+
+def write_instance_config(dagster_home: Path) -> Path:
+    """Write ``dagster.yaml`` under ``dagster_home``: the project's template while the file
+    is the project's (it starts with HOME_HEADER) or absent; a hand-written file only
+    gains ``run_monitoring`` when it has none (and is otherwise left alone)."""
+    import yaml
+
+    cfg = dagster_home / "dagster.yaml"
+    text = cfg.read_text() if cfg.exists() else ""
+    if not text or text.startswith(HOME_HEADER):
+        body = yaml.safe_dump(home_instance_config(), sort_keys=False)
+        cfg.write_text(
+            f"{HOME_HEADER} (agrifm_pipeline.demo.home_instance_config); delete this line\n"
+            "# to keep your own edits. Pool limits are set by `agrifm-pipeline home`.\n" + body
+        )
+        return cfg
+    loaded = yaml.safe_load(text) or {}
+    if isinstance(loaded, dict) and "run_monitoring" not in loaded:
+        cfg.write_text(
+            text.rstrip("\n")
+            + "\n# added by agrifm-pipeline: a dead run is marked failed and frees its pool slots\n"
+            + yaml.safe_dump({"run_monitoring": run_monitoring_config()}, sort_keys=False)
+        )
+    return cfg
 
 
 def prepare_home(home: str | Path | None = None) -> Path:
@@ -31,13 +120,7 @@ def prepare_home(home: str | Path | None = None) -> Path:
 
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or pipeline_home(home) / "dagster").resolve()
     dagster_home.mkdir(parents=True, exist_ok=True)
-    cfg = dagster_home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(
-            "# written by agrifm-pipeline demo\n"
-            "telemetry:\n  enabled: false\n"
-            "run_queue:\n  max_concurrent_runs: 4\n"
-        )
+    write_instance_config(dagster_home)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return dagster_home
 
@@ -58,10 +141,75 @@ def init_home(home: str | Path | None = None) -> Path:
     return dagster_home
 
 
-def _run_with_progress(job: Any, instance: Any, label: str, total_steps: int, **kwargs: Any) -> Any:
-    """Execute a job in process while a progress bar follows its steps."""
+def _step_labels(job: Any) -> dict[str, str]:
+    """Step keys as users read them: an asset check's step ``<asset>_<check>`` (whose
+    name may repeat the asset's) as ``check <check>``."""
+    try:
+        keys = job.asset_layer.asset_graph.asset_check_keys
+    except AttributeError:  # a job without assets
+        return {}
+    return {f"{k.asset_key.to_python_identifier()}_{k.name}": f"check {k.name}" for k in keys}
+
+
+class _Progress:
+    """A bar on a terminal; plain periodic lines (every ``every_s`` and at each change of
+    step) when the output is a file or a pipe."""
+
+    def __init__(self, label: str, total: int, every_s: float = 10.0) -> None:
+        import sys
+
+        self.label, self.total, self.every_s = label, max(1, total), every_s
+        self.t0 = time.monotonic()
+        self.last_line = -1e9
+        self.last_text = ""
+        self.bar: Any = None
+        if sys.stdout.isatty():
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+            )
+            self.task = self.bar.add_task(label, total=self.total)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, done: int, text: str, *, force: bool = False) -> None:
+        done = min(done, self.total)
+        if self.bar is not None:
+            self.bar.update(
+                self.task, total=self.total, completed=done, description=f"{self.label}: {text}"
+            )
+            return
+        now = time.monotonic()
+        if force or text != self.last_text or now - self.last_line >= self.every_s:
+            pct = 100 * done // self.total
+            print(f"[{now - self.t0:5.0f} s] {self.label}: {text} ({pct} %)", flush=True)
+            self.last_line, self.last_text = now, text
+
+
+def _run_with_progress(job: Any, instance: Any, label: str, chips: int = 0, **kwargs: Any) -> Any:
+    """Execute a job in process while a progress display follows it: steps done of the
+    run's planned steps, and chips through the encoder of the ``chips`` expected (one
+    unit each), so it moves while the encoder works; 100 % when the run ends."""
     from dagster import DagsterEventType
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agrifm_pipeline.inference import chips_embedded
 
     run_id = str(uuid.uuid4())
     box: dict[str, Any] = {}
@@ -78,24 +226,45 @@ def _run_with_progress(job: Any, instance: Any, label: str, total_steps: int, **
         except BaseException as exc:  # reported on the main thread
             box["error"] = exc
 
+    def planned_steps() -> int | None:
+        run = instance.get_run_by_id(run_id)
+        if run is None or not run.execution_plan_snapshot_id:
+            return None
+        snap = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+        return len(snap.steps)
+
     thread = threading.Thread(target=target, daemon=True)
-    done_types = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE}
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(),
-    ) as progress:
-        task = progress.add_task(label, total=total_steps)
+    kinds = {
+        DagsterEventType.STEP_START,
+        DagsterEventType.STEP_SUCCESS,
+        DagsterEventType.STEP_FAILURE,
+    }
+    labels = _step_labels(job)
+    chips0 = chips_embedded()
+    steps_total: int | None = None
+    with _Progress(label, 1 + chips) as progress:
         thread.start()
         while thread.is_alive():
             thread.join(0.5)
-            events = instance.all_logs(run_id, of_type=done_types)
-            steps = [e.step_key for e in events]
-            current = f"{label}: {steps[-1]} done" if steps else label
-            progress.update(task, completed=len(steps), description=current)
-        events = instance.all_logs(run_id, of_type=done_types)
-        progress.update(task, completed=len(events), description=f"{label}: finished")
+            steps_total = steps_total or planned_steps()
+            events = instance.all_logs(run_id, of_type=kinds)
+            started = DagsterEventType.STEP_START
+            finished = [e.step_key for e in events if e.dagster_event.event_type != started]
+            running = [
+                e.step_key
+                for e in events
+                if e.dagster_event.event_type == started and e.step_key not in finished
+            ]
+            n = steps_total or max(1, len(finished) + len(running))
+            progress.total = n + chips
+            done_chips = min(chips, chips_embedded() - chips0)
+            text = f"step {len(finished)}/{n}"
+            if running:
+                text += f", running {labels.get(running[-1], running[-1])}"
+            if chips:
+                text += f", chips {done_chips}/{chips}"
+            progress.update(len(finished) + done_chips, text)
+        progress.update(progress.total, f"finished, {steps_total or '?'} steps", force=True)
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -115,6 +284,15 @@ def run_demo(
 
     home = pipeline_home(home)
     dagster_home = prepare_home(home)
+    # The demo's grid and region, for this process and (through <home>/demo.env, which
+    # `make ui` reads) for the UI's code location: the stale sensor and the region
+    # sensor then judge the demo's partitions with the settings that made them.
+    os.environ.update(demo_env())
+    (home / DEMO_ENV_FILE).write_text(
+        "# written by `agrifm-pipeline demo`: the demo's grid and region files; `make ui`\n"
+        "# reads this file. Delete it to open the UI on the default grid.\n"
+        + "".join(f"{k}={v}\n" for k, v in demo_env().items())
+    )
 
     import dagster as dg
 
@@ -123,7 +301,9 @@ def run_demo(
 
     resources = default_resources()
     resources["model"] = AgriFMModel(checkpoint=checkpoint, device=device, precision=precision)
-    resources["storage"] = ZarrStorage(root=str((home / "store").resolve()))
+    resources["storage"] = ZarrStorage(
+        root=str((home / "store").resolve()), regions_dir=str(DEMO_REGIONS_DIR)
+    )
     storage = resources["storage"]
     defs = build_defs(resources)
     with dg.DagsterInstance.get() as instance:
@@ -139,10 +319,13 @@ def _materialise(
     region: str,
     year: int,
 ) -> dict[str, Any]:
+    import dagster as dg
+
     from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
     from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
     from agrifm_pipeline.defs.sensors import register_regions
     from agrifm_pipeline.errors import RegionError
+    from agrifm_pipeline.tileyear import coverage_caption
 
     set_pool_limits(instance)
 
@@ -165,12 +348,12 @@ def _materialise(
     # 2. Every tile-year asset for the region's tiles, one run (the model loads once).
     t0 = time.perf_counter()
     job = defs.resolve_job_def("embed_tile_years")
-    n_checks = 5
+    per = resources["tile_year"].chips_per_side
     result = _run_with_progress(
         job,
         instance,
-        f"{region} {year}: {len(tiles)} tile(s)",
-        total_steps=5 + n_checks,
+        f"{region} {year}: {len(tiles)} tile-year(s)",
+        chips=len(tiles) * per * per,  # at most; chips without data are left out
         tags={
             RANGE_START: str(tile_year_key(tiles[0], year)),
             RANGE_END: str(tile_year_key(tiles[-1], year)),
@@ -187,12 +370,20 @@ def _materialise(
         mjob,
         instance,
         f"{region} {year}: mosaic",
-        1,
         partition_key=str(region_year_key(region, year)),
     )
     if not mres.success:
         raise RuntimeError(
             f"the mosaic run failed; see `dagster dev` (DAGSTER_HOME={dagster_home})"
+        )
+    # 4. The lineage audit (every stored partition, current or stale and why).
+    ajob = defs.resolve_implicit_global_asset_job_def()
+    ares = _run_with_progress(
+        ajob, instance, "lineage audit", asset_selection=[dg.AssetKey("lineage_audit")]
+    )
+    if not ares.success:
+        raise RuntimeError(
+            f"the lineage_audit run failed; see `dagster dev` (DAGSTER_HOME={dagster_home})"
         )
     elapsed = time.perf_counter() - t0
     checks = {
@@ -223,4 +414,5 @@ def _materialise(
         "mosaic": current(storage.store("region_mosaic"), region),
         "chips": [current(chips, t, "/chips.parquet") for t in tiles],
         "previews": [current(previews, t, "/preview.png") for t in tiles],
+        "coverage": [coverage_caption(grids.open(year, t).attrs) for t in tiles],
     }
