@@ -105,3 +105,32 @@ def explain_difference(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
             else:
                 reasons.append(f"{key} changed ({a!r} -> {b!r})")
     return reasons
+
+
+# -- the scenes a tile-year was made from ----------------------------------------------------
+# The settings fingerprint above says *how* a tile-year was acquired; which scenes of the
+# source it was made from is recorded beside it, per tile-year, by the provider (its
+# ``scene_index``: scene id -> a stamp that changes whenever the scene does: size and
+# modification time of a file, a STAC item's ``updated``, a granule's generation time).
+# The stale sensor lists the current scenes of each tile-year from the source's headers
+# (no pixels read, nothing re-acquired) and compares the two.
+SCENE_INDEX_KEY = "scene_index"
+
+
+def scene_index_record(scenes: Mapping[str, str]) -> dict[str, Any]:
+    """What a frame stack's record keeps about its scenes: their stamps and one digest."""
+    ordered = dict(sorted((str(k), str(v)) for k, v in scenes.items()))
+    return {"digest": _digest(ordered), "n_scenes": len(ordered), "scenes": ordered}
+
+
+def explain_scene_changes(
+    recorded: Mapping[str, str], current: Mapping[str, str], limit: int = 6
+) -> list[str]:
+    """``scene <id> changed|added|removed`` for every scene that differs (the first ``limit``)."""
+    changed = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+    reasons = [f"scene {k} changed" for k in changed]
+    reasons += [f"scene {k} added" for k in sorted(current.keys() - recorded.keys())]
+    reasons += [f"scene {k} removed" for k in sorted(recorded.keys() - current.keys())]
+    if len(reasons) > limit:
+        reasons = [*reasons[:limit], f"and {len(reasons) - limit} more scene change(s)"]
+    return reasons

@@ -28,11 +28,17 @@ import torch
 import xarray as xr
 from affine import Affine
 
-from agrifm_pipeline.errors import InputContractError, SettingsError
+from agrifm_pipeline.errors import InputContractError, NoCoverageError, SettingsError
 from agrifm_pipeline.frames import frame_windows
 from agrifm_pipeline.lineage import Fingerprints, stage_fingerprints
 from agrifm_pipeline.preprocess import preprocess_chips
-from agrifm_pipeline.providers.base import DEFAULT_MASKED_SCL, CloudMask, FrameStack, Provider
+from agrifm_pipeline.providers.base import (
+    DEFAULT_MASKED_SCL,
+    CloudMask,
+    FrameStack,
+    Provider,
+    SceneIndexed,
+)
 from agrifm_pipeline.settings import AgriFMSettings, canonical_norm_mode, load_settings
 from agrifm_pipeline.specs import AGRIFM_S2_BANDS, SensorSpec
 from agrifm_pipeline.tiles import DEFAULT_CHIP_PX, DEFAULT_CHIPS_PER_SIDE, Tile, tile_size_m
@@ -161,7 +167,22 @@ def acquire(provider: Provider, tile: Tile, year: int, cfg: TileYearSettings) ->
     """The tile-year's raw frame stack from ``provider`` on the tile's UTM grid."""
     cfg.check_tile(tile)
     windows = frame_windows(int(year), cfg.n_frames)
-    return provider.fetch(tile.geobox(cfg.scale_m), windows, cfg.sensor(), cfg.mask())
+    try:
+        return provider.fetch(tile.geobox(cfg.scale_m), windows, cfg.sensor(), cfg.mask())
+    except NoCoverageError as exc:  # the provider knows the grid; the tile's id is ours
+        raise NoCoverageError(f"tile {tile.id}", exc.source, exc.extent) from exc
+
+
+def scene_index(
+    provider: Provider, tile: Tile, year: int, cfg: TileYearSettings
+) -> dict[str, str] | None:
+    """The scenes :func:`acquire` would consider for the tile-year (id -> stamp), listed
+    from headers without acquiring; None when the provider cannot list them cheaply
+    (see :class:`~agrifm_pipeline.providers.base.SceneIndexed`)."""
+    if not isinstance(provider, SceneIndexed):
+        return None
+    windows = frame_windows(int(year), cfg.n_frames)
+    return provider.scene_index(tile.geobox(cfg.scale_m), windows, cfg.sensor())
 
 
 def frame_stack_dataset(stack: FrameStack) -> xr.Dataset:

@@ -131,12 +131,6 @@ def test_no_coverage_error_names_the_source_its_extent_and_the_fix() -> None:
     assert "no scenes at all" in str(NoCoverageError("tile t", "catalog c.json", None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="providers/ (another owner) still raise the 'no clear observation' advice; "
-    "they should raise NoCoverageError when no scene of the source intersects the tile",
-)
 def test_local_provider_says_no_scene_covers_a_tile_outside_the_sample() -> None:
     """Reproduces the fault: a tile 30 km east of the bundled sample fails with advice
     about clouds and dates instead of saying the sample does not reach it."""
@@ -153,3 +147,69 @@ def test_local_provider_says_no_scene_covers_a_tile_outside_the_sample() -> None
         LocalProvider(sample).fetch(away, frame_windows(2019, 4), SensorSpec(), CloudMask())
     assert isinstance(err.value, NoCoverageError), str(err.value)
     assert "no scene of" in str(err.value) and "lon " in str(err.value)
+
+
+def test_a_tile_no_scene_reaches_is_named_with_the_sources_extent(tmp_path: Path) -> None:
+    """Through the tile-year step the message names the tile; a STAC catalog whose items
+    lie elsewhere says the same; a tile inside the sample outside its dates still gets
+    the date and cloud advice (the source does reach it)."""
+    import datetime as dt
+
+    import pystac
+    from shapely.geometry import box, mapping
+
+    from agrifm_pipeline.frames import range_windows
+    from agrifm_pipeline.providers.base import CloudMask
+    from agrifm_pipeline.providers.local import LocalProvider
+    from agrifm_pipeline.specs import SensorSpec
+    from agrifm_pipeline.tiles import Tile
+    from agrifm_pipeline.tileyear import TileYearSettings, acquire
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "s2_sample"
+    cfg = TileYearSettings(chip_px=64, chips_per_side=2, n_frames=4)
+    away = Tile.from_id("32631_1280m_E0472_N4392")
+    with pytest.raises(NoCoverageError) as err:
+        acquire(LocalProvider(sample), away, 2019, cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"no scene of local root {sample} covers tile {away.id}: "), msg
+    assert "lon 4.0585..4.0677, lat 50.7431..50.7489 (WGS84, 53 scene(s))" in msg, msg
+    assert "cloudy_pct" not in msg and "cloud_mask" not in msg
+    # A STAC catalog with one item over the sample.
+    catalog = pystac.Catalog(id="c", description="one item")
+    bbox = [4.0584, 50.7431, 4.0676, 50.7489]
+    item = pystac.Item(
+        "S2A_2019-05-16", mapping(box(*bbox)), bbox, dt.datetime(2019, 5, 16, tzinfo=dt.UTC), {}
+    )
+    catalog.add_item(item)
+    catalog.normalize_and_save(str(tmp_path / "stac"), pystac.CatalogType.SELF_CONTAINED)
+    with pytest.raises(NoCoverageError, match=r"no scene of STAC catalog .*catalog.json covers"):
+        acquire(LocalProvider(tmp_path / "stac"), away, 2019, cfg)
+    # Inside the sample, before its first scene: the dates are what is wrong, and it says so.
+    inside = Tile.from_id("32631_1280m_E0449_N4392")
+    with pytest.raises(ProviderError, match="widen the range") as err:
+        LocalProvider(sample).fetch(
+            inside.geobox(10), range_windows("2018-01-01", "2018-06-01", 2), SensorSpec(),
+            CloudMask(),
+        )  # fmt: skip
+    assert not isinstance(err.value, NoCoverageError)
+
+
+def test_s2source_sets_the_earth_engine_deployment_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployment-wide request limit and its lock directory are resource fields (so
+    the launchpad shows them), reach the provider, and default to the environment."""
+    from agrifm_pipeline.defs.resources import S2Source
+    from agrifm_pipeline.providers.ee_slots import SLOTS_DIR_ENV
+
+    pytest.importorskip("ee")
+    s2 = S2Source(
+        backend="gee", gee_project="p", gee_deployment_slots=5, gee_slots_dir=str(tmp_path / "s")
+    )
+    limiter = s2.provider().limiter  # type: ignore[attr-defined]
+    assert (limiter.slots, limiter.directory) == (5, tmp_path / "s")
+    monkeypatch.setenv(SLOTS_DIR_ENV, str(tmp_path / "shared"))
+    limiter = S2Source(backend="gee").provider().limiter  # type: ignore[attr-defined]
+    assert (limiter.slots, limiter.directory) == (32, tmp_path / "shared")
+    with pytest.raises(SettingsError, match=r"deployment_slots=40; use 1\.\.39"):
+        S2Source(backend="gee", gee_deployment_slots=40).provider()

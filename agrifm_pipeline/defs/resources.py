@@ -19,6 +19,7 @@ from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_eng
 from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.model import resolve_precision
 from agrifm_pipeline.providers import Provider, make_provider
+from agrifm_pipeline.providers.gee import DEFAULT_DEPLOYMENT_SLOTS
 from agrifm_pipeline.registry import RegionRegistry
 from agrifm_pipeline.runtime import freeze_long_lived
 from agrifm_pipeline.settings import AgriFMSettings, load_settings, pipeline_storage_root
@@ -104,6 +105,21 @@ class S2Source(dg.ConfigurableResource):
     gee_max_concurrent: int = Field(
         default=16, description="gee: concurrent requests per process (< 40)"
     )
+    gee_deployment_slots: int = Field(
+        default=DEFAULT_DEPLOYMENT_SLOTS,
+        description=(
+            "gee: concurrent requests of every process that shares gee_slots_dir together "
+            "(< 40, Earth Engine's limit per Cloud project)"
+        ),
+    )
+    gee_slots_dir: str | None = Field(
+        default=None,
+        description=(
+            "gee: directory of the deployment-wide slot locks, shared by every worker (across "
+            "nodes: on a file system with cluster-wide locks); default "
+            "RS_EMBED_AGRIFM_GEE_SLOTS_DIR, else one per node and project in the temp dir"
+        ),
+    )
     synthetic_seed: int = 0
     fetch_workers: int | None = Field(
         default=None, description="tile-years fetched at once (RS_EMBED_AGRIFM_FETCH_WORKERS)"
@@ -119,6 +135,8 @@ class S2Source(dg.ConfigurableResource):
                 service_account_key=self.gee_service_account_key,
                 endpoint=self.gee_endpoint,
                 max_concurrent=self.gee_max_concurrent,
+                deployment_slots=self.gee_deployment_slots,
+                slots_dir=self.gee_slots_dir or None,
             )
         return make_provider(self.backend, seed=self.synthetic_seed)
 

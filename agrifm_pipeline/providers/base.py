@@ -171,3 +171,22 @@ class Provider(Protocol):
     ) -> FrameStack:
         """Composite one frame per window on ``area``'s grid."""
         ...
+
+
+@runtime_checkable
+class SceneIndexed(Protocol):
+    """A provider that can list, from headers alone, the scenes a fetch would consider.
+
+    ``scene_index(area, windows, sensor)`` maps the id of every scene of the source
+    that intersects ``area`` within the windows' range to a stamp that changes when
+    the scene does (a file's size and modification time, a STAC item's ``updated``).
+    Cloud filters are not applied: a scene that becomes clearer matters too. The
+    provider records the same index in its frame stack's record
+    (:func:`agrifm_pipeline.lineage.scene_index_record`), so the stale sensor can tell
+    a changed, added or removed scene without acquiring anything again. It must stay
+    cheap: no pixels read, headers cached.
+    """
+
+    def scene_index(
+        self, area: GeoBox, windows: Sequence[FrameWindow], sensor: SensorSpec
+    ) -> dict[str, str]: ...

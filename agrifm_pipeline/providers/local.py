@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,9 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from agrifm_pipeline.compositing import Scene, composite_windows, fill_dn
-from agrifm_pipeline.errors import ProviderError
+from agrifm_pipeline.errors import NoCoverageError, ProviderError
 from agrifm_pipeline.frames import FrameWindow
+from agrifm_pipeline.lineage import SCENE_INDEX_KEY, scene_index_record
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
 from agrifm_pipeline.specs import SensorSpec
 
@@ -116,13 +117,43 @@ def _cloudy_pct_of(path: str, mtime_ns: int, size: int, index: int) -> float:
 
 def _wkt(area: GeoBox) -> str:
     assert area.crs is not None, "an area grid always has a CRS"
-    return area.crs.to_wkt()
+    return _wkt_of(area.crs)
+
+
+@functools.lru_cache(maxsize=64)
+def _wkt_of(crs: Any) -> str:
+    return str(crs.to_wkt())
+
+
+@functools.lru_cache(maxsize=65536)
+def _bounds_in(src_bounds: tuple[float, ...], src_crs: Any, dst: str) -> tuple[float, ...]:
+    """A scene's bounds in another CRS (once per scene version and CRS: a tile-year, the
+    stale sensor and a backfill ask for the same few CRSs many times)."""
+    return tuple(transform_bounds(src_crs, dst, *src_bounds, densify_pts=21))
 
 
 def _overlaps(src_bounds: Any, src_crs: Any, area: GeoBox) -> bool:
-    left, bottom, right, top = transform_bounds(src_crs, _wkt(area), *src_bounds, densify_pts=21)
+    left, bottom, right, top = _bounds_in(tuple(src_bounds), src_crs, _wkt(area))
     a = area.extent.boundingbox
     return left < a.right and right > a.left and bottom < a.top and top > a.bottom
+
+
+def _stamp(path: Path) -> str:
+    """What changes when the file does: its size and modification time (ns)."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _lonlat_overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two (west, south, east, north) boxes meet; a box across 180° always may."""
+    if a[0] > a[2] or b[0] > b[2]:
+        return a[1] < b[3] and a[3] > b[1]
+    return a[0] < b[2] and a[2] > b[0] and a[1] < b[3] and a[3] > b[1]
+
+
+def _lonlat(area: GeoBox) -> tuple[float, float, float, float]:
+    bb = area.extent.to_crs("EPSG:4326").boundingbox
+    return (bb.left, bb.bottom, bb.right, bb.top)
 
 
 @functools.lru_cache(maxsize=64)
@@ -174,6 +205,16 @@ def _read_onto(path: Path, area: GeoBox, indexes: list[int], dtype: str) -> np.n
             return vrt.read(indexes, out_dtype=dtype)
 
 
+@dataclass(frozen=True)
+class _Item:
+    """A STAC item as the provider uses it: when, where (WGS84 bbox) and its stamp."""
+
+    item: Any  # pystac.Item
+    day: dt.date
+    bbox: tuple[float, ...] | None
+    stamp: str  # its ``updated`` time, else a digest of the item's JSON
+
+
 class LocalProvider:
     """Scenes from a local directory or static STAC catalog (see the module docstring)."""
 
@@ -187,6 +228,7 @@ class LocalProvider:
             )
         catalog = self.root if self.root.suffix == ".json" else self.root / "catalog.json"
         self.catalog = catalog if catalog.is_file() else None
+        self._items: list[_Item] | None = None  # the catalog's items, read once
         if self.catalog is None:
             self._files = sorted(p for p in self.root.iterdir() if _DATE_FILE.match(p.name))
             if not self._files:
@@ -200,6 +242,15 @@ class LocalProvider:
         self.version = f"{_package_version()}+{hashlib.sha256(listing.encode()).hexdigest()[:12]}"
 
     # -- directory ---------------------------------------------------------------------
+    def _files_in(self, start: dt.date, end: dt.date) -> Iterator[tuple[Path, dt.date]]:
+        """The scene files dated in [start, end), with their dates."""
+        for path in self._files:
+            m = _DATE_FILE.match(path.name)
+            assert m is not None
+            day = dt.date.fromisoformat(m.group(1))
+            if start <= day < end:
+                yield path, day
+
     def _manifest_cloud(self) -> dict[str, float]:
         manifest = self.root / "manifest.json"
         if not manifest.is_file():
@@ -266,12 +317,7 @@ class LocalProvider:
     ) -> list[Scene]:
         start, end = windows[0].start, windows[-1].end
         scenes = []
-        for path in self._files:
-            m = _DATE_FILE.match(path.name)
-            assert m is not None
-            day = dt.date.fromisoformat(m.group(1))
-            if not start <= day < end:
-                continue
+        for path, day in self._files_in(start, end):
             head = _header(path)
             if head.crs is None:
                 raise ProviderError(f"scene {path} has no CRS; it cannot be placed on the grid")
@@ -284,7 +330,7 @@ class LocalProvider:
                 raise ProviderError(
                     f"scene {path.name} has no mask file masks/{path.name}; add it, or use cloud_mask='none'"
                 )
-            cloudy = self._cloud.get(m.group(1))
+            cloudy = self._cloud.get(day.isoformat())
             if cloudy is None and scl_index is not None:
                 cloudy = self._scl_cloudy_pct(mask, scl_index)
 
@@ -298,10 +344,31 @@ class LocalProvider:
                 scl = None if si is None else _read_onto(mask, area, [si], "uint8")[0]
                 return data, scl
 
-            scenes.append(Scene(m.group(1), day, cloudy, load))
+            scenes.append(Scene(day.isoformat(), day, cloudy, load))
         return scenes
 
     # -- STAC ----------------------------------------------------------------------------
+    def _stac_items(self) -> list[_Item]:
+        """Every item of the catalog with its date, WGS84 bbox and stamp (read once per
+        provider: a run's step, or one tick of the stale sensor)."""
+        if self._items is None:
+            import pystac
+
+            assert self.catalog is not None
+            items = []
+            for item in pystac.Catalog.from_file(str(self.catalog)).get_items(recursive=True):
+                day = (item.datetime or item.common_metadata.start_datetime).date()  # type: ignore[union-attr]
+                updated = item.common_metadata.updated
+                if updated is not None:
+                    stamp = f"updated {updated.isoformat()}"
+                else:
+                    text = json.dumps(item.to_dict(include_self_link=False), sort_keys=True)
+                    stamp = f"json {hashlib.sha256(text.encode()).hexdigest()[:16]}"
+                bbox = tuple(float(v) for v in item.bbox[:4]) if item.bbox else None
+                items.append(_Item(item, day, bbox, stamp))
+            self._items = items
+        return self._items
+
     def _stac_scenes(
         self,
         area: GeoBox,
@@ -312,13 +379,14 @@ class LocalProvider:
         import pystac
         from odc.stac import load as stac_load
 
-        assert self.catalog is not None
-        catalog = pystac.Catalog.from_file(str(self.catalog))
         start, end = windows[0].start, windows[-1].end
+        where = _lonlat(area)
         items = []
-        for item in catalog.get_items(recursive=True):
-            day = (item.datetime or item.common_metadata.start_datetime).date()  # type: ignore[union-attr]
-            if start <= day < end:
+        for entry in self._stac_items():
+            item = entry.item
+            if start <= entry.day < end and (
+                entry.bbox is None or _lonlat_overlap(entry.bbox, where)
+            ):
                 missing = [b for b in (*sensor.bands, "SCL") if b not in item.assets]
                 if missing:
                     raise ProviderError(
@@ -358,17 +426,11 @@ class LocalProvider:
         inv = ~area.affine
         h, w = area.shape
         r0, c0, r1, c1 = h, w, 0, 0
-        for path in self._files:
-            m = _DATE_FILE.match(path.name)
-            assert m is not None
-            if not start <= dt.date.fromisoformat(m.group(1)) < end:
-                continue
+        for path, _ in self._files_in(start, end):
             head = _header(path)
             if head.crs is None:
                 return None
-            left, bottom, right, top = transform_bounds(
-                head.crs, _wkt(area), *head.bounds, densify_pts=21
-            )
+            left, bottom, right, top = _bounds_in(tuple(head.bounds), head.crs, _wkt(area))
             xs, ys = zip(*(inv * (x, y) for x, y in ((left, top), (right, bottom))), strict=True)
             c0, c1 = min(c0, math.floor(min(xs)) - 1), max(c1, math.ceil(max(xs)) + 1)
             r0, r1 = min(r0, math.floor(min(ys)) - 1), max(r1, math.ceil(max(ys)) + 1)
@@ -376,6 +438,65 @@ class LocalProvider:
         if r1 <= r0 or c1 <= c0 or (r0, c0, r1, c1) == (0, 0, h, w):
             return None
         return slice(r0, r1), slice(c0, c1)
+
+    # -- which scenes ---------------------------------------------------------------------
+    def scene_index(
+        self, area: GeoBox, windows: Sequence[FrameWindow], sensor: SensorSpec
+    ) -> dict[str, str]:
+        """Every scene intersecting ``area`` in the windows' range -> its stamp, from
+        headers (cached per file version) and file stamps; see
+        :class:`~agrifm_pipeline.providers.base.SceneIndexed`.
+
+        Directory: the file name -> size and modification time of the scene, of its
+        mask, and its manifest cloud fraction. STAC: the item id -> its ``updated``
+        time (a digest of the item's JSON when it has none).
+        """
+        start, end = windows[0].start, windows[-1].end
+        if self.catalog is not None:
+            where = _lonlat(area)
+            return {
+                i.item.id: i.stamp
+                for i in self._stac_items()
+                if start <= i.day < end and (i.bbox is None or _lonlat_overlap(i.bbox, where))
+            }
+        out: dict[str, str] = {}
+        for path, day in self._files_in(start, end):
+            head = _header(path)
+            if head.crs is not None and not _overlaps(head.bounds, head.crs, area):
+                continue  # (a scene without a CRS cannot be placed: fetch refuses it)
+            stamp = _stamp(path)
+            mask = self._mask_path(path)
+            if mask.is_file():
+                stamp += f" mask {_stamp(mask)}"
+            cloud = self._cloud.get(day.isoformat())
+            if cloud is not None:
+                stamp += f" cloud {cloud:.6g}%"
+            out[path.name] = stamp
+        return out
+
+    def _no_coverage(self, area: GeoBox) -> NoCoverageError | None:
+        """The error to raise when no scene of the source, of any date, reaches ``area``;
+        None when one does (or when that cannot be told: a scene without a CRS or bbox)."""
+        boxes: list[tuple[float, ...]] = []
+        if self.catalog is not None:
+            where = _lonlat(area)
+            for i in self._stac_items():
+                if i.bbox is None or _lonlat_overlap(i.bbox, where):
+                    return None
+                boxes.append(i.bbox)
+            source = f"STAC catalog {self.catalog}"
+        else:
+            for path in self._files:
+                head = _header(path)
+                if head.crs is None or _overlaps(head.bounds, head.crs, area):
+                    return None
+                boxes.append(_bounds_in(tuple(head.bounds), head.crs, "EPSG:4326"))
+            source = f"local root {self.root}"
+        extent = None
+        if boxes:
+            w, s, e, n = zip(*boxes, strict=True)
+            extent = NoCoverageError.extent_label((min(w), min(s), max(e), max(n)), len(boxes))
+        return NoCoverageError(f"{area.crs} {tuple(area.extent.boundingbox)}", source, extent)
 
     # -- the interface -----------------------------------------------------------------
     def fetch(
@@ -388,12 +509,16 @@ class LocalProvider:
         # One GDAL environment for the whole stack: rasterio.open sets one up and tears it
         # down around every file otherwise (about 0.2 ms of each of the ~100 opens).
         with rasterio.Env(**_GDAL_OPTIONS):
+            # Stamped before any pixel is read: a scene replaced meanwhile reads as changed.
+            index = self.scene_index(area, windows, sensor)
             box = self._footprint(area, windows[0].start, windows[-1].end)
             sub = area if box is None else area[box]
             if self.catalog is not None:
                 scenes = self._stac_scenes(sub, windows, sensor, cloud_mask)
             else:
                 scenes = self._directory_scenes(sub, windows, sensor, cloud_mask)
+            if not scenes and (missing := self._no_coverage(area)) is not None:
+                raise missing
             values, records = composite_windows(
                 scenes,
                 windows,
@@ -415,5 +540,9 @@ class LocalProvider:
             frames=records,
             provider=self.name,
             provider_version=self.version,
-            extra={"root": str(self.root), "kind": "stac" if self.catalog else "directory"},
+            extra={
+                "root": str(self.root),
+                "kind": "stac" if self.catalog else "directory",
+                SCENE_INDEX_KEY: scene_index_record(index),
+            },
         )
