@@ -9,6 +9,14 @@ modification time it belongs to), so lineage can name the weights cheaply.
 
 ``untrained:<seed>`` (optionally ``:p422``) names deterministic random weights
 for offline runs and benchmarks; it is only ever used when asked for.
+
+The checkpoint may also be a URL (``https://``, ``s3://``, ``gs://``), optionally
+pinned as ``<url>#sha256=<hex>``. Each node keeps one copy in a per-URL cache
+directory under ``RS_EMBED_AGRIFM_CACHE_DIR``; a file lock around it makes N
+processes on the node download once (the others wait and read the copy). The
+cached file is mode 0644, so every user on the node can read it. A pinned URL is
+identified by its pin alone: sensors and the audit judge staleness from it
+without the weights, and a download whose sha256 differs is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ from agrifm_pipeline.errors import CheckpointError
 from agrifm_pipeline.model.layout import unwrap_checkpoint
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
 
+_URL = re.compile(r"^(?P<scheme>https?|s3|gs)://", re.IGNORECASE)
+_PIN = re.compile(r"^(?P<url>.+)#sha256=(?P<sha>[0-9a-fA-F]{64})$")
+# How long a process waits for another one on the node to finish the same download.
+LOCK_TIMEOUT_S = 3600.0
+CACHED_MODE = 0o644
 _UNTRAINED = re.compile(r"^untrained:(?P<seed>-?\d+)(?::(?P<patch>p\d\d\d))?$")
 _PATCHES = {"p444": (4, 4, 4), "p422": (4, 2, 2)}
 _CHUNK = 1 << 20
@@ -45,7 +58,8 @@ class ResolvedCheckpoint:
     """Where the weights come from, and their identity."""
 
     spec: str
-    source: str  # "path" | "cache" | "download" | "untrained"
+    # "path" | "cache" | "download" | "untrained" | "pinned" (a URL known by its pin alone)
+    source: str
     path: Path | None
     sha256: str
     size_bytes: int
@@ -290,7 +304,11 @@ def checkpoint_tensors(resolved: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
 
         patch = resolved.untrained_patch or (4, 4, 4)
         return untrained_state_dict(resolved.untrained_seed or 0, EncoderConfig(patch_size=patch))
-    assert resolved.path is not None
+    if resolved.path is None:  # a pinned URL resolved with downloads off
+        raise CheckpointError(
+            f"checkpoint {resolved.spec} is known by its pin only on this node; resolve it "
+            "with downloads on (RS_EMBED_AGRIFM_AUTO_DOWNLOAD=1) to load the weights"
+        )
     return read_checkpoint(resolved.path)
 
 
@@ -366,11 +384,139 @@ def download_checkpoint(
             raise CheckpointError(
                 f"{url} did not return a torch checkpoint (no torch zip or pickle header)"
             )
+        os.chmod(tmp, CACHED_MODE)  # mkstemp made it 0600: readable by every user of the node
         os.replace(tmp, dest)
         return dest
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def parse_url_spec(spec: str) -> tuple[str, str | None] | None:
+    """``https|s3|gs://…[#sha256=<hex>]`` -> (url, pinned sha256 or None); None if no URL."""
+    text = str(spec).strip()
+    if not _URL.match(text):
+        return None
+    m = _PIN.match(text)
+    if m:
+        return m["url"], m["sha"].lower()
+    if "#" in text:
+        raise CheckpointError(
+            f"checkpoint URL {text!r}: the only fragment understood is #sha256=<64 hex digits>"
+        )
+    return text, None
+
+
+def url_cache_dir(url: str, settings: AgriFMSettings) -> Path:
+    """This node's cache directory for one URL (one per URL, so two URLs never collide)."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return settings.cache_dir / "urls" / key
+
+
+def _cached_name(url: str) -> str:
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return name if re.fullmatch(r"[A-Za-z0-9._-]{1,200}", name or "") else "checkpoint.pth"
+
+
+def _fetch_object(url: str, dest: Path, *, min_bytes: int) -> Path:
+    """Copy an s3:// or gs:// object into ``dest`` atomically, with download_checkpoint's checks."""
+    import fsspec
+
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        extra = {"gs": "gcsfs", "s3": "s3fs"}.get(scheme, scheme)
+        raise CheckpointError(
+            f"checkpoint {url}: cannot read {scheme}:// URLs here ({exc}); pip install {extra}"
+        ) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.part-", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        done = 0
+        try:
+            with fs.open(path, "rb") as src, os.fdopen(fd, "wb") as out:
+                while block := src.read(_CHUNK):
+                    out.write(block)
+                    done += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {url}: no such object; check the URL") from None
+        except OSError as exc:
+            raise CheckpointError(
+                f"reading checkpoint {url} failed after {done} bytes: {exc}"
+            ) from None
+        if done < min_bytes:
+            raise CheckpointError(
+                f"{url} has {done} bytes, fewer than RS_EMBED_AGRIFM_CKPT_MIN_BYTES={min_bytes}; "
+                "this is not the full AgriFM checkpoint"
+            )
+        if not looks_like_torch_checkpoint(tmp):
+            what = describe_non_checkpoint(tmp) or "no torch zip or pickle header"
+            raise CheckpointError(f"{url} is not a torch checkpoint ({what})")
+        os.chmod(tmp, CACHED_MODE)
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _node_lock(path: Path) -> Any:
+    """A file lock beside ``path``: one download per node, the other processes wait for it."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S, mode=0o666)
+
+
+def resolve_url_checkpoint(
+    spec: str, url: str, pin: str | None, settings: AgriFMSettings, *, progress: bool = False
+) -> ResolvedCheckpoint:
+    """A URL checkpoint: this node's cached copy, else one download under the node's lock.
+
+    With downloads off (sensors, the audit) and no copy on the node, a pinned URL is
+    still identified by its pin; an unpinned one is a CheckpointError saying so.
+    """
+    dest = url_cache_dir(url, settings) / _cached_name(url)
+
+    def found(source: str) -> ResolvedCheckpoint:
+        sha = sha256_file(dest)
+        if pin is not None and sha != pin:
+            raise CheckpointError(
+                f"{url} gave sha256 {sha[:12]}…, not the pinned {pin[:12]}…; the object "
+                f"changed or the pin is wrong (cached copy: {dest}; delete it to fetch again)"
+            )
+        return ResolvedCheckpoint(
+            spec=spec, source=source, path=dest, sha256=sha, size_bytes=dest.stat().st_size, url=url
+        )
+
+    if dest.is_file():
+        return found("cache")
+    if not settings.auto_download:
+        if pin is not None:
+            return ResolvedCheckpoint(
+                spec=spec, source="pinned", path=None, sha256=pin, size_bytes=0, url=url
+            )
+        raise CheckpointError(
+            f"checkpoint {url} is not on this node ({dest}) and downloads are off here; "
+            f"pin it as {url}#sha256=<hex> so it is known without the weights, or fetch it "
+            "with `agrifm-pipeline checkpoint`"
+        )
+    with _node_lock(dest):
+        if dest.is_file():  # another process on the node fetched it while we waited
+            return found("cache")
+        if url.lower().startswith(("http://", "https://")):
+            download_checkpoint(url, dest, min_bytes=settings.ckpt_min_bytes, progress=progress)
+        else:
+            _fetch_object(url, dest, min_bytes=settings.ckpt_min_bytes)
+        try:
+            return found("download")
+        except CheckpointError:
+            dest.unlink(missing_ok=True)
+            raise
 
 
 def resolve_checkpoint(
@@ -397,6 +543,9 @@ def resolve_checkpoint(
                 untrained_seed=seed,
                 untrained_patch=patch,
             )
+        remote = parse_url_spec(text)
+        if remote is not None:
+            return resolve_url_checkpoint(text, *remote, settings, progress=progress)
         path = Path(os.path.expanduser(text))
         if not path.is_file():
             origin = "RS_EMBED_AGRIFM_CKPT" if spec is None else "checkpoint"
@@ -426,9 +575,12 @@ def resolve_checkpoint(
             f"auto-download is disabled (RS_EMBED_AGRIFM_AUTO_DOWNLOAD=0) and nothing is cached at "
             f"{cached}; set RS_EMBED_AGRIFM_CKPT to AgriFM.pth or enable the download"
         )
-    path = download_checkpoint(
-        settings.ckpt_url, cached, min_bytes=settings.ckpt_min_bytes, progress=progress
-    )
+    with _node_lock(cached):
+        if not cached.is_file():  # else another process on the node fetched it meanwhile
+            download_checkpoint(
+                settings.ckpt_url, cached, min_bytes=settings.ckpt_min_bytes, progress=progress
+            )
+    path = cached
     return ResolvedCheckpoint(
         spec="default", source="download", path=path, sha256=sha256_file(path),
         size_bytes=path.stat().st_size, url=settings.ckpt_url,
