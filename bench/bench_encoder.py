@@ -231,16 +231,21 @@ def time_interleaved(
     device: torch.device,
     repeats: int,
     warmup: int,
-) -> dict[str, tuple[float, float | None]]:
-    """Median seconds per call and peak memory (MB) of each ``name: (fn, autocast)``.
+) -> dict[str, tuple[float, float | None, float]]:
+    """Median seconds per call, peak memory (MB) and median CPU seconds per call (the
+    process's, all threads) of each ``name: (fn, autocast)``.
 
     The timed calls alternate between the encoders (A B, B A, A B, ...), so a
     slow phase of a shared machine falls on both instead of on whichever ran
-    then. Each peak is taken over one call of its own after the warm-up (on a
-    CPU, the process's resident high-water mark reset just before it).
+    then. CPU time counts the work done rather than the waiting, so on a host
+    shared with other work it varies less than the wall clock (with one thread,
+    ``OMP_NUM_THREADS=1``, it is free of the threads' spin-waiting too). Each
+    peak is taken over one call of its own after the warm-up (on a CPU, the
+    process's resident high-water mark reset just before it).
     """
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu_times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, float | None] = {}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -259,11 +264,14 @@ def time_interleaved(
                 peaks[n] = _peak_rss_mb() if reset else None
         for r in range(repeats):
             for n in names if r % 2 == 0 else reversed(names):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _call(*fns[n], x)
                 _sync(device)
                 times[n].append(time.perf_counter() - t0)
-    return {n: (statistics.median(times[n]), peaks[n]) for n in names}
+                cpu_times[n].append(time.process_time() - c0)
+    return {
+        n: (statistics.median(times[n]), peaks[n], statistics.median(cpu_times[n])) for n in names
+    }
 
 
 def load_baseline(rev: str) -> tuple[Any, str]:
@@ -592,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         torch.cuda.empty_cache()
                         continue
-                    sec, peak = timed["ours"]
+                    sec, peak, cpu_sec = timed["ours"]
                     row: dict[str, Any] = {
                         "patch": patch,
                         "frames": t,
@@ -604,25 +612,28 @@ def main(argv: list[str] | None = None) -> int:
                         "chips_per_s": b / sec,
                         "gflops": gflop * b / sec,
                         "peak_mb": peak,
+                        "cpu_s_per_chip": cpu_sec / b,
                         "cpu_matmul": engines[prec].cpu_matmul,
                     }
                     if autocast is not None:
                         row.update(bf16_accuracy(ours.forward, engines[prec].forward, x[:2]))
                     if "official" in timed:
-                        osec, opeak = timed["official"]
+                        osec, opeak, ocpu = timed["official"]
                         row.update(
                             official_s_per_chip=osec / b,
                             official_chips_per_s=b / osec,
                             official_peak_mb=opeak,
+                            official_cpu_s_per_chip=ocpu / b,
                             speedup_vs_official=osec / sec,
                         )
                     if "baseline" in timed and baseline is not None:
-                        bsec, bpeak = timed["baseline"]
+                        bsec, bpeak, bcpu = timed["baseline"]
                         with torch.inference_mode():
                             diff = (ours.forward(x) - baseline(x)).abs().max().item()
                         row.update(
                             baseline_s_per_chip=bsec / b,
                             baseline_peak_mb=bpeak,
+                            baseline_cpu_s_per_chip=bcpu / b,
                             speedup_vs_baseline=bsec / sec,
                             max_abs_diff_vs_baseline=diff,
                         )
