@@ -38,6 +38,15 @@ from agrifm_pipeline.settings import AgriFMSettings, load_settings
 ENCODER_BACKENDS = ("ours", "official")
 K = TypeVar("K")
 
+_CHIPS_DONE = [0]
+_CHIPS_LOCK = threading.Lock()
+
+
+def chips_embedded() -> int:
+    """Chips every engine of this process has embedded so far (progress displays read it)."""
+    with _CHIPS_LOCK:
+        return _CHIPS_DONE[0]
+
 
 @dataclass(frozen=True)
 class InferenceOptions:
@@ -175,7 +184,11 @@ class EmbeddingEngine:
         # forward passes run asynchronously, so the next batch is pinned and its
         # copy queued while the current one computes, and the only wait is the one
         # copy back at the end (an output is 1024 x 7 x 7 floats a chip, 200 kB).
-        outputs = [self.forward(batch) for batch in self._batches(chips.float())]
+        outputs = []
+        for batch in self._batches(chips.float()):
+            outputs.append(self.forward(batch))
+            with _CHIPS_LOCK:
+                _CHIPS_DONE[0] += batch.shape[0]
         return torch.cat(outputs, dim=0).float().cpu()
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -184,6 +197,17 @@ class EmbeddingEngine:
             return self.model(batch)
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
             return self.model(batch)
+
+    def feature_shape(self, n_frames: int, image_size: int) -> tuple[int, int, int]:
+        """(D, h, w) of one chip's features, without running the encoder when its
+        architecture is known (ours); the official code is run once on a zero chip."""
+        cfg = getattr(self.model, "cfg", None)
+        if hasattr(cfg, "grid_hw") and hasattr(cfg, "output_channels"):
+            h, w = cfg.grid_hw(image_size, image_size)
+            return int(cfg.output_channels(n_frames)), int(h), int(w)
+        zero = torch.zeros((1, n_frames, 10, image_size, image_size))
+        d, h, w = self.embed(zero).shape[1:]
+        return int(d), int(h), int(w)
 
     def embed_many(self, chip_groups: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         """Embed several (n_i, T, 10, S, S) groups together, in shared batches."""
@@ -202,7 +226,9 @@ class EmbeddingEngine:
         Chips of consecutive groups fill the same batches, so a run of many
         small tile-years keeps the device's batch full; a group is yielded as
         soon as all its chips are done, and at most one batch plus one group
-        is held in memory beyond what the caller holds.
+        is held in memory beyond what the caller holds. A group of no chips (a
+        tile-year with nothing to encode) costs no encoder time: it is yielded, in
+        order, with an empty tensor.
         """
         pending: list[tuple[K, int]] = []  # groups waiting for outputs, with chip counts
         queue: list[torch.Tensor] = []  # input chips not yet run
@@ -221,6 +247,10 @@ class EmbeddingEngine:
             nonlocal done
             while pending:
                 key, n = pending[0]
+                if n == 0:
+                    pending.pop(0)
+                    yield key, torch.empty((0,))
+                    continue
                 have = sum(d.shape[0] for d in done)
                 if have < n:
                     return
@@ -231,7 +261,8 @@ class EmbeddingEngine:
 
         for key, chips in groups:
             pending.append((key, chips.shape[0]))
-            queue.append(chips)
+            if chips.shape[0]:
+                queue.append(chips)
             queued += chips.shape[0]
             while queued >= self.batch_size:
                 run(self.batch_size)

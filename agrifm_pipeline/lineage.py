@@ -13,7 +13,7 @@ acquisition     provider (and its source), collection, bands, scale_m,
                 tile geometry (chip_px × chips_per_side), stage code version
 normalisation   acquisition + norm_mode, image_size, chip_px, code version
 embedding       normalisation + checkpoint sha256, model config, precision
-                class, code version
+                class, min_chip_coverage, code version
 ==============  ===============================================================
 
 A changed checkpoint therefore changes only the embedding fingerprint;
@@ -35,8 +35,11 @@ from typing import Any
 # code versions.
 CODE_VERSIONS: dict[str, str] = {
     "acquisition": "2",
-    "normalisation": "1",
-    "embedding": "1",
+    # normalisation 2: valid_frames (frames with data per pixel) stored beside the statistics;
+    # embedding 2: chips below min_chip_coverage not encoded (NaN), valid_fraction per cell.
+    # (acquisition: the frames' nodata attribute is declared, the values are unchanged.)
+    "normalisation": "2",
+    "embedding": "2",
 }
 STAGES = ("acquisition", "normalisation", "embedding")
 

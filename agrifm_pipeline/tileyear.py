@@ -8,8 +8,11 @@ returns arrays plus the record of how they were made:
     normalise_tile     chips -> (chips, T, 10, S, S) float32 (clip, normalise, resize)
     normalized_dataset the normalised tile as stored: per-chip statistics, the tensors if kept
     model_input        the encoder's input again: stored tensors, or the frames re-normalised
+    valid_frames       frames -> how many frames hold data (not fill) at each pixel
+    chip_coverage      valid frames -> each chip's valid fraction; chips below
+                       ``min_chip_coverage`` are not encoded (NaN in the grid)
     embedding_grid     encoder features (chips, D, h, w) -> georeferenced (band, y, x) tile grid
-    chip_table         tile grid -> pooled mean/max per chip with geometry (GeoDataFrame)
+    chip_table         tile grid -> pooled mean/max per chip with geometry and valid fraction
     band_frames        named bands of a stored frame stack, read as one band range
     preview_png        median RGB of the input beside a 3-component PCA of the grid
     mosaic             tile grids of one CRS -> one grid
@@ -43,6 +46,8 @@ from agrifm_pipeline.settings import AgriFMSettings, canonical_norm_mode, load_s
 from agrifm_pipeline.specs import AGRIFM_S2_BANDS, SensorSpec
 from agrifm_pipeline.tiles import DEFAULT_CHIP_PX, DEFAULT_CHIPS_PER_SIDE, Tile, tile_size_m
 
+DEFAULT_MIN_CHIP_COVERAGE = 0.05
+
 
 @dataclass(frozen=True)
 class TileYearSettings:
@@ -66,6 +71,12 @@ class TileYearSettings:
     fill_value: float = 0.0
     cloud_mask: str = "scl"
     scl_classes: tuple[int, ...] = DEFAULT_MASKED_SCL
+    # A chip is encoded only when at least this share of its pixel-frames hold data (not
+    # fill); below it, its grid cells are NaN and it costs no encoder time. 5 % of a 224 px
+    # chip at 10 m is about 25 ha (a few fields): less than that, and the chip's vectors
+    # describe the fill more than the land. The grid's per-cell ``valid_fraction`` masks
+    # finer than whole chips.
+    min_chip_coverage: float = DEFAULT_MIN_CHIP_COVERAGE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm_mode", canonical_norm_mode(self.norm_mode))
@@ -77,6 +88,11 @@ class TileYearSettings:
             raise SettingsError(
                 f"chip_px={self.chip_px}, chips_per_side={self.chips_per_side}; "
                 "use chip_px >= 16 and at least one chip per side"
+            )
+        if not 0.0 <= self.min_chip_coverage <= 1.0:
+            raise SettingsError(
+                f"min_chip_coverage={self.min_chip_coverage}; use a share between 0 and 1 "
+                "(0 encodes every chip, even all-fill ones)"
             )
         tile_size_m(self.chip_px, self.chips_per_side, self.scale_m)
         self.sensor()
@@ -158,6 +174,7 @@ class TileYearSettings:
                 "checkpoint_sha256": checkpoint_sha256,
                 "precision": precision,
                 "encoder": encoder,
+                "min_chip_coverage": self.min_chip_coverage,
             },
         )
 
@@ -185,8 +202,15 @@ def scene_index(
     return provider.scene_index(tile.geobox(cfg.scale_m), windows, cfg.sensor())
 
 
-def frame_stack_dataset(stack: FrameStack) -> xr.Dataset:
-    """The frame stack as a self-describing dataset (clear fraction per frame beside it)."""
+def frame_stack_dataset(stack: FrameStack, fill_value: float = 0.0) -> xr.Dataset:
+    """The frame stack as a self-describing dataset (clear fraction per frame beside it).
+
+    ``fill_value`` (the digital number of a pixel with no clear observation) is declared
+    as the frames' ``nodata`` attribute: rioxarray's ``.rio.nodata`` reads it, and the
+    values stay uint16 (a CF ``_FillValue`` would make xarray decode them to float).
+    """
+    from agrifm_pipeline.compositing import fill_dn
+
     da = stack.data
     clear = xr.DataArray(
         np.array([f.clear_fraction for f in stack.frames], dtype="float32"),
@@ -199,6 +223,9 @@ def frame_stack_dataset(stack: FrameStack) -> xr.Dataset:
     ds["frames"].attrs.update(
         long_name="Sentinel-2 L2A surface reflectance composites",
         units="reflectance x 10000",
+        nodata=int(fill_dn(fill_value)),
+        nodata_meaning="no clear observation in the frame's window (outside the source's "
+        "coverage, or every observation masked as cloud, shadow or snow)",
     )
     # One chunk per frame: the frames of a tile-year are compressed and read back in
     # parallel (a single 128 MB chunk is one thread's work).
@@ -238,6 +265,92 @@ def normalise_tile(
     return out.tensor, out.record
 
 
+# -- coverage -------------------------------------------------------------------------------
+def valid_frames(values: np.ndarray, fill_value: float = 0.0) -> np.ndarray:
+    """(T, C, H, W) raw frames -> (H, W) uint8: how many frames hold data at each pixel.
+
+    A pixel holds data in a frame unless every band there is the fill value (what the
+    providers write where no clear observation exists). One frame at a time, so the
+    temporary stays one frame's size.
+    """
+    from agrifm_pipeline.compositing import fill_dn
+
+    t, _, h, w = values.shape
+    if t > 255:
+        raise InputContractError(f"{t} frames; valid-frame counts are kept as uint8 (<= 255)")
+    fill = fill_dn(fill_value) if np.asarray(values).dtype.kind in "ui" else fill_value
+    count = np.zeros((h, w), dtype=np.uint8)
+    for i in range(t):
+        count += (values[i] != fill).any(axis=0)
+    return count
+
+
+def chip_coverage(valid: np.ndarray, n_frames: int, chip_px: int) -> np.ndarray:
+    """(H, W) valid-frame counts -> (chips,) float: each chip's share of pixel-frames with
+    data, chips row-major from the top-left (the order of :func:`tile_chips`)."""
+    h, w = valid.shape
+    ny, nx = h // chip_px, w // chip_px
+    blocks = valid.reshape(ny, chip_px, nx, chip_px).astype(np.float64)
+    return (blocks.sum(axis=(1, 3)) / (chip_px * chip_px * max(1, n_frames))).reshape(-1)
+
+
+def covered_chips(coverage: np.ndarray, cfg: TileYearSettings) -> np.ndarray:
+    """(chips,) bool: the chips to encode, those whose valid fraction is at least
+    ``min_chip_coverage`` (at 0, every chip, all-fill ones included)."""
+    return np.asarray(coverage, dtype=np.float64) >= cfg.min_chip_coverage
+
+
+def cell_coverage(
+    valid: np.ndarray, n_frames: int, cfg: TileYearSettings, grid_hw: int
+) -> np.ndarray:
+    """(H, W) valid-frame counts -> (per * h, per * h) float32: each grid cell's share of
+    pixel-frames with data (area-averaged over the cell's footprint in its chip)."""
+    per = cfg.chips_per_side
+    chips = tile_chips(valid[None, None], cfg.chip_px).reshape(
+        per * per, 1, cfg.chip_px, cfg.chip_px
+    )
+    frac = torch.from_numpy(chips.astype(np.float32) / max(1, n_frames))
+    cells = torch.nn.functional.adaptive_avg_pool2d(frac, grid_hw).numpy()  # (chips, 1, h, h)
+    h = grid_hw
+    return cells.reshape(per, per, h, h).transpose(0, 2, 1, 3).reshape(per * h, per * h)
+
+
+def features_with_gaps(
+    feats: torch.Tensor, keep: np.ndarray, feature_shape: Sequence[int]
+) -> torch.Tensor:
+    """Encoded chips' features (k, D, h, w) back in place among all chips; the chips that
+    were not encoded (``keep`` False) are NaN."""
+    keep_t = torch.from_numpy(np.asarray(keep, dtype=bool))
+    if feats.shape[0] != int(keep_t.sum()):
+        raise InputContractError(
+            f"{feats.shape[0]} encoded chips for {int(keep_t.sum())} covered ones"
+        )
+    out = torch.full((len(keep_t), *feature_shape), float("nan"), dtype=torch.float32)
+    if feats.shape[0]:
+        out[keep_t] = feats.float()
+    return out
+
+
+def coverage_attrs(coverage: np.ndarray, keep: np.ndarray, cfg: TileYearSettings) -> dict[str, Any]:
+    """What an embedding grid records about its coverage (its dataset's attributes)."""
+    return {
+        "valid_fraction": round(float(np.mean(coverage)), 6) if len(coverage) else 0.0,
+        "chip_valid_fraction": [round(float(c), 6) for c in coverage],
+        "min_chip_coverage": cfg.min_chip_coverage,
+        "n_chips": len(keep),
+        "n_chips_encoded": int(np.sum(keep)),
+    }
+
+
+def encoded_mask(attrs: Mapping[str, Any], n_chips: int) -> np.ndarray:
+    """(chips,) bool: which chips of a stored grid were encoded (all of them for a grid
+    written before coverage was recorded)."""
+    cov = attrs.get("chip_valid_fraction")
+    if cov is None or len(cov) != n_chips:
+        return np.ones(n_chips, dtype=bool)
+    return np.asarray(cov, dtype=np.float64) >= float(attrs.get("min_chip_coverage", 0.0))
+
+
 STATS = ("mean", "std", "min", "max")
 
 
@@ -258,10 +371,17 @@ def chip_statistics(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_dataset(
-    tensor: torch.Tensor, cfg: TileYearSettings, *, keep_tensors: bool = True
+    tensor: torch.Tensor,
+    cfg: TileYearSettings,
+    *,
+    keep_tensors: bool = True,
+    valid: np.ndarray | None = None,
 ) -> xr.Dataset:
-    """The normalised tile as stored: ``chip_stats`` (chip, time, band, stat) always, and the
-    (chips, T, 10, S, S) float32 ``tensors`` themselves when ``keep_tensors``.
+    """The normalised tile as stored: ``chip_stats`` (chip, time, band, stat) always, the
+    (chips, T, 10, S, S) float32 ``tensors`` themselves when ``keep_tensors``, and the
+    ``valid_frames`` (y, x) count of frames holding data per pixel (:func:`valid_frames`)
+    when given: what the embedding step reads to leave out chips below
+    ``min_chip_coverage``.
 
     The tensors are four times the raw frames' bytes and an exact, cheap function of
     them (:func:`model_input` recomputes them), so keeping them is a choice; the
@@ -293,6 +413,19 @@ def normalized_dataset(
         )
         da.encoding["chunks"] = (1, *da.shape[1:])  # one chunk per chip
         ds["tensors"] = da
+    if valid is not None:
+        ds["valid_frames"] = xr.DataArray(
+            np.asarray(valid, dtype=np.uint8),
+            dims=("y", "x"),
+            name="valid_frames",
+            attrs={
+                "long_name": "frames holding data (not fill) at each pixel of the tile",
+                "n_frames": cfg.n_frames,
+            },
+        )
+        ds.attrs["chip_valid_fraction"] = [
+            round(float(c), 6) for c in chip_coverage(valid, cfg.n_frames, cfg.chip_px)
+        ]
     # Summary the asset check reads instead of the whole array again (NaN propagates
     # through min and max, so the non-finite count is only taken when there are some).
     lo, hi = stats.sel(stat="min").values, stats.sel(stat="max").values
@@ -385,11 +518,40 @@ def embedding_grid(
     return da.rio.write_crs(tile.crs).rio.write_transform(transform)
 
 
-def chip_table(grid: xr.DataArray, tile: Tile, year: int, cfg: TileYearSettings) -> Any:
+def with_coverage(
+    grid: xr.DataArray, valid: np.ndarray, n_frames: int, keep: np.ndarray, cfg: TileYearSettings
+) -> xr.Dataset:
+    """The grid as stored: ``embedding`` beside ``valid_fraction`` (y, x), each cell's share
+    of pixel-frames with data, and the chips' coverage in the attributes
+    (:func:`coverage_attrs`). Cells of chips that were not encoded are NaN in
+    ``embedding``; mask cells with ``valid_fraction`` for anything finer."""
+    per = cfg.chips_per_side
+    cells = cell_coverage(valid, n_frames, cfg, grid.shape[-1] // per)
+    ds = grid.to_dataset()
+    ds["valid_fraction"] = xr.DataArray(
+        cells.astype(np.float32),
+        dims=("y", "x"),
+        coords={"y": grid["y"], "x": grid["x"]},
+        attrs={"long_name": "share of the cell's pixel-frames that hold data (not fill)"},
+    )
+    ds.attrs.update(coverage_attrs(chip_coverage(valid, n_frames, cfg.chip_px), keep, cfg))
+    return ds
+
+
+def chip_table(
+    grid: xr.DataArray,
+    tile: Tile,
+    year: int,
+    cfg: TileYearSettings,
+    coverage: Mapping[str, Any] | None = None,
+) -> Any:
     """Pooled vectors per chip (spatial mean and max) with the chip's footprint.
 
     Geometry is in WGS84 (one CRS for every zone, as GeoParquet wants one per
     column); the chip's UTM bounds and EPSG code are columns beside it.
+    ``coverage`` (the grid dataset's attributes, :func:`coverage_attrs`) adds each
+    chip's ``valid_fraction``, whether it was ``encoded``, and a ``status`` that
+    says why not; a chip that was not encoded has NaN vectors.
     """
     import geopandas as gpd
     import shapely
@@ -422,6 +584,19 @@ def chip_table(grid: xr.DataArray, tile: Tile, year: int, cfg: TileYearSettings)
         },
         geometry=gpd.GeoSeries(boxes, crs=tile.crs).to_crs("EPSG:4326"),
     )
+    attrs = dict(coverage or {})
+    encoded = encoded_mask(attrs, per * per)
+    cov = attrs.get("chip_valid_fraction")
+    frac = np.asarray(cov, dtype=np.float64) if cov is not None else np.full(per * per, np.nan)
+    floor = float(attrs.get("min_chip_coverage", 0.0))
+    gdf["valid_fraction"] = frac
+    gdf["encoded"] = encoded
+    gdf["status"] = [
+        "encoded"
+        if e
+        else f"not encoded: {f:.1%} of its pixel-frames hold data < min_chip_coverage {floor:.0%}"
+        for e, f in zip(encoded, frac, strict=True)
+    ]
     return gdf
 
 
@@ -453,9 +628,16 @@ def pca3(grid: np.ndarray) -> np.ndarray:
     singular vectors are the pixels' components.
     """
     d, h, w = grid.shape
+    flat = np.asarray(grid).reshape(d, h * w)
+    finite = np.isfinite(flat).all(axis=0)
+    if not finite.all():  # cells of chips that were not encoded: NaN in the components
+        out = np.full((h * w, 3), np.nan)
+        if finite.any():
+            out[finite] = pca3(flat[:, finite].reshape(d, 1, -1)).reshape(-1, 3)
+        return out.reshape(h, w, 3)
     if h * w < 2:
         return np.zeros((h, w, 3))
-    x = torch.from_numpy(np.ascontiguousarray(grid.reshape(d, h * w), dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
     x = x - x.mean(dim=1, keepdim=True)  # (D, pixels), centred over the pixels
     q = min(8, *x.shape)
     with torch.random.fork_rng(devices=[]):
@@ -514,22 +696,72 @@ def _median_frame(frames: np.ndarray) -> np.ndarray:
     return ((planes[(n - 1) // 2] + planes[n // 2]) / 2).numpy()
 
 
-def preview_png(
-    frames: np.ndarray, grid: np.ndarray, bands: Sequence[str], size: int = 320
-) -> bytes:
-    """PNG: the input's median frame in true colour beside a PCA of the embedding grid."""
+FILL_RGB = (205, 205, 205)  # the preview's fill: neutral grey, hatched
+HATCH_RGB = (170, 170, 170)
+
+
+def _with_fill(rgb: np.ndarray, valid: np.ndarray, size: int, smooth: bool) -> Any:
+    """An RGB panel of ``size`` px: the image where ``valid``, hatched grey elsewhere."""
     from PIL import Image
+
+    how = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    img = np.asarray(Image.fromarray(rgb).resize((size, size), how), dtype=np.uint8).copy()
+    mask = Image.fromarray(valid.astype(np.uint8) * 255).resize(
+        (size, size), Image.Resampling.NEAREST
+    )
+    m = np.asarray(mask) > 0
+    yy, xx = np.mgrid[0:size, 0:size]
+    hatch = np.where(((yy + xx) % 10 < 2)[..., None], HATCH_RGB, FILL_RGB).astype(np.uint8)
+    img[~m] = hatch[~m]
+    return Image.fromarray(img)
+
+
+def coverage_caption(coverage: Mapping[str, Any] | None) -> str:
+    """One line on what share of the tile holds data and how many chips were encoded."""
+    attrs = dict(coverage or {})
+    if "chip_valid_fraction" not in attrs:
+        return "coverage not recorded (grid written before coverage was kept)"
+    n, k = int(attrs.get("n_chips", 0)), int(attrs.get("n_chips_encoded", 0))
+    return (
+        f"data in {float(attrs.get('valid_fraction', 0.0)):.1%} of the tile's pixel-frames; "
+        f"{k} of {n} chip(s) encoded (min_chip_coverage {float(attrs.get('min_chip_coverage', 0)):.0%})"
+    )
+
+
+def preview_png(
+    frames: np.ndarray,
+    grid: np.ndarray,
+    bands: Sequence[str],
+    size: int = 320,
+    *,
+    coverage: Mapping[str, Any] | None = None,
+    nodata: float = 0,
+) -> bytes:
+    """PNG: the input's median frame in true colour beside a PCA of the embedding grid,
+    over a caption that states the coverage. Fill (pixels with no data in any frame,
+    cells of chips that were not encoded) is hatched grey in both panels."""
+    from PIL import Image, ImageDraw
 
     idx = [list(bands).index(b) for b in ("B4", "B3", "B2")]
     step = max(1, frames.shape[-1] // size)  # the median only at the pixels the PNG shows
-    median = _median_frame(frames[:, idx, ::step, ::step])  # (3, h, w)
-    rgb = _stretch(np.moveaxis(median, 0, -1), valid=np.asarray((median > 0).any(axis=0)))
-    pca = _stretch(pca3(grid))
-    left = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
-    right = Image.fromarray(pca).resize((size, size), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (2 * size + 8, size), (255, 255, 255))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (size + 8, 0))
+    sample = frames[:, idx, ::step, ::step]
+    median = _median_frame(sample)  # (3, h, w)
+    has_data = np.asarray((sample != nodata).any(axis=(0, 1)))
+    rgb = _stretch(np.moveaxis(median, 0, -1), valid=has_data)
+    comps = pca3(grid)
+    cells = np.isfinite(comps).all(axis=-1)
+    pca = _stretch(np.nan_to_num(comps), valid=cells)
+    caption = 34
+    canvas = Image.new("RGB", (2 * size + 8, size + caption), (255, 255, 255))
+    canvas.paste(_with_fill(rgb, has_data, size, True), (0, 0))
+    canvas.paste(_with_fill(pca, cells, size, False), (size + 8, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text(
+        (4, size + 4),
+        "left: input median (true colour)   right: embedding PCA   hatched grey: no data",
+        fill=(0, 0, 0),
+    )
+    draw.text((4, size + 19), coverage_caption(coverage), fill=(0, 0, 0))
     buf = io.BytesIO()
     # zlib's default level: 5 ms against 17.5 for optimize=True, for a file 6 % larger
     # (7.8 against 7.4 kB on the demo tile).

@@ -149,8 +149,16 @@ def stages(
 
 
 def dagster_run(
-    provider_name: str, precision: str, batch: int, root: Path, keep_tensors: bool
+    provider_name: str,
+    precision: str,
+    batch: int,
+    root: Path,
+    keep_tensors: bool,
+    min_chip_coverage: float = 0.0,
 ) -> dict[str, Any]:
+    """The job on the tile in process; by default every chip is encoded, fill included:
+    the full encoder load of a tile-year (the demo tile is mostly fill;
+    bench_coverage.py measures leaving it out)."""
     import dagster as dg
 
     from agrifm_pipeline.definitions import build_defs
@@ -160,7 +168,7 @@ def dagster_run(
 
     defs = build_defs(
         {
-            "tile_year": TileYearConfig(),
+            "tile_year": TileYearConfig(min_chip_coverage=min_chip_coverage),
             "s2": S2Source(backend=provider_name, local_root=str(ROOT / "data" / "s2_sample")),
             "model": AgriFMModel(
                 checkpoint="untrained:0", device="cpu", precision=precision, batch_size=batch

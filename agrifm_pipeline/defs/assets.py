@@ -46,14 +46,20 @@ from agrifm_pipeline.tileyear import (
     TileYearSettings,
     acquire,
     band_frames,
+    chip_coverage,
     chip_table,
+    coverage_caption,
+    covered_chips,
     embedding_grid,
+    features_with_gaps,
     frame_stack_dataset,
     model_input,
     mosaic,
     normalise_tile,
     normalized_dataset,
     preview_png,
+    valid_frames,
+    with_coverage,
 )
 
 GROUP = "agrifm"
@@ -220,7 +226,7 @@ def s2_frame_stack(
         lineage["acquisition"] = stack.record()
         lineage["fingerprints"] = {"acquisition": fps.acquisition.as_record()}
         lineage["output"] = {"shape": list(stack.data.shape), "dtype": str(stack.data.dtype)}
-        version = store.write(year, tile.id, frame_stack_dataset(stack), lineage)
+        version = store.write(year, tile.id, frame_stack_dataset(stack, cfg.fill_value), lineage)
         storage.catalog().record(version, lineage)
         return key, lineage, version
 
@@ -234,6 +240,8 @@ def s2_frame_stack(
 
 # partition key, tile, year, normalisation lineage, and the normalisation version it is
 Item = tuple[str, Tile, int, dict[str, Any], Version]
+# the model input of one, with its (H, W) valid-frame counts
+Made = tuple[Item, torch.Tensor, np.ndarray]
 
 
 def _normalise(
@@ -243,9 +251,9 @@ def _normalise(
     storage: ZarrStorage,
     fingerprint: Any,
     item: tuple[str, Tile, int],
-) -> tuple[Item, torch.Tensor]:
+) -> Made:
     """One ``normalized_tensors`` partition: frames read, normalised, written; returns its
-    lineage and the model input it stands for."""
+    lineage, the model input it stands for and where the frames hold data."""
     key, tile, year = item
     up, up_version = _upstream(src, tile, year, "s2_frame_stack")
     upstream = src.lineage(year, tile.id, up_version.id)
@@ -262,16 +270,15 @@ def _normalise(
     keep = storage.keep_tensors
     lineage["normalisation"] = {**record, "tensors_kept": keep}
     lineage["output"] = {"shape": list(tensor.shape), "dtype": "float32"}
-    ds = normalized_dataset(tensor, cfg, keep_tensors=keep)
+    valid = valid_frames(values, cfg.fill_value)
+    ds = normalized_dataset(tensor, cfg, keep_tensors=keep, valid=valid)
     version = storage.store("normalized_tensors").write(year, tile.id, ds, lineage)
     storage.catalog().record(version, lineage)
     context.add_asset_metadata(_summary(lineage, version), partition_key=key, asset_key=NORMALIZED)
-    return (key, tile, year, lineage, version), tensor
+    return (key, tile, year, lineage, version), tensor, valid
 
 
-def _stored_input(
-    store: ZarrStore, frames: ZarrStore, item: tuple[str, Tile, int]
-) -> tuple[Item, torch.Tensor]:
+def _stored_input(store: ZarrStore, frames: ZarrStore, item: tuple[str, Tile, int]) -> Made:
     """The model input of a ``normalized_tensors`` partition made by an earlier run."""
     key, tile, year = item
     ds, version = _upstream(store, tile, year, "normalized_tensors")
@@ -283,20 +290,29 @@ def _stored_input(
         lineage,
         f"{tile.id}|{year}",
     )
-    return (key, tile, year, lineage, version), x
+    if "valid_frames" not in ds:
+        raise InputContractError(
+            f"normalized_tensors {tile.id}|{year} records no valid_frames (written by an older "
+            "release); re-materialise normalized_tensors for it"
+        )
+    return (key, tile, year, lineage, version), x, ds["valid_frames"].values
 
 
 def _write_embedding(
     context: dg.AssetExecutionContext,
     cfg: TileYearSettings,
-    item: Item,
+    done: tuple[Item, np.ndarray, np.ndarray],
     feats: torch.Tensor,
     fingerprint: Any,
     record: dict[str, Any],
     resolved: dict[str, Any],
     storage: ZarrStorage,
+    feature_shape: tuple[int, int, int],
 ) -> None:
-    key, tile, year, upstream, source = item
+    """One grid written: the encoded chips' features in place, NaN for the chips below
+    ``min_chip_coverage``, beside each cell's valid fraction."""
+    (key, tile, year, upstream, source), valid, keep = done
+    feats = features_with_gaps(feats, keep, feature_shape)
     grid = embedding_grid(feats, tile, cfg)
     lineage = _derived_lineage(context, "embedding", tile, year, cfg, upstream, fingerprint, source)
     lineage["embedding"] = record
@@ -306,7 +322,9 @@ def _write_embedding(
         "grid_hw": list(feats.shape[-2:]),
         "dtype": "float32",
     }
-    ds = grid.to_dataset()
+    ds = with_coverage(grid, valid, cfg.n_frames, keep, cfg)
+    coverage = ("valid_fraction", "n_chips", "n_chips_encoded", "min_chip_coverage")
+    lineage["embedding"] = {**record, "coverage": {k: ds.attrs[k] for k in coverage}}
     ds.attrs.update(
         checkpoint_sha256=str(resolved["sha256"]),
         untrained=int(bool(resolved.get("untrained"))),
@@ -316,7 +334,10 @@ def _write_embedding(
     )
     version = storage.store("agrifm_embedding_grid").write(year, tile.id, ds, lineage)
     storage.catalog().record(version, lineage)
-    context.add_asset_metadata(_summary(lineage, version), partition_key=key, asset_key=EMBEDDING)
+    meta = _summary(lineage, version)
+    meta["valid_fraction"] = ds.attrs["valid_fraction"]
+    meta["chips_encoded"] = f"{ds.attrs['n_chips_encoded']} of {ds.attrs['n_chips']}"
+    context.add_asset_metadata(meta, partition_key=key, asset_key=EMBEDDING)
 
 
 @dg.multi_asset(
@@ -393,9 +414,20 @@ def normalise_and_embed(
         + ("; normalised in the same step" if both else "; model input from the stored partitions")
     )
     make = normalise if both else functools.partial(_stored_input, tensors, frames)
+    shape = engine.feature_shape(cfg.n_frames, cfg.image_size)
+
+    def covered(made: Made) -> tuple[tuple[Item, np.ndarray, np.ndarray], torch.Tensor]:
+        # Only the chips with enough data go to the encoder (none at all: no encoder time).
+        item, x, valid = made
+        keep = covered_chips(chip_coverage(valid, cfg.n_frames, cfg.chip_px), cfg)
+        return (item, valid, keep), x[torch.from_numpy(keep)] if not keep.all() else x
+
     # The next tile-year is normalised (or read) while the current one is embedded.
-    for done, feats in engine.embed_stream(prefetch(make(i) for i in items)):
-        _write_embedding(context, cfg, done, feats, emb_fps.embedding, record, resolved, storage)
+    stream = prefetch(covered(make(i)) for i in items)
+    for done, feats in engine.embed_stream(stream):
+        _write_embedding(
+            context, cfg, done, feats, emb_fps.embedding, record, resolved, storage, shape
+        )
     if both:
         yield dg.MaterializeResult(asset_key=NORMALIZED, metadata={"partitions_in_run": len(items)})
     yield dg.MaterializeResult(asset_key=EMBEDDING, metadata={"partitions_in_run": len(items)})
@@ -404,7 +436,8 @@ def normalise_and_embed(
 @dg.asset(
     partitions_def=tile_year_partitions,
     backfill_policy=tile_year_backfill,
-    code_version="1",
+    # 2: valid_fraction, encoded and status per chip; NaN vectors for chips not encoded
+    code_version="2",
     group_name=GROUP,
     deps=[EMBEDDING],
     kinds={"geoparquet"},
@@ -421,7 +454,7 @@ def chip_embeddings(
         lineage = _file_lineage(
             context, "chip_embeddings", src.lineage(year, tile.id, grid_version.id), grid_version
         )
-        gdf = chip_table(ds["embedding"], tile, year, cfg)
+        gdf = chip_table(ds["embedding"], tile, year, cfg, coverage=ds.attrs)
         gdf["checkpoint_sha256"] = ds.attrs.get("checkpoint_sha256", "")
         version = storage.files("chip_embeddings").put(
             year, tile.id, CHIPS_FILE, _parquet_bytes(gdf, lineage), lineage
@@ -430,6 +463,7 @@ def chip_embeddings(
         meta = _summary(lineage, version)
         meta["path"] = dg.MetadataValue.path(f"{version.url}/{CHIPS_FILE}")
         meta["n_chips"] = len(gdf)
+        meta["chips_encoded"] = int(gdf["encoded"].sum())
         context.add_asset_metadata(meta, partition_key=key)
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
@@ -470,8 +504,9 @@ def _parquet_bytes(gdf: Any, lineage: dict[str, Any]) -> bytes:
     partitions_def=tile_year_partitions,
     backfill_policy=tile_year_backfill,
     # 2: randomised PCA (same components to 1e-13 correlation); 3: that SVD taken of the
-    # grid as stored (the same components again, not the same bits), PNG at zlib's level
-    code_version="3",
+    # grid as stored (the same components again, not the same bits), PNG at zlib's level;
+    # 4: fill hatched grey in both panels, a caption with the coverage
+    code_version="4",
     group_name=GROUP,
     deps=[EMBEDDING, s2_frame_stack],
     kinds={"png"},
@@ -486,7 +521,13 @@ def embedding_preview(
         grid, grid_version = _upstream(grids, tile, year, "agrifm_embedding_grid")
         rgb = ["B4", "B3", "B2"]
         stack, stack_version = _upstream(stacks, tile, year, "s2_frame_stack")
-        png = preview_png(band_frames(stack["frames"], rgb), grid["embedding"].values, rgb)
+        png = preview_png(
+            band_frames(stack["frames"], rgb),
+            grid["embedding"].values,
+            rgb,
+            coverage=grid.attrs,
+            nodata=stack["frames"].attrs.get("nodata", 0),
+        )
         grid_lineage = grids.lineage(year, tile.id, grid_version.id)
         lineage = _file_lineage(
             context, "embedding_preview", grid_lineage, grid_version, stack_version
@@ -499,7 +540,8 @@ def embedding_preview(
                 "path": dg.MetadataValue.path(f"{version.url}/{PREVIEW_FILE}"),
                 "version": version.id,
                 "preview": dg.MetadataValue.md(
-                    f"**{tile.id} {year}** — input median (left), embedding PCA (right)\n\n"
+                    f"**{tile.id} {year}** — input median (left), embedding PCA (right); "
+                    f"hatched grey: no data. {coverage_caption(grid.attrs)}\n\n"
                     f"![preview](data:image/png;base64,{b64})"
                 ),
                 "checkpoint_sha256": grid_lineage.get("embedding", {})

@@ -14,6 +14,7 @@ from agrifm_pipeline.defs.assets import EMBEDDING, NORMALIZED, s2_frame_stack
 from agrifm_pipeline.defs.partitions import split_key, tile_year_partitions
 from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
 from agrifm_pipeline.storage import StorageError, ZarrStore
+from agrifm_pipeline.tileyear import encoded_mask
 
 # Variance floor below which a chip's embedding is considered collapsed.
 MIN_CHIP_VARIANCE = 1e-8
@@ -90,7 +91,10 @@ def frame_stack_shape_and_dtype(
 @dg.asset_check(
     asset=s2_frame_stack,
     partitions_def=tile_year_partitions,
-    description="Mean clear fraction over the frames at least TileYearConfig.min_clear_fraction.",
+    description=(
+        "Mean clear fraction over the frames at least TileYearConfig.min_clear_fraction; "
+        "below it, the metadata says why (fill where no scene reaches, or masked clouds)."
+    ),
 )
 def frame_stack_clear_fraction(
     context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
@@ -100,7 +104,16 @@ def frame_stack_clear_fraction(
     def judge(ds: Any, tile: str, year: int) -> Verdict:
         clear = ds["clear_fraction"].values
         mean = float(np.mean(clear))
-        return mean >= floor, {"mean_clear_fraction": round(mean, 4), "threshold": floor}
+        info: dict[str, Any] = {"mean_clear_fraction": round(mean, 4), "threshold": floor}
+        if mean < floor:
+            info["why"] = (
+                f"on average {mean:.1%} of the tile's pixels had a clear observation in a "
+                f"frame's window (threshold {floor:.0%}); the rest is fill: no scene reaches "
+                "it (a coast, a region's edge, outside the source's extent) or every "
+                "observation there was masked (cloud, shadow, snow). Chips below "
+                "min_chip_coverage are not encoded; see the chip table's valid_fraction."
+            )
+        return mean >= floor, info
 
     return _evaluate(
         context, storage.store("s2_frame_stack"), judge, severity=dg.AssetCheckSeverity.WARN
@@ -148,27 +161,48 @@ def normalized_tensors_finite(
     description="Embedding grid finite and float32.",
 )
 def embedding_finite(
-    context: dg.AssetCheckExecutionContext, storage: ZarrStorage
+    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
 ) -> dg.AssetCheckResult:
     def judge(ds: Any, tile: str, year: int) -> Verdict:
+        # The chips left out for coverage are NaN by design; every encoded one is finite.
         x = ds["embedding"].values
-        finite = bool(np.isfinite(x).all())
-        return finite and x.dtype == np.float32, {"finite": finite, "dtype": str(x.dtype)}
+        per = tile_year.chips_per_side
+        encoded = encoded_mask(ds.attrs, per * per)
+        d, h, w = x.shape
+        chips = x.reshape(d, per, h // per, per, w // per).transpose(1, 3, 0, 2, 4)
+        chips = chips.reshape(per * per, -1)
+        finite = bool(np.isfinite(chips[encoded]).all())
+        gaps = bool(np.isnan(chips[~encoded]).all())
+        return finite and gaps and x.dtype == np.float32, {
+            "finite": finite,
+            "chips_encoded": int(encoded.sum()),
+            "chips_not_encoded_are_nan": gaps,
+            "dtype": str(x.dtype),
+        }
 
     return _evaluate(context, storage.store("agrifm_embedding_grid"), judge)
 
 
-def degeneracy(grid: np.ndarray, chips_per_side: int) -> dict[str, Any]:
-    """Constant channels over the tile, and the least per-chip variance."""
+def degeneracy(
+    grid: np.ndarray, chips_per_side: int, encoded: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Constant channels over the tile, and the least per-chip variance, over the chips
+    that were encoded (all by default)."""
     d, h, w = grid.shape
-    flat = grid.reshape(d, -1)
-    constant = float(np.mean(flat.std(axis=1) == 0.0))
+    n = chips_per_side**2
+    encoded = np.ones(n, dtype=bool) if encoded is None else np.asarray(encoded, dtype=bool)
     ch, cw = h // chips_per_side, w // chips_per_side
     chips = grid.reshape(d, chips_per_side, ch, chips_per_side, cw).transpose(1, 3, 0, 2, 4)
-    chip_var = chips.reshape(chips_per_side**2, -1).var(axis=1)
+    chips = chips[encoded.reshape(chips_per_side, chips_per_side)]  # (k, d, ch, cw)
+    if not len(chips):
+        return {"constant_channel_share": 0.0, "min_chip_variance": None, "chips": 0}
+    flat = chips.transpose(1, 0, 2, 3).reshape(d, -1)
+    constant = float(np.mean(flat.std(axis=1) == 0.0))
+    chip_var = chips.reshape(len(chips), -1).var(axis=1)
     return {
         "constant_channel_share": round(constant, 4),
         "min_chip_variance": float(chip_var.min()),
+        "chips": len(chips),
     }
 
 
@@ -183,8 +217,10 @@ def embedding_non_degenerate(
     per_side = tile_year.chips_per_side
 
     def judge(ds: Any, tile: str, year: int) -> Verdict:
-        info = degeneracy(ds["embedding"].values, per_side)
-        ok = (
+        info = degeneracy(
+            ds["embedding"].values, per_side, encoded_mask(ds.attrs, per_side * per_side)
+        )
+        ok = info["chips"] == 0 or (  # nothing encoded (no data): nothing degenerate
             info["constant_channel_share"] <= MAX_CONSTANT_CHANNEL_SHARE
             and info["min_chip_variance"] > MIN_CHIP_VARIANCE
         )

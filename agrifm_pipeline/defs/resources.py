@@ -29,7 +29,7 @@ from agrifm_pipeline.storage import (
     ZarrStore,
     storage_options_from_env,
 )
-from agrifm_pipeline.tileyear import TileYearSettings
+from agrifm_pipeline.tileyear import DEFAULT_MIN_CHIP_COVERAGE, TileYearSettings
 
 
 def default_storage_root() -> str:
@@ -63,6 +63,13 @@ class TileYearConfig(dg.ConfigurableResource):
     min_clear_fraction: float = Field(
         default=0.2, description="asset check: least mean clear fraction"
     )
+    min_chip_coverage: float = Field(
+        default=DEFAULT_MIN_CHIP_COVERAGE,
+        description=(
+            "encode a chip only when at least this share of its pixel-frames hold data; "
+            "the others are NaN in the grid and cost no encoder time (0 = every chip)"
+        ),
+    )
 
     def agrifm_settings(self) -> AgriFMSettings:
         overrides = {
@@ -87,6 +94,7 @@ class TileYearConfig(dg.ConfigurableResource):
             composite=self.composite,
             fill_value=self.fill_value,
             cloud_mask=self.cloud_mask,
+            min_chip_coverage=self.min_chip_coverage,
         )
 
 
