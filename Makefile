@@ -23,9 +23,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m agrifm_pipeline.cli demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
-# The Dagster UI over the same home.
+# The Dagster UI over the same home, with the demo's settings when the demo wrote them
+# (<home>/demo.env). Offline: make ui CHECKPOINT=untrained:0 (explicitly untrained weights).
 ui: $(STAMP)
-	home=$${DAGSTER_HOME:-$(CURDIR)/.agrifm/dagster}; \
+	phome=$${AGRIFM_PIPELINE_HOME:-$(CURDIR)/.agrifm}; \
+	home=$${DAGSTER_HOME:-$$phome/dagster}; \
+	if [ -f "$$phome/demo.env" ]; then set -a; . "$$phome/demo.env"; set +a; fi; \
+	$(if $(CHECKPOINT),export RS_EMBED_AGRIFM_CKPT=$(CHECKPOINT);) \
 	DAGSTER_HOME="$$home" $(PY) -m agrifm_pipeline.cli home && \
 	DAGSTER_HOME="$$home" $(VENV)/bin/dagster dev -w workspace.yaml
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -235,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             device=args.device,
             precision=args.precision,
             year=args.year,
-            region=args.region,
+            **({"region": args.region} if args.region else {}),
             home=args.home,
         )
     except CheckpointError as exc:
@@ -246,6 +247,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ck = out["checkpoint"]
     print(f"\n{out['region']} {out['year']}: {len(out['tiles'])} tile(s) in {out['seconds']:.1f} s")
     print(f"checkpoint: {ck['source']} sha256 {ck['sha256'][:16]}… untrained={ck['untrained']}")
+    for tile, cov in zip(out["tiles"], out.get("coverage", []), strict=False):
+        print(f"coverage {tile}: {cov}")
     print("checks: " + ", ".join(f"{k}={v}" for k, v in out["checks"].items()))
     print(f"\nSTAC catalog of every current version:\n  {out['catalog']}")
     print(
@@ -255,20 +258,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"region mosaic:\n  {out['mosaic']}")
     print("chip vectors (GeoParquet):\n  " + "\n  ".join(out["chips"]))
     print("previews (PNG):\n  " + "\n  ".join(out["previews"]))
-    print("\nopen them:")
-    print(
-        f"  python -c \"import xarray as xr, rioxarray; print(xr.open_zarr('{out['mosaic']}', decode_coords='all'))\""
-    )
-    print(f"  gdalinfo 'ZARR:\"{out['mosaic']}\":/embedding'")
-    print(f"  DAGSTER_HOME={out['dagster_home']} dagster dev   # or: make ui")
+    for line in open_commands(out["mosaic"], out["dagster_home"], out.get("home")):
+        print(line)
     return 0
 
 
-def pipeline_resources() -> dict[str, Any]:
-    """The resources the deployed code location uses (what "current" means)."""
-    from agrifm_pipeline.definitions import default_resources
+def open_commands(mosaic: str, dagster_home: str, home: str | None = None) -> list[str]:
+    """How to open the demo's outputs, as commands that work as printed: this
+    interpreter's own paths (no virtual environment to activate first)."""
+    python = sys.executable
+    rio = Path(python).parent / "rio"
+    rio_cmd = str(rio) if rio.exists() else f"{python} -m rasterio.rio.main"
+    gdal_path = f'ZARR:"{mosaic}":/embedding'
+    repo = DEMO_DATA.parent.parent
+    ui = "make ui" if Path.cwd().resolve() == repo else f"make -C {repo} ui"
+    if home is not None and Path(home).resolve() != repo / ".agrifm":
+        ui = f"AGRIFM_PIPELINE_HOME={home} {ui}"
+    return [
+        "\nopen them:",
+        f'  {python} -c "import xarray as xr, rioxarray; '
+        f"print(xr.open_zarr('{mosaic}', decode_coords='all'))\"",
+        f"  {rio_cmd} info '{gdal_path}'   # rasterio's own GDAL (3.10)",
+        f"  gdalinfo '{gdal_path}'   # a system GDAL >= 3.10 (Debian 12's 3.6 cannot)",
+        f"  {ui}   # the Dagster UI on this home ({dagster_home}), with the demo's settings",
+    ]
 
-    return default_resources()
+
+def pipeline_resources(home: str | Path | None = None) -> dict[str, Any]:
+    """The resources the deployed code location uses (what "current" means), with the
+    settings the home records (``<home>/demo.env`` after the demo) and its store."""
+    from agrifm_pipeline.definitions import default_resources
+    from agrifm_pipeline.demo import load_home_env
+    from agrifm_pipeline.settings import pipeline_storage_root
+
+    load_home_env(home)
+    res = default_resources()
+    if home is not None:
+        from agrifm_pipeline.defs.resources import ZarrStorage
+
+        res["storage"] = ZarrStorage(
+            root=pipeline_storage_root(home=home), regions_dir=res["storage"].regions_dir
+        )
+    return res
+
+
+def existing_dagster_home(home: str | Path | None) -> Path:
+    """The Dagster home the other commands use (``DAGSTER_HOME``, else ``<home>/dagster``
+    with the home from ``--home``, ``AGRIFM_PIPELINE_HOME`` or ``.agrifm`` here); an error
+    naming where it looked when there is none (nothing is created)."""
+    from agrifm_pipeline.errors import SettingsError
+    from agrifm_pipeline.settings import pipeline_home
+
+    given = os.environ.get("DAGSTER_HOME")
+    path = Path(given) if given else pipeline_home(home) / "dagster"
+    if not (path / "dagster.yaml").is_file() and not any(path.glob("**/*.db")):
+        how = "DAGSTER_HOME" if given else "--home, AGRIFM_PIPELINE_HOME or ./.agrifm"
+        raise SettingsError(
+            f"no Dagster instance at {path.resolve()} (from {how}); run the audit from the "
+            "project directory the demo or `make ui` ran in, or pass --home <that .agrifm>, "
+            "or create one with `agrifm-pipeline home`"
+        )
+    os.environ["DAGSTER_HOME"] = str(path.resolve())
+    return path
+
+
+def _short_sha(sha: str) -> str:
+    """A sha256 as its first 16 hex digits; anything else (why it is unknown) whole."""
+    is_hash = len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    return f"{sha[:16]}…" if is_hash else sha
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -279,10 +336,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from agrifm_pipeline.audit import audit_rows, format_table
     from agrifm_pipeline.defs.resources import AgriFMModel, ZarrStorage
     from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
-    from agrifm_pipeline.demo import prepare_home
 
-    prepare_home(args.home)
-    res = pipeline_resources()
+    existing_dagster_home(args.home)
+    res = pipeline_resources(args.home)
     storage = ZarrStorage(root=args.store) if args.store else res["storage"]
     model = AgriFMModel(checkpoint=args.checkpoint) if args.checkpoint else res["model"]
     current, unknown, sha = current_fingerprints(res["tile_year"], res["s2"], model)
@@ -291,13 +347,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
         rows = audit_rows(
             instance, stage_stores(storage), current, tiles=tiles, year=args.year, unknown=unknown
         )
+    for r in rows:  # every row that is not current says why
+        if r.status == "unknown" and not r.why:
+            r.why = f"not judged: {sha.removeprefix('unknown: ')}"
+        elif r.status != "current" and not r.why:
+            r.why = r.disagreement or r.status
     print(format_table(rows, args.format))
     if args.format == "table":
-        stale = sum(r.status == "stale" for r in rows)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.status] = counts.get(r.status, 0) + 1
         odd = sum(bool(r.disagreement) for r in rows)
+        assets = sorted({r.asset for r in rows})
         print(
-            f"\n{len(rows)} partition(s): {stale} stale, {odd} where Dagster and the store disagree; "
-            f"current checkpoint {sha[:16]}",
+            f"\n{len(rows)} partition(s) of {len(assets)} asset(s) ({', '.join(assets) or 'none'}): "
+            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            + f"; {odd} where Dagster and the store disagree; current checkpoint {_short_sha(sha)}"
+            + f"\nstore {storage.root}, DAGSTER_HOME {os.environ['DAGSTER_HOME']}",
             file=sys.stderr,
         )
     return 0
@@ -310,7 +376,7 @@ def _storage(args: argparse.Namespace) -> Any:
     if args.store:
         return ZarrStorage(root=args.store)
     prepare_home(args.home)
-    return pipeline_resources()["storage"]
+    return pipeline_resources(args.home)["storage"]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -433,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runtime(p)
     p.add_argument("--year", type=int, default=2019)
-    p.add_argument("--region", default="flanders_demo")
+    p.add_argument("--region", default=None, help="default: the demo's own region")
     p.add_argument("--home", default=None, help="project-local home (default .agrifm)")
     p.set_defaults(func=cmd_demo)
 

@@ -49,14 +49,32 @@ def _s2_from_env(env: Mapping[str, str]) -> S2Source:
     return S2Source(**given)
 
 
+def _tile_year_from_env(env: Mapping[str, str]) -> TileYearConfig:
+    """The tile geometry: ``AGRIFM_PIPELINE_CHIP_PX`` / ``_CHIPS_PER_SIDE`` (the demo's
+    home sets them for its one-chip grid), else the design's 4 x 4 chips of 224 px."""
+    given: dict[str, Any] = {}
+    for field, var in (
+        ("chip_px", "AGRIFM_PIPELINE_CHIP_PX"),
+        ("chips_per_side", "AGRIFM_PIPELINE_CHIPS_PER_SIDE"),
+    ):
+        if env.get(var):
+            try:
+                given[field] = int(env[var])
+            except ValueError:
+                raise SettingsError(f"{var}={env[var]!r}; use a whole number") from None
+    return TileYearConfig(**given)
+
+
 def default_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Resources on the embedded defaults; the environment picks the source and storage root."""
+    """Resources on the embedded defaults; the environment picks the source, the storage
+    root, the tile geometry and the regions directory (``AGRIFM_PIPELINE_REGIONS_DIR``)."""
     env = os.environ if env is None else env
+    regions = env.get("AGRIFM_PIPELINE_REGIONS_DIR")
     return {
-        "tile_year": TileYearConfig(),
+        "tile_year": _tile_year_from_env(env),
         "s2": _s2_from_env(env),
         "model": AgriFMModel(),
-        "storage": ZarrStorage(),
+        "storage": ZarrStorage(**({"regions_dir": regions} if regions else {})),
     }
 
 

@@ -46,6 +46,22 @@ def demo_env() -> dict[str, str]:
     }
 
 
+def load_home_env(home: str | Path | None = None) -> dict[str, str]:
+    """The settings ``<home>/demo.env`` records (written by the demo), set in this
+    process's environment where not already set; returns what it set."""
+    from agrifm_pipeline.settings import pipeline_home
+
+    path = pipeline_home(home) / DEMO_ENV_FILE
+    if not path.is_file():
+        return {}
+    set_now: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#") and not os.environ.get(key):
+            os.environ[key] = set_now[key] = value
+    return set_now
+
+
 POOL_LIMITS = {"agrifm_encoder": 1, "s2_acquisition": 4}
 
 
@@ -288,6 +304,7 @@ def run_demo(
     # `make ui` reads) for the UI's code location: the stale sensor and the region
     # sensor then judge the demo's partitions with the settings that made them.
     os.environ.update(demo_env())
+    home.mkdir(parents=True, exist_ok=True)
     (home / DEMO_ENV_FILE).write_text(
         "# written by `agrifm-pipeline demo`: the demo's grid and region files; `make ui`\n"
         "# reads this file. Delete it to open the UI on the default grid.\n"
@@ -307,7 +324,9 @@ def run_demo(
     storage = resources["storage"]
     defs = build_defs(resources)
     with dg.DagsterInstance.get() as instance:
-        return _materialise(defs, instance, resources, storage, dagster_home, region, year)
+        out = _materialise(defs, instance, resources, storage, dagster_home, region, year)
+    out["home"] = str(home.resolve())
+    return out
 
 
 def _materialise(

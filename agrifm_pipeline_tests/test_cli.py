@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,18 +71,29 @@ def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
     """`make demo`'s command: the demo region for 2019 through every asset, untrained weights."""
     import xarray as xr
 
+    from agrifm_pipeline.demo import demo_env
+
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    for var in demo_env():  # the demo sets them for its process; restored afterwards
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)  # the demo finds its data from anywhere
     home = tmp_path / "home"
     assert (
         main(["demo", "--checkpoint", "untrained:0", "--device", "cpu", "--home", str(home)]) == 0
     )
     out = capsys.readouterr().out
-    assert "untrained=True" in out and "dagster dev" in out
+    assert "untrained=True" in out and " ui   # the Dagster UI on this home" in out
+    # The demo's grid is fitted to the sample: one 64 px chip, nearly all of it data.
+    assert "coverage 32631_640m_E0898_N8784: data in 87.9%" in out and "1 of 1 chip" in out
+    # Progress: plain lines (the output is not a terminal) that reach 100 %.
+    assert re.search(r"step (\d+)/\1\b", out) and "chips 1/1" in out
+    assert "finished" in out and "(100 %)" in out
+    # The printed commands name this interpreter's paths (nothing to activate first).
+    assert f"{sys.executable} -c" in out and "rio" in out
     # The printed paths are the current versions, and they open.
     (mosaic,) = [line.strip() for line in out.splitlines() if "region_mosaic.zarr/" in line][:1]
     ds = xr.open_zarr(mosaic, decode_coords="all")
-    assert str(ds.rio.crs) == "EPSG:32631" and ds["embedding"].shape == (1024, 28, 28)
+    assert str(ds.rio.crs) == "EPSG:32631" and ds["embedding"].shape == (1024, 7, 7)
     grid = next(
         line.strip() for line in out.splitlines() if "agrifm_embedding_grid.zarr/2019/" in line
     )
@@ -89,6 +102,23 @@ def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
     # The runs are in the SQLite instance that `dagster dev` will read.
     assert (tmp_path / "dagster" / "dagster.yaml").is_file()
     assert any((tmp_path / "dagster").rglob("*.db"))
+    # The UI reads the demo's settings from the home; the audit was materialised.
+    assert "AGRIFM_PIPELINE_CHIP_PX=64" in (home / "demo.env").read_text()
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_latest_materialization_event(dg.AssetKey("lineage_audit"))
+
+    # The audit of that home: every row that is not current says why; the summary is whole.
+    capsys.readouterr()
+    assert main(["audit", "--home", str(home), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["asset"] for r in rows} >= {"s2_frame_stack", "agrifm_embedding_grid"}
+    assert all(r["why"] for r in rows if r["status"] != "current"), rows
+    assert main(["audit", "--home", str(home)]) == 0
+    summary = capsys.readouterr().err
+    after = summary.split("current checkpoint ", 1)[1].split("\n")[0]
+    assert after.endswith("…") or len(after) > 17, summary  # a hash, or the whole reason
 
 
 def test_home_sets_pool_limits(tmp_path, monkeypatch, capsys) -> None:
@@ -100,3 +130,14 @@ def test_home_sets_pool_limits(tmp_path, monkeypatch, capsys) -> None:
     with dg.DagsterInstance.get() as instance:
         info = instance.event_log_storage.get_concurrency_info("agrifm_encoder")
     assert info.slot_count == 1
+
+
+def test_audit_finds_the_home_and_never_creates_one(tmp_path, monkeypatch, capsys) -> None:
+    """Run where no home is, the audit names where it looked and creates nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("AGRIFM_PIPELINE_HOME", raising=False)
+    assert main(["audit"]) == 2
+    err = capsys.readouterr().err
+    assert "no Dagster instance at" in err and str(tmp_path / ".agrifm" / "dagster") in err
+    assert not (tmp_path / ".agrifm").exists()
