@@ -12,8 +12,8 @@ from typing import Any
 
 import dagster as dg
 
+from agrifm_pipeline.compute import compute_from_env
 from agrifm_pipeline.defs.assets import all_assets, region_mosaic, tile_year_assets
-from agrifm_pipeline.defs.checks import all_checks
 from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
 from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
@@ -24,6 +24,10 @@ from agrifm_pipeline.runtime import retain_freed_memory
 embed_tile_years = dg.define_asset_job(
     "embed_tile_years",
     selection=dg.AssetSelection.assets(*tile_year_assets),
+    # One process per run (the run worker) does every step: checks are in the steps and
+    # the heavy work is in the process or on the cluster, so step processes would only
+    # import torch again (about 4 s and 1 GB each).
+    executor_def=dg.in_process_executor,
     description="Frame stacks -> normalised tensors -> embedding grids -> chip vectors and previews.",
 )
 mosaic_regions = dg.define_asset_job(
@@ -74,6 +78,7 @@ def default_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "tile_year": _tile_year_from_env(env),
         "s2": _s2_from_env(env),
         "model": AgriFMModel(),
+        "compute": compute_from_env(env),
         "storage": ZarrStorage(**({"regions_dir": regions} if regions else {})),
     }
 
@@ -84,7 +89,6 @@ def build_defs(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
     retain_freed_memory()
     return dg.Definitions(
         assets=[*all_assets, lineage_audit],  # type: ignore[list-item]
-        asset_checks=all_checks,
         jobs=[embed_tile_years, mosaic_regions],
         sensors=[*all_sensors, *all_staleness_sensors],
         schedules=all_schedules,

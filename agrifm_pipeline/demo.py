@@ -405,10 +405,13 @@ def _materialise(
             f"the lineage_audit run failed; see `dagster dev` (DAGSTER_HOME={dagster_home})"
         )
     elapsed = time.perf_counter() - t0
-    checks = {
-        e.check_name: "pass" if e.passed else ("warn" if e.severity.value == "WARN" else "FAIL")
-        for e in result.get_asset_check_evaluations()
-    }
+    # One evaluation per check and partition: each check shows its worst partition.
+    rank = {"pass": 0, "warn": 1, "FAIL": 2}
+    checks: dict[str, str] = {}
+    for e in result.get_asset_check_evaluations():
+        verdict = "pass" if e.passed else ("warn" if e.severity.value == "WARN" else "FAIL")
+        if rank[verdict] >= rank[checks.get(e.check_name, "pass")]:
+            checks[e.check_name] = verdict
     grids, chips, previews = (
         storage.store("agrifm_embedding_grid"),
         storage.files("chip_embeddings"),

@@ -28,6 +28,7 @@ from agrifm_pipeline.demo import (
 )
 from agrifm_pipeline_tests.dagster_pool_job import HOLD_TAG
 from agrifm_pipeline_tests.postgres_server import fresh_database
+from agrifm_pipeline_tests.process_group import stop_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
@@ -77,27 +78,50 @@ def test_deploy_instance_is_postgres_queued_and_monitored(deploy_home: Path) -> 
 
 @pytest.mark.postgres
 def test_pipeline_materialises_on_postgres(deploy_home: Path, tmp_path: Path) -> None:
+    """A run over two partitions: each partition's metadata recorded, and each check's
+    evaluation stored against its own partition; no evaluation is left PLANNED."""
+    from dagster._core.storage.asset_check_execution_record import (
+        AssetCheckExecutionRecordStatus,
+    )
+
     from agrifm_pipeline_tests.pipeline_helpers import TILES, make_pipeline
 
     with dg.DagsterInstance.get() as instance:
         pipe = make_pipeline(tmp_path, instance=instance)
-        result = pipe.materialise(TILES[:1], [2019])
+        result = pipe.materialise(TILES, [2019])
         assert result.success
-        key = dg.MultiPartitionKey({"tile": TILES[0], "year": "2019"})
+        keys = [str(dg.MultiPartitionKey({"tile": t, "year": "2019"})) for t in TILES]
         stores = {
             "s2_frame_stack": pipe.storage.store("s2_frame_stack"),
             "agrifm_embedding_grid": pipe.storage.store("agrifm_embedding_grid"),
             "chip_embeddings": pipe.storage.files("chip_embeddings"),
         }
         for asset, store in stores.items():
-            records = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[str(key)]),
-                limit=5,
-            ).records
-            assert len(records) == 1, asset
-            meta = records[0].asset_materialization.metadata  # type: ignore[union-attr]
-            current = store.current(2019, TILES[0])
-            assert current is not None and meta["version"].value == current.id, asset
+            for tile, key in zip(TILES, keys, strict=True):
+                records = instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]),
+                    limit=5,
+                ).records
+                assert len(records) == 1, asset
+                meta = records[0].asset_materialization.metadata  # type: ignore[union-attr]
+                current = store.current(2019, tile)
+                assert current is not None and meta["version"].value == current.id, asset
+        graph = pipe.defs.resolve_asset_graph()
+        for check_key in graph.asset_check_keys:
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                check_key, limit=20
+            )
+            mine = [r for r in history if r.run_id == result.run_id]
+            assert sorted(str(r.partition) for r in mine) == sorted(keys), check_key
+            for r in mine:
+                assert r.status != AssetCheckExecutionRecordStatus.PLANNED, check_key
+                evaluation = r.event.dagster_event.asset_check_evaluation_data  # type: ignore[union-attr]
+                want = (
+                    AssetCheckExecutionRecordStatus.SUCCEEDED
+                    if evaluation.passed
+                    else AssetCheckExecutionRecordStatus.FAILED
+                )
+                assert r.status == want and evaluation.partition == r.partition
 
 
 # -- a dead run frees its pool slot ------------------------------------------------------------
@@ -147,13 +171,7 @@ def daemon() -> Iterator[list[subprocess.Popen]]:
     started: list[subprocess.Popen] = []
     yield started
     for proc in started:  # the daemon and the code servers it started (its own session)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc)
 
 
 def _killed_run_frees_its_slot(

@@ -11,7 +11,7 @@ import base64
 import datetime as dt
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +21,8 @@ import torch
 import xarray as xr
 
 from agrifm_pipeline import __version__
+from agrifm_pipeline.compute import Compute
+from agrifm_pipeline.defs.checks import check_specs, evaluate_partition
 from agrifm_pipeline.defs.partitions import (
     REGION_DIM,
     TILE_DIM,
@@ -63,6 +65,7 @@ from agrifm_pipeline.tileyear import (
 )
 
 GROUP = "agrifm"
+FRAMES = dg.AssetKey("s2_frame_stack")
 NORMALIZED = dg.AssetKey("normalized_tensors")
 EMBEDDING = dg.AssetKey("agrifm_embedding_grid")
 # A derived stage -> the asset it makes, and the stage whose partition it reads.
@@ -201,41 +204,134 @@ def agrifm_checkpoint(model: AgriFMModel) -> dg.ObserveResult:
     )
 
 
-@dg.asset(
+def acquire_one(
+    context: Any,
+    cfg: TileYearSettings,
+    provider: Any,
+    storage: ZarrStorage,
+    fps: Any,
+    item: tuple[str, Tile, int],
+) -> tuple[str, dict[str, Any], Version]:
+    """One ``s2_frame_stack`` partition fetched and committed (in the step or in a task)."""
+    key, tile, year = item
+    stack = acquire(provider, tile, year, cfg)
+    lineage = _base_lineage(context, "acquisition", tile, year, cfg, FRAMES)
+    lineage["acquisition"] = stack.record()
+    lineage["fingerprints"] = {"acquisition": fps.acquisition.as_record()}
+    lineage["output"] = {"shape": list(stack.data.shape), "dtype": str(stack.data.dtype)}
+    dataset = frame_stack_dataset(stack, cfg.fill_value)
+    version = storage.store("s2_frame_stack").write(year, tile.id, dataset, lineage)
+    storage.catalog().record(version, lineage)
+    return key, lineage, version
+
+
+def _record_checks(
+    context: dg.AssetExecutionContext, evaluations: Iterable[dg.AssetCheckEvaluation]
+) -> None:
+    """Each evaluation recorded against its own partition (the selected checks only)."""
+    selected = context.selected_asset_check_keys
+    for evaluation in evaluations:
+        if evaluation.asset_check_key in selected:
+            context.log_event(evaluation)
+
+
+def _check_in_step(
+    context: dg.AssetExecutionContext,
+    storage: ZarrStorage,
+    tile_year: TileYearConfig,
+    assets: Iterable[dg.AssetKey],
+    keys: list[str],
+) -> None:
+    for asset in assets:
+        store = storage.store(asset.path[-1])
+        for key in keys:
+            _record_checks(context, evaluate_partition(asset, store, key, tile_year))
+
+
+def _run_tasks(
+    context: dg.AssetExecutionContext,
+    compute: Compute,
+    fn: Any,
+    stage: str,
+    items: list[tuple[str, Tile, int]],
+    spec: Any,
+    *,
+    gpu: bool = False,
+) -> None:
+    """The step's tile-years as tasks on the cluster; what each returns is recorded here."""
+    from agrifm_pipeline.defs.tasks import task_key
+
+    run_id = context.run.run_id
+    context.log.info(f"{len(items)} tile-year task(s) on {compute.describe()}")
+    records = compute.map(
+        fn,
+        [(key, tile.id, year) for key, tile, year in items],
+        keys=[task_key(stage, run_id, key) for key, _, _ in items],
+        gpu=gpu,
+        spec=spec,
+    )
+    for rec in records:
+        for asset, key, meta in rec.metadata:
+            context.add_asset_metadata(meta, partition_key=key, asset_key=asset)
+        _record_checks(context, rec.checks)
+        w = rec.worker
+        again = " (committed before its worker died; reused)" if rec.reused else ""
+        context.log.info(f"{rec.key}: {stage} on {w['worker']} (pid {w['pid']}){again}")
+
+
+# A multi-asset of one so that its check outputs are optional (can_subset): the checks'
+# evaluations are logged per partition, not returned as one result per step.
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            FRAMES,
+            code_version=CODE_VERSIONS["acquisition"],
+            group_name=GROUP,
+            kinds={"zarr"},
+            description=(
+                "Raw Sentinel-2 L2A frame stack (T, 10, H, W) uint16 per tile-year, with its "
+                "per-frame record."
+            ),
+        )
+    ],
+    name="s2_frame_stack",
     partitions_def=tile_year_partitions,
     backfill_policy=tile_year_backfill,
-    code_version=CODE_VERSIONS["acquisition"],
-    group_name=GROUP,
     pool="s2_acquisition",
-    kinds={"zarr"},
-    description="Raw Sentinel-2 L2A frame stack (T, 10, H, W) uint16 per tile-year, with its per-frame record.",
+    can_subset=True,
+    check_specs=check_specs(FRAMES),
 )
 def s2_frame_stack(
-    context: dg.AssetExecutionContext, tile_year: TileYearConfig, s2: S2Source, storage: ZarrStorage
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    tile_year: TileYearConfig,
+    s2: S2Source,
+    storage: ZarrStorage,
+    compute: Compute,
+) -> Iterator[dg.MaterializeResult]:
+    # Yielded, not returned: with check specs the step has several outputs.
+    items = _tile_years(context)
+    if compute.uses_cluster:
+        from agrifm_pipeline.defs import tasks
+
+        spec = tasks.StepSpec.of(
+            context.run.run_id, tile_year, s2, storage, None, (), compute.acquisition_limit
+        )
+        _run_tasks(context, compute, tasks.acquire, "acquisition", items, spec)
+        yield dg.MaterializeResult(asset_key=FRAMES, metadata={"partitions_in_run": len(items)})
+        return
     cfg = tile_year.resolve()
     provider = s2.provider()
-    store = storage.store("s2_frame_stack")
     fps = run_fingerprints(cfg, s2, "", None)
-    items = _tile_years(context)
-
-    def one(item: tuple[str, Tile, int]) -> tuple[str, dict[str, Any], Version]:
-        key, tile, year = item
-        stack = acquire(provider, tile, year, cfg)
-        lineage = _base_lineage(context, "acquisition", tile, year, cfg)
-        lineage["acquisition"] = stack.record()
-        lineage["fingerprints"] = {"acquisition": fps.acquisition.as_record()}
-        lineage["output"] = {"shape": list(stack.data.shape), "dtype": str(stack.data.dtype)}
-        version = store.write(year, tile.id, frame_stack_dataset(stack, cfg.fill_value), lineage)
-        storage.catalog().record(version, lineage)
-        return key, lineage, version
-
+    one = functools.partial(acquire_one, context, cfg, provider, storage, fps)
     workers = max(1, min(s2.workers(), len(items)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for key, lineage, version in pool.map(one, items):
-            context.add_asset_metadata(_summary(lineage, version), partition_key=key)
+            context.add_asset_metadata(
+                _summary(lineage, version), partition_key=key, asset_key=FRAMES
+            )
             context.log.info(f"{key}: frames written to {version.url}")
-    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
+    _check_in_step(context, storage, tile_year, [FRAMES], [k for k, _, _ in items])
+    yield dg.MaterializeResult(asset_key=FRAMES, metadata={"partitions_in_run": len(items)})
 
 
 # partition key, tile, year, normalisation lineage, and the normalisation version it is
@@ -340,6 +436,61 @@ def _write_embedding(
     context.add_asset_metadata(meta, partition_key=key, asset_key=EMBEDDING)
 
 
+def normalise_and_embed_items(
+    context: Any,
+    tile_year: TileYearConfig,
+    s2: S2Source,
+    model: AgriFMModel | None,
+    storage: ZarrStorage,
+    items: list[tuple[str, Tile, int]],
+    selected: set[dg.AssetKey],
+) -> None:
+    """The tile-years' normalisation and/or embedding, written and recorded through
+    ``context`` (the step's, or a task's :class:`~agrifm_pipeline.compute.TaskContext`).
+    The model is this process's cached engine, loaded once per checkpoint sha256."""
+    cfg = tile_year.resolve()
+    frames = storage.store("s2_frame_stack")
+    tensors = storage.store("normalized_tensors")
+    fps = run_fingerprints(cfg, s2, "", None)
+    normalise = functools.partial(_normalise, context, cfg, frames, storage, fps.normalisation)
+    if EMBEDDING not in selected:
+        for tile_year_item in items:
+            normalise(tile_year_item)
+        return
+    assert model is not None
+    engine = model.engine()  # cached per process: a worker keeps it for every task and run
+    resolved: dict[str, Any] = engine.checkpoint
+    emb_fps = run_fingerprints(cfg, s2, str(resolved["sha256"]), model)
+    record = {**engine.record(), "model_config": resolved.get("model_config")}
+    both = NORMALIZED in selected
+    if isinstance(context, dg.AssetExecutionContext):
+        context.log.info(
+            f"encoder {engine.encoder} on {engine.device} ({engine.precision}), checkpoint "
+            f"{str(resolved['sha256'])[:12]}… untrained={engine.untrained}; {len(items)} "
+            "tile-years"
+            + (
+                "; normalised in the same step"
+                if both
+                else "; model input from the stored partitions"
+            )
+        )
+    make = normalise if both else functools.partial(_stored_input, tensors, frames)
+    shape = engine.feature_shape(cfg.n_frames, cfg.image_size)
+
+    def covered(made: Made) -> tuple[tuple[Item, np.ndarray, np.ndarray], torch.Tensor]:
+        # Only the chips with enough data go to the encoder (none at all: no encoder time).
+        item, x, valid = made
+        keep = covered_chips(chip_coverage(valid, cfg.n_frames, cfg.chip_px), cfg)
+        return (item, valid, keep), x[torch.from_numpy(keep)] if not keep.all() else x
+
+    # The next tile-year is normalised (or read) while the current one is embedded.
+    stream = prefetch(covered(make(i)) for i in items)
+    for done, feats in engine.embed_stream(stream):
+        _write_embedding(
+            context, cfg, done, feats, emb_fps.embedding, record, resolved, storage, shape
+        )
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
@@ -369,6 +520,7 @@ def _write_embedding(
         ),
     ],
     name="normalise_and_embed",
+    check_specs=[*check_specs(NORMALIZED), *check_specs(EMBEDDING)],
     partitions_def=tile_year_partitions,
     backfill_policy=tile_year_backfill,
     can_subset=True,
@@ -380,6 +532,7 @@ def normalise_and_embed(
     s2: S2Source,
     model: AgriFMModel,
     storage: ZarrStorage,
+    compute: Compute,
 ) -> Iterator[dg.MaterializeResult]:
     """``normalized_tensors`` and ``agrifm_embedding_grid`` as one step.
 
@@ -390,47 +543,32 @@ def normalise_and_embed(
     run has one step fewer to start. Selected alone, each asset does its own
     part: the normalisation writes its partitions, and the embedding reads the
     model input of the stored ones (after a new checkpoint, say).
+
+    On a cluster (``compute``) each tile-year is a task on a worker that keeps the
+    model loaded (GPU workers where the cluster has them); otherwise the work runs
+    in this step. Either way each partition is checked right after its write.
     """
-    cfg = tile_year.resolve()
-    frames = storage.store("s2_frame_stack")
-    tensors = storage.store("normalized_tensors")
-    fps = run_fingerprints(cfg, s2, "", None)
     items = _tile_years(context)
-    selected = context.selected_asset_keys
-    normalise = functools.partial(_normalise, context, cfg, frames, storage, fps.normalisation)
-    if EMBEDDING not in selected:
-        for tile_year_item in items:
-            normalise(tile_year_item)
-        yield dg.MaterializeResult(asset_key=NORMALIZED, metadata={"partitions_in_run": len(items)})
-        return
-    engine = model.engine()  # loaded once per run (and cached per process)
-    resolved: dict[str, Any] = engine.checkpoint
-    emb_fps = run_fingerprints(cfg, s2, str(resolved["sha256"]), model)
-    record = {**engine.record(), "model_config": resolved.get("model_config")}
-    both = NORMALIZED in selected
-    context.log.info(
-        f"encoder {engine.encoder} on {engine.device} ({engine.precision}), checkpoint "
-        f"{str(resolved['sha256'])[:12]}… untrained={engine.untrained}; {len(items)} tile-years"
-        + ("; normalised in the same step" if both else "; model input from the stored partitions")
-    )
-    make = normalise if both else functools.partial(_stored_input, tensors, frames)
-    shape = engine.feature_shape(cfg.n_frames, cfg.image_size)
+    selected = set(context.selected_asset_keys)
+    assets = [a for a in (NORMALIZED, EMBEDDING) if a in selected]
+    if compute.uses_cluster:
+        from agrifm_pipeline.defs import tasks
 
-    def covered(made: Made) -> tuple[tuple[Item, np.ndarray, np.ndarray], torch.Tensor]:
-        # Only the chips with enough data go to the encoder (none at all: no encoder time).
-        item, x, valid = made
-        keep = covered_chips(chip_coverage(valid, cfg.n_frames, cfg.chip_px), cfg)
-        return (item, valid, keep), x[torch.from_numpy(keep)] if not keep.all() else x
-
-    # The next tile-year is normalised (or read) while the current one is embedded.
-    stream = prefetch(covered(make(i)) for i in items)
-    for done, feats in engine.embed_stream(stream):
-        _write_embedding(
-            context, cfg, done, feats, emb_fps.embedding, record, resolved, storage, shape
+        spec = tasks.StepSpec.of(
+            context.run.run_id,
+            tile_year,
+            s2,
+            storage,
+            model if EMBEDDING in selected else None,
+            tuple(a.to_user_string() for a in assets),
         )
-    if both:
-        yield dg.MaterializeResult(asset_key=NORMALIZED, metadata={"partitions_in_run": len(items)})
-    yield dg.MaterializeResult(asset_key=EMBEDDING, metadata={"partitions_in_run": len(items)})
+        embeds = EMBEDDING in selected
+        _run_tasks(context, compute, tasks.normalise_and_embed, "embed", items, spec, gpu=embeds)
+    else:
+        normalise_and_embed_items(context, tile_year, s2, model, storage, items, selected)
+        _check_in_step(context, storage, tile_year, assets, [k for k, _, _ in items])
+    for asset in assets:
+        yield dg.MaterializeResult(asset_key=asset, metadata={"partitions_in_run": len(items)})
 
 
 @dg.asset(

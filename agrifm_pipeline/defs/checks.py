@@ -1,20 +1,30 @@
-"""Asset checks, evaluated for every partition of the run and reported per partition.
+"""Asset checks, judged per partition inside the step that writes the partition.
 
-A check passes when every partition in the run passes; its metadata lists
-each partition's value, so a failing tile-year is named.
+Every check is an ``AssetCheckSpec`` of its asset with the tile-year partitions,
+declared on the asset itself (``check_specs``): the step (or the compute task that
+wrote the partition) judges each committed version right after the write and
+records one evaluation per partition, so Dagster shows each partition's own
+status and no planned evaluation is left waiting. No separate check step is
+started (no further process, no second read of the model).
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 import numpy as np
 
-from agrifm_pipeline.defs.assets import EMBEDDING, NORMALIZED, s2_frame_stack
 from agrifm_pipeline.defs.partitions import split_key, tile_year_partitions
-from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
+from agrifm_pipeline.defs.resources import TileYearConfig
 from agrifm_pipeline.storage import StorageError, ZarrStore
 from agrifm_pipeline.tileyear import encoded_mask
+
+FRAMES = dg.AssetKey("s2_frame_stack")
+NORMALIZED = dg.AssetKey("normalized_tensors")
+EMBEDDING = dg.AssetKey("agrifm_embedding_grid")
 
 # Variance floor below which a chip's embedding is considered collapsed.
 MIN_CHIP_VARIANCE = 1e-8
@@ -23,164 +33,93 @@ MAX_CONSTANT_CHANNEL_SHARE = 0.5
 
 
 Verdict = tuple[bool, dict[str, Any]]
+Judge = Callable[[Any, TileYearConfig], Verdict]
 
 
-def _evaluate(
-    context: dg.AssetCheckExecutionContext,
-    store: ZarrStore,
-    judge: Callable[[Any, str, int], Verdict],
-    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
-) -> dg.AssetCheckResult:
-    per: dict[str, Any] = {}
-    failed: list[str] = []
-    for key in context.partition_keys if _has_keys(context) else []:
-        tile, year = split_key(key)
-        version = store.current(year, tile)
-        if version is None:
-            ok, info = False, {"error": "partition missing from the store"}
-        else:
-            # The committed version, re-hashed against its manifest before it is judged.
-            try:
-                ds = store.open_version(version, verify=True)
-            except StorageError as exc:
-                ok, info = False, {"version": version.id, "error": str(exc)}
-            else:
-                ok, info = judge(ds, tile, year)
-                info = {"version": version.id, **info}
-        per[str(key)] = {"passed": ok, **info}
-        if not ok:
-            failed.append(str(key))
-    return dg.AssetCheckResult(
-        passed=not failed,
-        severity=severity,
-        metadata={
-            "partitions_checked": len(per),
-            "failed_partitions": ", ".join(failed) or "none",
-            "per_partition": dg.MetadataValue.json(per),
-        },
-    )
+@dataclass(frozen=True)
+class TileYearCheck:
+    """One check of one asset: its name, what it says, how bad a failure is, its judge."""
+
+    name: str
+    asset: dg.AssetKey
+    description: str
+    judge: Judge
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
+
+    def spec(self) -> dg.AssetCheckSpec:
+        return dg.AssetCheckSpec(
+            self.name,
+            asset=self.asset,
+            description=self.description,
+            partitions_def=tile_year_partitions,
+        )
 
 
-def _has_keys(context: dg.AssetCheckExecutionContext) -> bool:
-    try:
-        return bool(context.partition_keys)
-    except Exception:  # an unpartitioned run
-        return False
-
-
-@dg.asset_check(
-    asset=s2_frame_stack,
-    partitions_def=tile_year_partitions,
-    description="(T, 10, H, W) uint16 on the tile grid, T = n_frames.",
-)
-def frame_stack_shape_and_dtype(
-    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
-) -> dg.AssetCheckResult:
+def _frame_shape(ds: Any, tile_year: TileYearConfig) -> Verdict:
     cfg = tile_year.resolve()
     side = cfg.chip_px * cfg.chips_per_side
-
-    def judge(ds: Any, tile: str, year: int) -> Verdict:
-        da = ds["frames"]
-        want = (cfg.n_frames, 10, side, side)
-        ok = tuple(da.shape) == want and da.dtype == np.uint16
-        return ok, {"shape": list(da.shape), "dtype": str(da.dtype), "expected": list(want)}
-
-    return _evaluate(context, storage.store("s2_frame_stack"), judge)
+    da = ds["frames"]
+    want = (cfg.n_frames, 10, side, side)
+    ok = tuple(da.shape) == want and da.dtype == np.uint16
+    return ok, {"shape": list(da.shape), "dtype": str(da.dtype), "expected": list(want)}
 
 
-@dg.asset_check(
-    asset=s2_frame_stack,
-    partitions_def=tile_year_partitions,
-    description=(
-        "Mean clear fraction over the frames at least TileYearConfig.min_clear_fraction; "
-        "below it, the metadata says why (fill where no scene reaches, or masked clouds)."
-    ),
-)
-def frame_stack_clear_fraction(
-    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
-) -> dg.AssetCheckResult:
+def _clear_fraction(ds: Any, tile_year: TileYearConfig) -> Verdict:
     floor = tile_year.min_clear_fraction
-
-    def judge(ds: Any, tile: str, year: int) -> Verdict:
-        clear = ds["clear_fraction"].values
-        mean = float(np.mean(clear))
-        info: dict[str, Any] = {"mean_clear_fraction": round(mean, 4), "threshold": floor}
-        if mean < floor:
-            info["why"] = (
-                f"on average {mean:.1%} of the tile's pixels had a clear observation in a "
-                f"frame's window (threshold {floor:.0%}); the rest is fill: no scene reaches "
-                "it (a coast, a region's edge, outside the source's extent) or every "
-                "observation there was masked (cloud, shadow, snow). Chips below "
-                "min_chip_coverage are not encoded; see the chip table's valid_fraction."
-            )
-        return mean >= floor, info
-
-    return _evaluate(
-        context, storage.store("s2_frame_stack"), judge, severity=dg.AssetCheckSeverity.WARN
-    )
+    clear = ds["clear_fraction"].values
+    mean = float(np.mean(clear))
+    info: dict[str, Any] = {"mean_clear_fraction": round(mean, 4), "threshold": floor}
+    if mean < floor:
+        info["why"] = (
+            f"on average {mean:.1%} of the tile's pixels had a clear observation in a "
+            f"frame's window (threshold {floor:.0%}); the rest is fill: no scene reaches "
+            "it (a coast, a region's edge, outside the source's extent) or every "
+            "observation there was masked (cloud, shadow, snow). Chips below "
+            "min_chip_coverage are not encoded; see the chip table's valid_fraction."
+        )
+    return mean >= floor, info
 
 
-@dg.asset_check(
-    asset=NORMALIZED,
-    partitions_def=tile_year_partitions,
-    description="(chips, T, 10, S, S) per chip and frame, every value finite.",
-)
-def normalized_tensors_finite(
-    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
-) -> dg.AssetCheckResult:
+def _normalized_finite(ds: Any, tile_year: TileYearConfig) -> Verdict:
     cfg = tile_year.resolve()
     n = cfg.chips_per_side**2
-
-    def judge(ds: Any, tile: str, year: int) -> Verdict:
-        # Shape from the per-chip statistics (and the tensors' metadata when they were
-        # kept); finiteness from the summary the asset computed on the very tensor it
-        # made (256 MB need not be read again).
-        stats = ds["chip_stats"]
-        want = (n, cfg.n_frames, 10, cfg.image_size, cfg.image_size)
-        shape = (*stats.shape[:3], cfg.image_size, cfg.image_size)
-        ok = tuple(shape) == want
-        if "tensors" in ds:
-            x = ds["tensors"]
-            shape = tuple(x.shape)
-            ok = shape == want and x.dtype == np.float32
-        nonfinite = int(ds.attrs.get("n_nonfinite", -1))
-        ok = ok and nonfinite == 0
-        return ok, {
-            "shape": list(shape),
-            "expected": list(want),
-            "nonfinite_values": nonfinite,
-            "tensors_kept": "tensors" in ds,
-        }
-
-    return _evaluate(context, storage.store("normalized_tensors"), judge)
+    # Shape from the per-chip statistics (and the tensors' metadata when they were
+    # kept); finiteness from the summary the asset computed on the very tensor it
+    # made (256 MB need not be read again).
+    stats = ds["chip_stats"]
+    want = (n, cfg.n_frames, 10, cfg.image_size, cfg.image_size)
+    shape = (*stats.shape[:3], cfg.image_size, cfg.image_size)
+    ok = tuple(shape) == want
+    if "tensors" in ds:
+        x = ds["tensors"]
+        shape = tuple(x.shape)
+        ok = shape == want and x.dtype == np.float32
+    nonfinite = int(ds.attrs.get("n_nonfinite", -1))
+    ok = ok and nonfinite == 0
+    return ok, {
+        "shape": list(shape),
+        "expected": list(want),
+        "nonfinite_values": nonfinite,
+        "tensors_kept": "tensors" in ds,
+    }
 
 
-@dg.asset_check(
-    asset=EMBEDDING,
-    partitions_def=tile_year_partitions,
-    description="Embedding grid finite and float32.",
-)
-def embedding_finite(
-    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
-) -> dg.AssetCheckResult:
-    def judge(ds: Any, tile: str, year: int) -> Verdict:
-        # The chips left out for coverage are NaN by design; every encoded one is finite.
-        x = ds["embedding"].values
-        per = tile_year.chips_per_side
-        encoded = encoded_mask(ds.attrs, per * per)
-        d, h, w = x.shape
-        chips = x.reshape(d, per, h // per, per, w // per).transpose(1, 3, 0, 2, 4)
-        chips = chips.reshape(per * per, -1)
-        finite = bool(np.isfinite(chips[encoded]).all())
-        gaps = bool(np.isnan(chips[~encoded]).all())
-        return finite and gaps and x.dtype == np.float32, {
-            "finite": finite,
-            "chips_encoded": int(encoded.sum()),
-            "chips_not_encoded_are_nan": gaps,
-            "dtype": str(x.dtype),
-        }
-
-    return _evaluate(context, storage.store("agrifm_embedding_grid"), judge)
+def _embedding_finite(ds: Any, tile_year: TileYearConfig) -> Verdict:
+    # The chips left out for coverage are NaN by design; every encoded one is finite.
+    x = ds["embedding"].values
+    per = tile_year.chips_per_side
+    encoded = encoded_mask(ds.attrs, per * per)
+    d, h, w = x.shape
+    chips = x.reshape(d, per, h // per, per, w // per).transpose(1, 3, 0, 2, 4)
+    chips = chips.reshape(per * per, -1)
+    finite = bool(np.isfinite(chips[encoded]).all())
+    gaps = bool(np.isnan(chips[~encoded]).all())
+    return finite and gaps and x.dtype == np.float32, {
+        "finite": finite,
+        "chips_encoded": int(encoded.sum()),
+        "chips_not_encoded_are_nan": gaps,
+        "dtype": str(x.dtype),
+    }
 
 
 def degeneracy(
@@ -206,33 +145,99 @@ def degeneracy(
     }
 
 
-@dg.asset_check(
-    asset=EMBEDDING,
-    partitions_def=tile_year_partitions,
-    description="Not degenerate: few constant channels, every chip's variance above a floor.",
-)
-def embedding_non_degenerate(
-    context: dg.AssetCheckExecutionContext, tile_year: TileYearConfig, storage: ZarrStorage
-) -> dg.AssetCheckResult:
+def _non_degenerate(ds: Any, tile_year: TileYearConfig) -> Verdict:
     per_side = tile_year.chips_per_side
+    info = degeneracy(ds["embedding"].values, per_side, encoded_mask(ds.attrs, per_side * per_side))
+    ok = info["chips"] == 0 or (  # nothing encoded (no data): nothing degenerate
+        info["constant_channel_share"] <= MAX_CONSTANT_CHANNEL_SHARE
+        and info["min_chip_variance"] > MIN_CHIP_VARIANCE
+    )
+    return ok, info
 
-    def judge(ds: Any, tile: str, year: int) -> Verdict:
-        info = degeneracy(
-            ds["embedding"].values, per_side, encoded_mask(ds.attrs, per_side * per_side)
+
+TILE_YEAR_CHECKS = (
+    TileYearCheck(
+        "frame_stack_shape_and_dtype",
+        FRAMES,
+        "(T, 10, H, W) uint16 on the tile grid, T = n_frames.",
+        _frame_shape,
+    ),
+    TileYearCheck(
+        "frame_stack_clear_fraction",
+        FRAMES,
+        "Mean clear fraction over the frames at least TileYearConfig.min_clear_fraction; "
+        "below it, the metadata says why (fill where no scene reaches, or masked clouds).",
+        _clear_fraction,
+        dg.AssetCheckSeverity.WARN,
+    ),
+    TileYearCheck(
+        "normalized_tensors_finite",
+        NORMALIZED,
+        "(chips, T, 10, S, S) per chip and frame, every value finite.",
+        _normalized_finite,
+    ),
+    TileYearCheck(
+        "embedding_finite",
+        EMBEDDING,
+        "Embedding grid float32, every encoded chip finite, the chips left out NaN.",
+        _embedding_finite,
+    ),
+    TileYearCheck(
+        "embedding_non_degenerate",
+        EMBEDDING,
+        "Not degenerate: few constant channels, every chip's variance above a floor.",
+        _non_degenerate,
+    ),
+)
+
+
+def check_specs(asset: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    """The asset's checks, to declare on the asset (``check_specs=``)."""
+    return [c.spec() for c in TILE_YEAR_CHECKS if c.asset == asset]
+
+
+def evaluate_partition(
+    asset: dg.AssetKey, store: ZarrStore, key: str, tile_year: TileYearConfig
+) -> list[dg.AssetCheckEvaluation]:
+    """Every check of ``asset`` on one partition's committed version (re-hashed against
+    its manifest first), one evaluation each, recorded against that partition."""
+    checks = [c for c in TILE_YEAR_CHECKS if c.asset == asset]
+    if not checks:
+        return []
+    tile, year = split_key(key)
+    version = store.current(year, tile)
+    ds, problem = None, None
+    if version is None:
+        problem = {"error": "partition missing from the store"}
+    else:
+        try:
+            ds = store.open_version(version, verify=True)
+        except StorageError as exc:
+            problem = {"version": version.id, "error": str(exc)}
+    out = []
+    for c in checks:
+        if ds is None:
+            ok, info = False, dict(problem or {})
+        else:
+            ok, info = c.judge(ds, tile_year)
+            info = {"version": version.id if version else "", **info}
+        out.append(
+            dg.AssetCheckEvaluation(
+                asset_key=asset,
+                check_name=c.name,
+                passed=bool(ok),
+                metadata={k: _meta(v) for k, v in info.items()},
+                severity=c.severity,
+                description=c.description,
+                partition=str(key),
+            )
         )
-        ok = info["chips"] == 0 or (  # nothing encoded (no data): nothing degenerate
-            info["constant_channel_share"] <= MAX_CONSTANT_CHANNEL_SHARE
-            and info["min_chip_variance"] > MIN_CHIP_VARIANCE
-        )
-        return ok, info
-
-    return _evaluate(context, storage.store("agrifm_embedding_grid"), judge)
+    return out
 
 
-all_checks = [
-    frame_stack_shape_and_dtype,
-    frame_stack_clear_fraction,
-    normalized_tensors_finite,
-    embedding_finite,
-    embedding_non_degenerate,
-]
+def _meta(value: Any) -> Any:
+    if isinstance(value, (list, dict)):
+        return dg.MetadataValue.json(value)
+    if value is None:
+        return dg.MetadataValue.null()
+    return value

@@ -1,0 +1,191 @@
+"""The compute engine on a real dask cluster: a scheduler and 2 worker processes on
+127.0.0.1, each worker in its own working directory with its own checkpoint cache,
+sharing only the store.
+
+A Dagster run of 4 tile-years hands its tile-years to the cluster: both workers do
+work, the workers write the partitions themselves, and the step records what they
+return. A worker killed with SIGKILL in the middle of the run loses and duplicates
+nothing: the run completes and every partition has exactly one current version,
+made by that run, and no partition was committed twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from agrifm_pipeline.compute import Compute
+from agrifm_pipeline.definitions import build_defs
+from agrifm_pipeline.defs.partitions import tile_year_key
+from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
+from agrifm_pipeline_tests.pipeline_helpers import TILES, YEARS, make_resources
+from agrifm_pipeline_tests.process_group import stop_group
+
+pytestmark = pytest.mark.distributed
+
+ASSETS = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid")
+
+
+@dataclass
+class Cluster:
+    address: str
+    scheduler: subprocess.Popen
+    workers: dict[str, subprocess.Popen]  # name -> process
+    dirs: dict[str, Path]
+
+    def client(self):  # type: ignore[no-untyped-def]
+        from distributed import Client
+
+        return Client(self.address, set_as_default=False, timeout="30s")
+
+
+def _start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = log.open("wb")
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    sched_file = tmp_path / "scheduler.json"
+    scheduler = _start(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+        tmp_path, env, tmp_path / "scheduler.log",
+    )  # fmt: skip
+    workers: dict[str, subprocess.Popen] = {}
+    dirs: dict[str, Path] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sched_file.exists(), (tmp_path / "scheduler.log").read_text()
+        for name in ("worker-a", "worker-b"):
+            home = tmp_path / name
+            (home / "cache").mkdir(parents=True)
+            dirs[name] = home
+            wenv = {**env, "RS_EMBED_AGRIFM_CACHE_DIR": str(home / "cache")}
+            workers[name] = _start(
+                [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                 str(sched_file), "--name", name, "--nworkers", "1", "--nthreads", "1",
+                 "--no-dashboard", "--no-nanny", "--local-directory", str(home / "dask")],
+                home, wenv, home / "worker.log",
+            )  # fmt: skip
+        import json
+
+        address = json.loads(sched_file.read_text())["address"]
+        c = Cluster(address, scheduler, workers, dirs)
+        with c.client() as client:
+            client.wait_for_workers(2, timeout=120)
+        yield c
+    finally:
+        for proc in [*workers.values(), scheduler]:
+            stop_group(proc)
+
+
+def _pipeline(root: Path, address: str):  # type: ignore[no-untyped-def]
+    resources = make_resources(root)
+    resources["compute"] = Compute(address=address)
+    defs = build_defs(resources)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("tiles", TILES)
+    return resources, defs, instance
+
+
+def _materialise(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    job = defs.resolve_job_def("embed_tile_years")
+    return job.execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        tags={
+            RANGE_START: str(tile_year_key(TILES[0], YEARS[0])),
+            RANGE_END: str(tile_year_key(TILES[-1], YEARS[-1])),
+        },
+    )
+
+
+def _task_workers(instance: dg.DagsterInstance, run_id: str) -> dict[str, set[str]]:
+    """stage -> the workers that ran its tasks, from the step's log lines."""
+    out: dict[str, set[str]] = {}
+    for entry in instance.all_logs(run_id):
+        msg = entry.user_message or ""
+        for stage in ("acquisition", "embed"):
+            marker = f": {stage} on "
+            if marker in msg:
+                out.setdefault(stage, set()).add(msg.split(marker, 1)[1].split(" ", 1)[0])
+    return out
+
+
+def _assert_one_version_each(storage, run_id: str) -> None:  # type: ignore[no-untyped-def]
+    for asset in ASSETS:
+        store = storage.store(asset)
+        for tile in TILES:
+            for year in YEARS:
+                current = store.current(year, tile)
+                assert current is not None, (asset, tile, year)
+                assert store.lineage(year, tile, current.id)["run_id"] == run_id
+                # Each test starts from an empty store: one commit in all, none replaced.
+                pointer = store.pointer(year, tile)
+                assert pointer["run_id"] == run_id and pointer["history"] == [], (asset, pointer)
+
+
+def test_a_run_is_spread_over_both_workers(cluster: Cluster, tmp_path: Path) -> None:
+    resources, defs, instance = _pipeline(tmp_path, cluster.address)
+    result = _materialise(defs, instance)
+    assert result.success
+    used = _task_workers(instance, result.run_id)
+    with cluster.client() as client:
+        addresses = set(client.scheduler_info()["workers"])
+    assert used["embed"] == addresses and len(addresses) == 2  # both did encoding work
+    _assert_one_version_each(resources["storage"], result.run_id)
+    # The step recorded the workers' metadata and one check evaluation per partition.
+    wanted = {str(tile_year_key(t, y)) for t in TILES for y in YEARS}
+    grids = [
+        e.step_materialization_data.materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("agrifm_embedding_grid")
+    ]
+    assert {str(m.partition) for m in grids} == wanted
+    finite = [e for e in result.get_asset_check_evaluations() if e.check_name == "embedding_finite"]
+    assert {str(e.partition) for e in finite} == wanted and all(e.passed for e in finite)
+    # Each worker kept its own checkpoint cache and working directory; the store is shared.
+    assert not any((d / "store").exists() for d in cluster.dirs.values())
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    resources, defs, instance = _pipeline(tmp_path, cluster.address)
+    box: dict[str, dg.ExecuteInProcessResult] = {}
+    run = threading.Thread(target=lambda: box.update(result=_materialise(defs, instance)))
+    run.start()
+    victim = None
+    with cluster.client() as client:
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        deadline = time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline and run.is_alive():
+            for address, keys in client.processing().items():
+                if any("agrifm-embed-" in str(k) for k in keys):
+                    victim = names[address]
+                    break
+            time.sleep(0.1)
+    assert victim is not None, "no embedding task was seen running"
+    cluster.workers[victim].send_signal(signal.SIGKILL)
+    run.join(600)
+    assert not run.is_alive()
+    result = box["result"]
+    assert result.success
+    assert cluster.workers[victim].wait(10) == -signal.SIGKILL
+    _assert_one_version_each(resources["storage"], result.run_id)
