@@ -33,7 +33,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -191,10 +191,10 @@ class Compute(dg.ConfigurableResource):
         return f"{where}: {len(workers)} worker(s), {threads} thread(s), {gpus:g} GPU(s)"
 
 
-def compute_from_env(env: dict[str, str] | None = None) -> Compute:
+def compute_from_env(env: Mapping[str, str] | None = None) -> Compute:
     """``AGRIFM_PIPELINE_DASK_ADDRESS`` (a scheduler; ``local`` for an embedded
     LocalCluster), else the steps do the work themselves."""
-    env = dict(os.environ) if env is None else env
+    env = os.environ if env is None else env
     address = (env.get("AGRIFM_PIPELINE_DASK_ADDRESS") or "").strip()
     if address == "local":
         return Compute(local_cluster=True)
