@@ -126,10 +126,12 @@ def test_norm_mode_change_reruns_normalised_tensors_and_below_then_settles(world
     row = by[("normalized_tensors", TILES[0], 2019)]
     assert row.status == "stale" and "norm_mode changed ('agrifm_stats' -> 'unit_scale')" in row.why
     assert by[("agrifm_embedding_grid", TILES[0], 2019)].status == "stale"
+    chips = by[("chip_embeddings", TILES[0], 2019)]  # made from a stale grid
+    assert chips.status == "stale" and chips.why == "agrifm_embedding_grid is stale"
     assert ticker.execute(reqs, changed) == [True, True]
     assert ticker.tick(changed) == []
     after = audit_rows(pipe.instance, stage_stores(pipe.storage), current, unknown=unknown)
-    assert {r.status for r in after} == {"current"} and len(after) == 12
+    assert {r.status for r in after} == {"current"} and len(after) == 20  # 5 assets x 4
     assert all(r.norm_mode in ("", "unit_scale") for r in after)
 
 
@@ -308,11 +310,11 @@ def test_audit_command(world, capsys, monkeypatch) -> None:
     # Judge with this test's resources (64 px chips) instead of the product defaults.
     monkeypatch.setattr(
         "agrifm_pipeline.cli.pipeline_resources",
-        lambda: _resources(pipe, ckpt, norm_mode="unit_scale"),
+        lambda *_: _resources(pipe, ckpt, norm_mode="unit_scale"),
     )
     assert cli_main(args) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 12
+    assert len(rows) == 20  # frames, tensors, grids, chip tables, previews
     stale = {(r["asset"], r["status"]) for r in rows}
     assert ("s2_frame_stack", "current") in stale and ("normalized_tensors", "stale") in stale
     assert all(r["run_id"] for r in rows) and all(r["dagster_run_id"] == r["run_id"] for r in rows)
@@ -328,7 +330,8 @@ def test_audit_table_is_an_asset_in_the_ui(world) -> None:
     )
     (mat,) = result.asset_materializations_for_node("lineage_audit")
     md = mat.metadata
-    assert md["partitions"].value == 12
-    assert md["n_stale"].value == 8 and md["n_current"].value == 4  # tensors + grids stale
+    assert md["partitions"].value == 20
+    # tensors, grids, chip tables and previews stale; frames current
+    assert md["n_stale"].value == 16 and md["n_current"].value == 4
     table = md["audit"].value
     assert "norm_mode changed" in table and TILES[0] in table

@@ -4,13 +4,15 @@ import datetime as dt
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 
 from agrifm_pipeline.audit import (
+    DERIVED,
     ORDER,
+    SceneLister,
     audit_rows,
     current_checkpoint_sha,
     markdown_table,
@@ -27,9 +29,12 @@ from agrifm_pipeline.defs.resources import (
     ZarrStorage,
     run_fingerprints,
 )
-from agrifm_pipeline.errors import CheckpointError
+from agrifm_pipeline.errors import AgriFMError, CheckpointError
 from agrifm_pipeline.lineage import Fingerprints
+from agrifm_pipeline.providers.base import SceneIndexed
 from agrifm_pipeline.settings import load_settings
+from agrifm_pipeline.tiles import Tile
+from agrifm_pipeline.tileyear import scene_index
 
 REQUEST_TAG = "agrifm/stale_request"
 # A request whose run has not appeared after this long is forgotten (and re-requested if still stale).
@@ -41,6 +46,34 @@ IN_PROGRESS = {
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 }
+
+
+def stale_causes(state: Any, current: Fingerprints | None) -> frozenset[str]:
+    """Why a tile-year's first stale stage is stale, as :data:`RERUN_CAUSES` (empty when only
+    derived files are behind their grid, which is always re-made)."""
+    stage = state.first_stale()
+    if stage is None:
+        return frozenset()
+    st = state.stages[stage]
+    if st.corrupt or not st.present or "missing" in " ".join(st.reasons):
+        return frozenset({"repair"})
+    causes: set[str] = set()
+    if any(r.startswith("scene ") or r.endswith("scene change(s)") for r in st.reasons):
+        causes.add("source")
+    recorded = st.lineage.get("fingerprints", {}).get(stage, {}).get("inputs", {})
+    now = current.for_stage(stage).inputs if current is not None else {}
+    for key in sorted((set(recorded) | set(now)) - {"upstream"}):
+        if recorded.get(key, "<absent>") == now.get(key, "<absent>"):
+            continue
+        if key == "code_version":
+            causes.add("code")
+        elif stage == "acquisition":
+            causes.add("source" if key == "provider" else "acquisition")
+        elif stage == "embedding":
+            causes.add("checkpoint" if key == "checkpoint_sha256" else "embedding")
+        else:
+            causes.add(stage)
+    return frozenset(causes or {"repair"})
 
 
 def checkpoint_state(model: AgriFMModel) -> tuple[str | None, str, str | None]:
@@ -76,9 +109,63 @@ def current_fingerprints(
     return fps, (() if sha else ("embedding",)), (sha or f"unknown: {source}")
 
 
+@dataclass
+class Scenes:
+    """The source's scenes, listed per tile-year for one tick (or one audit)."""
+
+    lister: SceneLister | None
+    why_not: str = ""  # why the scenes are not compared at all
+    failures: list[str] = field(default_factory=list)  # tile-years that could not be listed
+
+    def note(self) -> str:
+        """What the skip message says about scenes that were not compared ("" if none)."""
+        if self.why_not:
+            return f"; source scenes not compared: {self.why_not}"
+        if self.failures:
+            return (
+                f"; source scenes not listed for {len(self.failures)} tile-year(s): "
+                f"{self.failures[0]}"
+            )
+        return ""
+
+
+def source_scenes(s2: S2Source, tile_year: TileYearConfig) -> Scenes:
+    """A lister of each tile-year's current scenes from the source's headers (no pixels read,
+    nothing acquired), compared with the scenes each partition recorded; or why not."""
+    if s2.backend == "gee":
+        return Scenes(
+            None,
+            "Earth Engine is not listed by the sensor (a request per tile-year); the granule "
+            "ids and generation times are recorded in each frame stack's lineage",
+        )
+    try:
+        cfg = tile_year.resolve()
+        provider = s2.provider()
+    except AgriFMError as exc:
+        return Scenes(None, f"the source cannot be opened: {exc}")
+    if not isinstance(provider, SceneIndexed):
+        return Scenes(None, f"provider {provider.name} cannot list its scenes")
+    out = Scenes(None)
+
+    def lister(tile: str, year: int) -> dict[str, str] | None:
+        try:
+            return scene_index(provider, Tile.from_id(tile), year, cfg)
+        except (AgriFMError, OSError) as exc:  # e.g. a file replaced while it was listed
+            out.failures.append(f"{tile} {year}: {exc}")
+            return None
+
+    out.lister = lister
+    return out
+
+
 def stage_stores(storage: ZarrStorage) -> dict[str, Any]:
-    """The stores of the three fingerprinted stages, by asset name."""
-    return {a: storage.store(a) for a in ORDER[:3]}
+    """Every stored asset's store, by asset name: the three fingerprinted stages, the chip
+    tables and previews (versioned files), and the region mosaics."""
+    return {
+        **{a: storage.store(a) for a in ORDER[:3]},
+        **{a: storage.files(a) for a in DERIVED},
+        "region_mosaic": storage.store("region_mosaic"),
+    }
 
 
 @dataclass
@@ -132,7 +219,9 @@ def _hhmm(seconds: float) -> str:
 
 def _counts_message(counts: dict[str, int], flight: InFlight) -> str:
     """What a tick that requests nothing found, each kind of tile-year counted apart."""
-    if counts["stale_in_flight"] == counts["waiting"] == counts["not_judged"] == 0:
+    if counts["stale_in_flight"] == counts["waiting"] == counts["not_judged"] == 0 and not (
+        counts.get("held")
+    ):
         return f"every materialised tile-year is current ({counts['current']})"
     parts = [f"{counts['current']} current"]
     if counts["stale_in_flight"]:
@@ -146,6 +235,8 @@ def _counts_message(counts: dict[str, int], flight: InFlight) -> str:
         parts.append(f"{counts['waiting']} stale, waiting for a usable checkpoint")
     if counts["not_judged"]:
         parts.append(f"{counts['not_judged']} not judged")
+    if counts.get("held"):
+        parts.append(f"{counts['held']} stale, held (cause not in rerun_on)")
     return "nothing requested: tile-years: " + ", ".join(parts)
 
 
@@ -180,19 +271,23 @@ def stale_partitions_sensor(
         not_judged = f"; embeddings not judged: {sha.removeprefix('unknown: ')}"
         context.log.warning(f"embeddings not judged: {sha.removeprefix('unknown: ')}")
     unusable = ckpt[2] is not None  # a run could not load it: request nothing that needs it
+    scenes = source_scenes(s2, tile_year)
     stores = stage_stores(storage)
     materialised: dict[str, set[tuple[str, int]]] = {}
     for asset in ORDER:
         materialised[asset] = {
             split_key(pk) for pk in instance.get_materialized_partitions(dg.AssetKey(asset))
         }
-    candidates = set().union(*(materialised[a] for a in ORDER[:3]))
+    candidates = set().union(*materialised.values())
     groups: dict[tuple[tuple[str, ...], int], list[str]] = {}
     reasons: dict[str, set[str]] = {}
-    counts = {"current": 0, "stale_in_flight": 0, "waiting": 0, "not_judged": 0}
+    counts = {"current": 0, "stale_in_flight": 0, "waiting": 0, "not_judged": 0, "held": 0}
+    rerun_on = tile_year.rerun_causes()
+    held_why: dict[str, list[str]] = {}
     for tile, year in sorted(candidates):
-        state = tile_year_state(stores, tile, year, current, unknown=unknown)
-        for st in state.stages.values():  # recorded by Dagster, gone from the store
+        state = tile_year_state(stores, tile, year, current, unknown=unknown, scenes=scenes.lister)
+        # Recorded by Dagster, gone from the store.
+        for st in [*state.stages.values(), *state.derived.values()]:
             if not st.present and (tile, year) in materialised[st.asset]:
                 st.present, st.reasons = True, [f"{st.asset} partition missing from the store"]
         stale = state.stale_assets()
@@ -203,21 +298,34 @@ def stale_partitions_sensor(
         selection = tuple(
             a for i, a in enumerate(stale) if i == 0 or (tile, year) in materialised[a]
         )
-        if unusable:
+        if unusable and "agrifm_embedding_grid" in selection:
             selection = tuple(a for a in selection if a in ORDER[:2])
             if not selection:
                 counts["waiting"] += 1
                 continue
+        held = stale_causes(state, current) - rerun_on
+        if held:  # a cause not re-run automatically (a changed source, by default)
+            counts["held"] += 1
+            held_why.setdefault(", ".join(sorted(held)), []).append(f"{tile}|{year}")
+            continue
         if any((a, tile, year) in covered for a in selection):
             counts["stale_in_flight"] += 1
             continue  # being re-made right now
         groups.setdefault((selection, year), []).append(tile)
-        first = state.first_stale()
-        if first:
-            reasons.setdefault(stale[0], set()).update(state.stages[first].reasons)
+        reasons.setdefault(selection[0], set()).update(state.why())
+    if scenes.failures:
+        context.log.warning(scenes.note().removeprefix("; "))
+    for causes, keys in sorted(held_why.items()):
+        held_msg = (
+            f"{len(keys)} stale tile-year(s) held, not re-run automatically: {causes} "
+            f"not in rerun_on ({', '.join(keys[:3])}{'…' if len(keys) > 3 else ''}; see "
+            "`agrifm-pipeline audit`; backfill them, or add the cause to rerun_on)"
+        )
+        context.log.warning(held_msg)
+        not_judged += f"; {held_msg}"
     if not groups:
         return dg.SensorResult(
-            skip_reason=dg.SkipReason(_counts_message(counts, flight) + not_judged),
+            skip_reason=dg.SkipReason(_counts_message(counts, flight) + not_judged + scenes.note()),
             cursor=json.dumps({"inflight": inflight}),
         )
     order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
@@ -306,7 +414,15 @@ def lineage_audit(
     storage: ZarrStorage,
 ) -> dg.MaterializeResult:
     current, unknown, sha = current_fingerprints(tile_year, s2, model)
-    rows = audit_rows(context.instance, stage_stores(storage), current, unknown=unknown)
+    scenes = source_scenes(s2, tile_year)
+    rows = audit_rows(
+        context.instance,
+        stage_stores(storage),
+        current,
+        unknown=unknown,
+        scenes=scenes.lister,
+        not_judged=sha.removeprefix("unknown: ") if unknown else "",
+    )
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1

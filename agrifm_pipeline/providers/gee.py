@@ -77,6 +77,7 @@ from odc.geo.geobox import GeoBox
 from agrifm_pipeline.compositing import backfill_sources, fill_dn
 from agrifm_pipeline.errors import NoCoverageError, ProviderError, SettingsError
 from agrifm_pipeline.frames import FrameWindow
+from agrifm_pipeline.lineage import SCENE_INDEX_KEY, scene_index_record
 from agrifm_pipeline.providers.base import CloudMask, FrameRecord, FrameStack, frame_stack_array
 from agrifm_pipeline.providers.ee_slots import Limiter, SlotDirectory, default_slots_dir
 from agrifm_pipeline.specs import SensorSpec
@@ -256,6 +257,14 @@ def group_acquisitions(granules: dict[str, list[Any]]) -> list[Acquisition]:
         else:
             acq.superseded.append(row["system:index"])
     return sorted(acqs.values(), key=lambda a: (a.time_start, a.id))
+
+
+def granule_stamps(granules: dict[str, list[Any]], acqs: Sequence[Acquisition]) -> dict[str, str]:
+    """``system:index`` -> ``generated <GENERATION_TIME>`` of the granules the acquisitions keep."""
+    generated = dict(
+        zip(granules.get("system:index", []), granules.get("GENERATION_TIME", []), strict=False)
+    )
+    return {g: f"generated {generated.get(g)}" for a in acqs for g in a.granules}
 
 
 # --- request planning -----------------------------------------------------------------------
@@ -797,6 +806,10 @@ class EarthEngineProvider:
                 "scenes_in_range": len(acqs),
                 "granules_in_range": len(granules.get("system:index", [])),
                 "granules_merged": sum(len(a.granules) - 1 + len(a.superseded) for a in acqs),
+                # The granules used, by id, with their generation time (a re-processed
+                # delivery is a new id): recorded for lineage; the stale sensor does not
+                # list Earth Engine (one request per tile-year), so it does not compare them.
+                SCENE_INDEX_KEY: scene_index_record(granule_stamps(granules, acqs)),
             },
         )
 

@@ -22,6 +22,7 @@ from odc.geo.geobox import GeoBox
 
 from agrifm_pipeline.compositing import Scene, composite_windows, loaded
 from agrifm_pipeline.frames import FrameWindow
+from agrifm_pipeline.lineage import SCENE_INDEX_KEY, scene_index_record
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
 from agrifm_pipeline.specs import SensorSpec
 
@@ -121,6 +122,18 @@ class SyntheticProvider:
         data = np.clip(refl, 1, 10000).astype(np.uint16)
         return data, scl, cloudy
 
+    def _days(self, windows: Sequence[FrameWindow]) -> list[dt.date]:
+        """The overpass dates in the windows' range (every REVISIT_DAYS, seeded offset)."""
+        start, end = windows[0].start, windows[-1].end
+        first = start + dt.timedelta(days=_seed(self.seed, "orbit") % REVISIT_DAYS)
+        return [first + dt.timedelta(days=d) for d in range(0, (end - first).days, REVISIT_DAYS)]
+
+    def scene_index(
+        self, area: GeoBox, windows: Sequence[FrameWindow], sensor: SensorSpec
+    ) -> dict[str, str]:
+        """Every synthetic scene of the range: a function of the seed alone, so its stamp."""
+        return {f"synthetic-{day.isoformat()}": f"seed {self.seed}" for day in self._days(windows)}
+
     def fetch(
         self,
         area: GeoBox,
@@ -129,14 +142,10 @@ class SyntheticProvider:
         cloud_mask: CloudMask,
     ) -> FrameStack:
         label, params = self._fields(area)
-        start, end = windows[0].start, windows[-1].end
-        offset = _seed(self.seed, "orbit") % REVISIT_DAYS
         scenes = []
-        day = start + dt.timedelta(days=offset)
-        while day < end:
+        for day in self._days(windows):
             data, scl, cloudy = self._scene(area, day, label, params, sensor)
             scenes.append(Scene(f"synthetic-{day.isoformat()}", day, cloudy, loaded(data, scl)))
-            day += dt.timedelta(days=REVISIT_DAYS)
         values, records = composite_windows(
             scenes, windows, sensor, cloud_mask, area_label="synthetic area"
         )
@@ -146,5 +155,9 @@ class SyntheticProvider:
             provider=self.name,
             provider_version=self.version,
             synthetic=True,
-            extra={"seed": self.seed, "note": "SYNTHETIC data, not observations"},
+            extra={
+                "seed": self.seed,
+                "note": "SYNTHETIC data, not observations",
+                SCENE_INDEX_KEY: scene_index_record(self.scene_index(area, windows, sensor)),
+            },
         )
