@@ -392,11 +392,12 @@ class LocalProvider:
                     raise ProviderError(
                         f"STAC item {item.id} has no asset(s) {missing}; it has {sorted(item.assets)}"
                     )
-                items.append(item)
+                items.append(entry)
         if not items:
             return []
         scenes = []
-        for item in items:
+        for entry in items:
+            item = entry.item
 
             def load(item: pystac.Item = item) -> tuple[np.ndarray, np.ndarray]:
                 ds = stac_load(
@@ -411,8 +412,9 @@ class LocalProvider:
                 return data, ds["SCL"].values.astype(np.uint8)
 
             cloudy = item.properties.get("eo:cloud_cover")
-            day = (item.datetime or item.common_metadata.start_datetime).date()  # type: ignore[union-attr]
-            scenes.append(Scene(item.id, day, None if cloudy is None else float(cloudy), load))
+            scenes.append(
+                Scene(item.id, entry.day, None if cloudy is None else float(cloudy), load)
+            )
         return scenes
 
     def _footprint(self, area: GeoBox, start: dt.date, end: dt.date) -> tuple[slice, slice] | None:
