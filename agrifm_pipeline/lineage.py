@@ -20,6 +20,12 @@ A changed checkpoint therefore changes only the embedding fingerprint;
 ``norm_mode`` changes normalisation and embedding; ``n_frames`` changes all
 three. The inputs are kept beside the hash so that a stale partition can say
 which setting moved.
+
+The scenes a tile-year was read from are not an input of the acquisition
+fingerprint (the assets compute it once per run, for all its tile-years
+alike): the provider records them per tile-year (``scene_index``, below) and
+the stale sensor compares them beside the fingerprint, so a changed, added or
+removed scene makes exactly the tile-years it touches stale.
 """
 
 from __future__ import annotations
