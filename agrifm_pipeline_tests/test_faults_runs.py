@@ -51,6 +51,8 @@ def test_failed_canceled_or_marked_failed_runs_release_their_tile_years(world) -
     again = ticker.tick(changed)
     assert ticker.covered(again) == {(a, t, 2019) for a in NORM for t in TILES}
     assert all(r.tags[REQUEST_TAG] != by_year[2019].tags[REQUEST_TAG] for r in again)
+    failed = f"stale normalized_tensors (again after run {runs[2019].run_id[:8]} FAILURE): "
+    assert all(r.tags["agrifm/reason"].startswith(failed) for r in again), again
     # The new request is in flight; the 2018 run is canceled and released in turn.
     (retry,) = again
     _started(pipe.instance, retry)

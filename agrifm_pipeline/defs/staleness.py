@@ -176,6 +176,7 @@ class InFlight:
     covered: set[tuple[str, str, int]]  # (asset, tile, year) being re-made now
     runs: list[str]  # "<run id> <STATUS> since <time>" of each live run, oldest first
     released: list[str]  # why each request was let go this tick
+    retried: dict[tuple[str, int], str] = field(default_factory=dict)  # (tile, year) -> run
 
 
 def _in_flight(instance: dg.DagsterInstance, cursor: dict[str, Any]) -> InFlight:
@@ -198,6 +199,7 @@ def _in_flight(instance: dg.DagsterInstance, cursor: dict[str, Any]) -> InFlight
                 ended = ", ".join(f"{r.run_id[:8]} {r.status.value}" for r in runs)
                 n = len(req["tiles"])
                 out.released.append(f"run {ended}: {n} tile-year(s) of {req['year']} released")
+                out.retried.update(((t, req["year"]), ended) for t in req["tiles"])
             for r in running:
                 record = instance.get_run_record_by_id(r.run_id)
                 since = record.create_timestamp.timestamp() if record else req["t"]
@@ -334,6 +336,10 @@ def stale_partitions_sensor(
         why = "; ".join(sorted(reasons.get(selection[0], set())))[:180]
         for _, block in tile_rectangles(order, [(t, year) for t in tiles], MAX_PARTITIONS_PER_RUN):
             req_id = uuid.uuid4().hex[:16]
+            ended = sorted(
+                {flight.retried[(t, year)] for t in block if (t, year) in flight.retried}
+            )
+            again = f" (again after run {', '.join(ended)})" if ended else ""
             inflight[req_id] = {
                 "assets": list(selection),
                 "year": year,
@@ -345,7 +351,7 @@ def stale_partitions_sensor(
                     year,
                     block,
                     asset_selection=[dg.AssetKey(a) for a in selection],
-                    reason=f"stale {selection[0]}: {why}",
+                    reason=f"stale {selection[0]}{again}: {why}",
                     tags={REQUEST_TAG: req_id},
                 )
             )
