@@ -8,6 +8,8 @@ single default.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -15,6 +17,7 @@ from pydantic import Field
 
 from agrifm_pipeline.catalog import StacCatalog
 from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+from agrifm_pipeline.errors import SettingsError
 from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_engine
 from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.model import resolve_precision
@@ -36,6 +39,47 @@ def default_storage_root() -> str:
     """``AGRIFM_PIPELINE_STORAGE`` (an unknown URL protocol is a SettingsError naming it)
     or ``<AGRIFM_PIPELINE_HOME or .agrifm>/store``."""
     return pipeline_storage_root()
+
+
+# Why a tile-year is stale, as the stale sensor tells causes apart: the checkpoint; the other
+# embedding settings (precision, encoder, min_chip_coverage); normalisation settings;
+# acquisition settings (collection, bands, frames, cloud filter and mask, composite, tile
+# size); the source (another provider or root, or scenes changed, added or removed there);
+# a stage's code version; a partition missing from the store or failing verification.
+RERUN_CAUSES = (
+    "checkpoint",
+    "embedding",
+    "normalisation",
+    "acquisition",
+    "source",
+    "code",
+    "repair",
+)
+# A changed source re-makes frames from other data (a new root, another provider, a scene
+# reprocessed): reported by the audit and the sensor, re-run only when configured.
+DEFAULT_RERUN_ON = tuple(c for c in RERUN_CAUSES if c != "source")
+RERUN_ON_ENV = "AGRIFM_PIPELINE_RERUN_ON"
+
+
+def rerun_causes(
+    given: list[str] | None = None, env: Mapping[str, str] | None = None
+) -> frozenset[str]:
+    """``given``, else ``AGRIFM_PIPELINE_RERUN_ON`` (comma-separated; ``all`` or ``none``),
+    else :data:`DEFAULT_RERUN_ON`; an unknown cause is a SettingsError naming the known ones."""
+    env = os.environ if env is None else env
+    if given is None:
+        raw = env.get(RERUN_ON_ENV, "").strip()
+        if not raw:
+            return frozenset(DEFAULT_RERUN_ON)
+        given = [] if raw == "none" else list(RERUN_CAUSES) if raw == "all" else raw.split(",")
+    causes = {c.strip() for c in given if c.strip()}
+    unknown = sorted(causes - set(RERUN_CAUSES))
+    if unknown:
+        raise SettingsError(
+            f"rerun_on names {unknown}; use any of {', '.join(RERUN_CAUSES)} "
+            f"(or {RERUN_ON_ENV}=all / none)"
+        )
+    return frozenset(causes)
 
 
 class TileYearConfig(dg.ConfigurableResource):
@@ -63,6 +107,14 @@ class TileYearConfig(dg.ConfigurableResource):
     min_clear_fraction: float = Field(
         default=0.2, description="asset check: least mean clear fraction"
     )
+    rerun_on: list[str] | None = Field(
+        default=None,
+        description=(
+            "stale sensor: the causes whose stale tile-years it re-runs automatically, of "
+            f"{', '.join(RERUN_CAUSES)}; None = AGRIFM_PIPELINE_RERUN_ON (comma-separated), "
+            "else every cause but source (a changed source is reported, not re-run)"
+        ),
+    )
     min_chip_coverage: float = Field(
         default=DEFAULT_MIN_CHIP_COVERAGE,
         description=(
@@ -70,6 +122,10 @@ class TileYearConfig(dg.ConfigurableResource):
             "the others are NaN in the grid and cost no encoder time (0 = every chip)"
         ),
     )
+
+    def rerun_causes(self) -> frozenset[str]:
+        """The causes the stale sensor re-runs automatically (see :data:`RERUN_CAUSES`)."""
+        return rerun_causes(self.rerun_on)
 
     def agrifm_settings(self) -> AgriFMSettings:
         overrides = {
