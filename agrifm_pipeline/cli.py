@@ -1,4 +1,5 @@
-"""``agrifm-pipeline`` command line: settings, checkpoint, embed, compare, demo."""
+"""``agrifm-pipeline``: AgriFM embeddings of Sentinel-2 time series, from one array to whole
+regions (the demo), and the commands that look after what the pipeline stored."""
 
 from __future__ import annotations
 
@@ -170,17 +171,31 @@ def cmd_roi_demo(args: argparse.Namespace) -> int:
     import xarray as xr
 
     from agrifm_pipeline.api import get_embedding
+    from agrifm_pipeline.errors import CheckpointError
     from agrifm_pipeline.settings import load_settings
     from agrifm_pipeline.specs import OutputSpec, TemporalSpec
 
     settings = load_settings()
-    checkpoint = args.checkpoint or settings.checkpoint or "untrained:0"
+    # The checkpoint chain (setting, cache, download) as everywhere; untrained weights only
+    # when asked for (--checkpoint untrained:0 or RS_EMBED_AGRIFM_CKPT), never a fallback.
+    checkpoint = args.checkpoint or settings.checkpoint
     if str(checkpoint).startswith("untrained:"):
         print(
-            f"NOTE: using explicitly UNTRAINED weights ({checkpoint}); set RS_EMBED_AGRIFM_CKPT "
-            "to AgriFM.pth (or pass --checkpoint) for real embeddings.",
+            f"NOTE: UNTRAINED weights, as asked ({checkpoint}): the vectors show the pipeline "
+            "works, not what AgriFM sees; set RS_EMBED_AGRIFM_CKPT to AgriFM.pth (or pass "
+            "--checkpoint) for real embeddings.",
             file=sys.stderr,
         )
+    else:
+        from agrifm_pipeline.checkpoint import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(checkpoint, settings, progress=True)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}\n  offline? ask for untrained weights explicitly: "
+                "agrifm-pipeline roi-demo --checkpoint untrained:0"
+            ) from exc
     stack, dates = demo_stack(Path(args.data), settings.n_frames)
     t0 = time.perf_counter()
     grid = get_embedding(

@@ -26,7 +26,9 @@ def test_demo_runs_and_says_untrained(
 ) -> None:
     monkeypatch.delenv("RS_EMBED_AGRIFM_CKPT", raising=False)
     out = tmp_path / "demo.zarr"
-    assert main(["roi-demo", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(["roi-demo", "--device", "cpu", "--checkpoint", "untrained:0", "--out", str(out)]) == 0
+    )
     captured = capsys.readouterr()
     assert "UNTRAINED" in captured.err
     assert "grid [1024, 7, 7]" in captured.out
@@ -141,3 +143,39 @@ def test_audit_finds_the_home_and_never_creates_one(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "no Dagster instance at" in err and str(tmp_path / ".agrifm" / "dagster") in err
     assert not (tmp_path / ".agrifm").exists()
+
+
+def test_roi_demo_never_falls_back_to_untrained_weights(tmp_path, monkeypatch, capsys) -> None:
+    """No checkpoint, nothing cached, no download allowed: an error that says how to ask."""
+    monkeypatch.delenv("RS_EMBED_AGRIFM_CKPT", raising=False)
+    monkeypatch.setenv("RS_EMBED_AGRIFM_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("RS_EMBED_AGRIFM_AUTO_DOWNLOAD", "0")
+    assert main(["roi-demo", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint untrained:0" in err and "UNTRAINED weights, as asked" not in err
+
+
+def test_help_lists_every_command(capsys) -> None:
+    from agrifm_pipeline.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in sub.choices:  # type: ignore[union-attr]
+        assert f"    {name} " in out or f"    {name}\n" in out, name
+
+
+def test_readme_opens_with_the_two_commands_and_names_real_commands() -> None:
+    from agrifm_pipeline.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    head = readme.split("\n")[:15]
+    assert any(line.startswith("make test") for line in head)
+    assert any(line.startswith("make demo") for line in head)
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    named = set(re.findall(r"agrifm-pipeline ([a-z][a-z-]+)", readme))
+    assert named and named <= set(sub.choices), named - set(sub.choices)  # type: ignore[arg-type]
+    for doc in re.findall(r"\]\((docs/[\w./-]+)\)", readme):  # the documents it links exist
+        assert (Path(__file__).resolve().parents[1] / doc).is_file(), doc
