@@ -244,14 +244,6 @@ MUTATIONS: list[Mutation] = [
         (*T_COMP, *T_LOCAL),
     ),
     Mutation(
-        "gee_nodata_class_list",
-        "Earth Engine no-data (SCL 0) masked only via the class list",
-        "agrifm_pipeline/providers/gee.py",
-        'masked_classes = sorted({0, *(cloud_mask.scl_classes if cloud_mask.mode == "scl" else ())})',
-        'masked_classes = sorted({*(cloud_mask.scl_classes if cloud_mask.mode == "scl" else (0,))})',
-        T_GEE_MASK,
-    ),
-    Mutation(
         "antialias_downsampling",
         "antialias on downsampling",
         PRE,
@@ -517,6 +509,17 @@ MUTATIONS: list[Mutation] = [
 ]
 
 
+#: Considered and left out because no test can tell them apart from the original.
+EQUIVALENT = {
+    "gee_nodata_class_list": (
+        "Earth Engine: SCL 0 left out of the remapped classes (providers/gee.py). Equivalent: "
+        "0 is no data in every S2_SR band, SCL included, so the SCL image is already masked "
+        "there and updateMask drops the pixel anyway (the stand-in models this, "
+        "ee_standin.py: '0 is no data in every S2 band'); "
+        "test_scl_no_data_is_masked_by_local_and_earth_engine_alike pins the behaviour."
+    ),
+}
+
 # -- asset checks: toothless judges (the checks live in defs/checks.py) --------------------------
 T_CHECKS = (f"{GC}::test_check_fails_on_bad_data_and_names_the_partition",
             f"{GC}::test_a_missing_and_a_corrupt_partition_fail_every_check")  # fmt: skip
@@ -780,8 +783,23 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "baseline": baseline and {k: baseline[k] for k in ("rc", "seconds")},
         "mutations": rows,
+        "equivalent_mutants_left_out": EQUIVALENT,
     }
-    if not args.only:
+    if args.only and args.json.exists():
+        # A partial run updates its rows in the results of the last full run.
+        previous = json.loads(args.json.read_text())
+        fresh = {r["id"]: r for r in rows}
+        order = [m.id for m in all_mutations()]
+        kept = {r["id"]: r for r in previous["mutations"] if r["id"] in order}
+        merged = sorted({**kept, **fresh}.values(), key=lambda r: order.index(str(r["id"])))
+        doc["mutations"] = merged
+        doc["summary"] = {
+            s: sum(r["status"] == s for r in merged)
+            for s in sorted({str(r["status"]) for r in merged})
+        }
+        doc["updated_by"] = doc.pop("command")
+        doc["command"] = previous.get("command")
+    if not args.only or args.json.exists():
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"wrote {args.json}")
