@@ -339,3 +339,29 @@ def test_gpu_run_tags_are_dagster_k8s_config() -> None:
     }
     assert config["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert config["pod_spec_config"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_a_tile_year_run_is_one_process_with_its_checks_inside_the_steps() -> None:
+    """What a run launched in a deployment starts: the run worker alone runs every step
+    (no step process, no check step), so one process of the run imports torch."""
+    import dagster as dg
+
+    from agrifm_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("embed_tile_years")
+    assert job.executor_def is dg.in_process_executor
+    steps = {node.name for node in job.graph.node_dict.values()}
+    assert steps == {
+        "s2_frame_stack",
+        "normalise_and_embed",
+        "chip_embeddings",
+        "embedding_preview",
+    }
+    checks = job.asset_layer.asset_graph.asset_check_keys
+    assert {k.name for k in checks} == {
+        "frame_stack_shape_and_dtype",
+        "frame_stack_clear_fraction",
+        "normalized_tensors_finite",
+        "embedding_finite",
+        "embedding_non_degenerate",
+    }
