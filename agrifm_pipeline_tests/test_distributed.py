@@ -189,3 +189,25 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(
     assert result.success
     assert cluster.workers[victim].wait(10) == -signal.SIGKILL
     _assert_one_version_each(resources["storage"], result.run_id)
+
+
+def test_tasks_use_the_checkpoint_the_step_names(monkeypatch, tmp_path: Path) -> None:
+    """A task is sent the step's checkpoint (its RS_EMBED_AGRIFM_CKPT when the resource
+    names none), so a worker whose own environment names another one cannot use it."""
+    import pickle
+
+    from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+    from agrifm_pipeline.defs.tasks import StepSpec
+
+    monkeypatch.setenv("RS_EMBED_AGRIFM_CKPT", "untrained:3")
+    storage = ZarrStorage(root=str(tmp_path / "store"))
+    spec = StepSpec.of("run", TileYearConfig(), S2Source(), storage, AgriFMModel())
+    monkeypatch.setenv("RS_EMBED_AGRIFM_CKPT", "untrained:4")  # the worker's environment
+    sent = pickle.loads(pickle.dumps(spec))
+    assert sent.model is not None and sent.model.checkpoint == "untrained:3"
+    assert sent.model.resolved().untrained_seed == 3
+    explicit = StepSpec.of(
+        "run", TileYearConfig(), S2Source(), storage, AgriFMModel(checkpoint="untrained:7")
+    )
+    assert explicit.model is not None and explicit.model.checkpoint == "untrained:7"
+    assert sent.storage.root == storage.root

@@ -134,7 +134,8 @@ def test_region_errors(tmp_path: Path) -> None:
     with pytest.raises(RegionError, match=r"junk\.geojson cannot be read"):
         tiles_for_region(junk)
     nocrs = tmp_path / "nocrs.gpkg"
-    gpd.GeoDataFrame(geometry=[FLANDERS]).to_file(nocrs, driver="GPKG")
+    with pytest.warns(UserWarning, match="'crs' was not provided"):  # the point of the file
+        gpd.GeoDataFrame(geometry=[FLANDERS]).to_file(nocrs, driver="GPKG")
     with pytest.raises(RegionError, match="no CRS"):
         tiles_for_region(nocrs)
 

@@ -56,12 +56,19 @@ class StepSpec:
         selected: tuple[str, ...] = (),
         acquisition_limit: int = 32,
     ) -> StepSpec:
+        model_fields = _fields(model)
+        if model_fields is not None and not model_fields.get("checkpoint"):
+            # The workers use the checkpoint the step would (its RS_EMBED_AGRIFM_CKPT),
+            # not whatever their own environment names; the lineage records its sha256.
+            from agrifm_pipeline.settings import load_settings
+
+            model_fields["checkpoint"] = load_settings().checkpoint
         return cls(
             run_id,
             _fields(tile_year) or {},
             _fields(s2) or {},
             _fields(storage) or {},
-            _fields(model),
+            model_fields,
             selected,
             acquisition_limit,
         )

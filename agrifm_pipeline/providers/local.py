@@ -433,7 +433,7 @@ class LocalProvider:
             if head.crs is None:
                 return None
             left, bottom, right, top = _bounds_in(tuple(head.bounds), head.crs, _wkt(area))
-            xs, ys = zip(*(inv * (x, y) for x, y in ((left, top), (right, bottom))), strict=True)
+            xs, ys = zip(*(inv @ (x, y) for x, y in ((left, top), (right, bottom))), strict=True)
             c0, c1 = min(c0, math.floor(min(xs)) - 1), max(c1, math.ceil(max(xs)) + 1)
             r0, r1 = min(r0, math.floor(min(ys)) - 1), max(r1, math.ceil(max(ys)) + 1)
         r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
