@@ -27,7 +27,12 @@ from agrifm_pipeline.model import (
     cpu,
     load_encoder,
 )
-from agrifm_pipeline.model.agrifm import effective_window, fold_time, relative_position_index
+from agrifm_pipeline.model.agrifm import (
+    WindowAttention3D,
+    effective_window,
+    fold_time,
+    relative_position_index,
+)
 from agrifm_pipeline.model.cache import ShapeCache
 from agrifm_pipeline.model.layout import infer_config, to_upstream_layout
 from agrifm_pipeline.model.weights import untrained_state_dict, untrained_tensor
@@ -65,11 +70,12 @@ def _compare(final: torch.Tensor, features: list[torch.Tensor], ref: ReferenceCa
 
 
 def _mode(mode: str) -> AbstractContextManager[object]:
-    return {
+    modes: dict[str, AbstractContextManager[object]] = {
         "inference_mode": torch.inference_mode(),
         "no_grad": torch.no_grad(),
         "grad": nullcontext(),
-    }[mode]
+    }
+    return modes[mode]
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
@@ -137,7 +143,9 @@ def test_backward_matches_finite_differences() -> None:
             plus = f(*[t + eps * d for t, d in zip(tensors, direction, strict=True)])
             minus = f(*[t - eps * d for t, d in zip(tensors, direction, strict=True)])
             numeric = (plus - minus) / (2 * eps)
-            analytic = sum((g * d).sum() for g, d in zip(grads, direction, strict=True))
+            analytic = torch.stack(
+                [(g * d).sum() for g, d in zip(grads, direction, strict=True)]
+            ).sum()
             assert abs(numeric - analytic) <= 1e-6 * abs(analytic), (numeric, analytic)
 
 
@@ -177,19 +185,21 @@ def test_position_bias_quirk_matters(fixtures_dir: Path) -> None:
         before = model(x)  # fills the bias caches
     np.testing.assert_allclose(before.numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL)
     with torch.no_grad():
-        for layer in model.layers:
-            for block in layer.blocks:
-                assert len(block.attn.bias_cache) > 0
-                block.attn.relative_position_bias_table.zero_()
+        for attn in _attentions(model):
+            assert len(attn.bias_cache) > 0
+            attn.relative_position_bias_table.zero_()
     with torch.inference_mode():
         out = model(x).numpy()
     assert np.abs(out - ref["encoder_features"]).max() > 1e-2
     fresh = load_encoder(fixtures_dir / "tiny_p444.pth")
     with torch.no_grad():
-        for layer in fresh.layers:
-            for block in layer.blocks:
-                block.attn.relative_position_bias_table.zero_()
+        for attn in _attentions(fresh):
+            attn.relative_position_bias_table.zero_()
         np.testing.assert_array_equal(fresh(x).numpy(), out)
+
+
+def _attentions(model: AgriFMEncoder) -> list[WindowAttention3D]:
+    return [m for m in model.modules() if isinstance(m, WindowAttention3D)]
 
 
 def test_effective_window_rule() -> None:
