@@ -26,7 +26,7 @@ from shapely.geometry import box, mapping
 
 from agrifm_pipeline.audit import audit_rows
 from agrifm_pipeline.definitions import build_defs
-from agrifm_pipeline.defs.resources import S2Source
+from agrifm_pipeline.defs.resources import DEFAULT_RERUN_ON, RERUN_CAUSES, S2Source
 from agrifm_pipeline.defs.staleness import (
     current_fingerprints,
     source_scenes,
@@ -47,8 +47,11 @@ SAMPLE = REPO_ROOT / "data" / "s2_sample"
 WEST, EAST = TILES  # the sample reaches 4 px into the western tile, 60 px into the eastern one
 
 
-def _resources(tmp_path: Path, root: Path) -> dict[str, Any]:
-    return {**make_resources(tmp_path), "s2": S2Source(local_root=str(root))}
+def _resources(tmp_path: Path, root: Path, **tile_year: Any) -> dict[str, Any]:
+    """The pipeline's resources on ``root``; re-running a changed source is opted into
+    (``rerun_on`` holds it by default: see the first test)."""
+    tile_year.setdefault("rerun_on", list(RERUN_CAUSES))
+    return {**make_resources(tmp_path, **tile_year), "s2": S2Source(local_root=str(root))}
 
 
 @pytest.fixture
@@ -104,6 +107,9 @@ def test_overwritten_scene_makes_its_tile_years_stale_with_the_scene_named(
     path = root / "2019-05-16.tif"
     with rasterio.open(path, "r+") as ds:
         ds.write(np.where(ds.read() > 0, ds.read() + 7, 0).astype("uint16"))
+    # By default a changed source is reported, not re-run (rerun_on leaves "source" out).
+    held, reason = _tick_reason(ticker, _resources(tmp_path, root, rerun_on=list(DEFAULT_RERUN_ON)))
+    assert held == [] and "2 stale tile-year(s) held" in reason and "source not in" in reason
     reqs, _ = _tick_reason(ticker, res)
     assert ticker.covered(reqs) == {(a, t, 2019) for a in ALL for t in TILES}  # not 2018
     assert all("scene 2019-05-16.tif changed" in r.tags["agrifm/reason"] for r in reqs)
