@@ -350,7 +350,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from agrifm_pipeline.audit import audit_rows, format_table
     from agrifm_pipeline.defs.resources import AgriFMModel, ZarrStorage
-    from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
+    from agrifm_pipeline.defs.staleness import current_fingerprints, source_scenes, stage_stores
 
     existing_dagster_home(args.home)
     res = pipeline_resources(args.home)
@@ -360,7 +360,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     tiles = set(storage.registry().tiles_of(args.region)) if args.region else None
     with dg.DagsterInstance.get() as instance:
         rows = audit_rows(
-            instance, stage_stores(storage), current, tiles=tiles, year=args.year, unknown=unknown
+            instance,
+            stage_stores(storage),
+            current,
+            tiles=tiles,
+            year=args.year,
+            unknown=unknown,
+            scenes=source_scenes(res["s2"], res["tile_year"]).lister,  # changed source scenes
+            not_judged=sha.removeprefix("unknown: ") if unknown else "",
         )
     for r in rows:  # every row that is not current says why
         if r.status == "unknown" and not r.why:

@@ -25,6 +25,7 @@ from affine import Affine
 from shapely.geometry import box, mapping
 
 from agrifm_pipeline.audit import audit_rows
+from agrifm_pipeline.cli import main as cli_main
 from agrifm_pipeline.definitions import build_defs
 from agrifm_pipeline.defs.resources import DEFAULT_RERUN_ON, RERUN_CAUSES, S2Source
 from agrifm_pipeline.defs.staleness import (
@@ -98,7 +99,7 @@ def _tick_reason(ticker: Ticker, resources: dict[str, Any]) -> tuple[list[dg.Run
 
 
 def test_overwritten_scene_makes_its_tile_years_stale_with_the_scene_named(
-    scenes_world, tmp_path: Path
+    scenes_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     pipe, ticker, root = scenes_world
     res = _resources(tmp_path, root)
@@ -124,6 +125,15 @@ def test_overwritten_scene_makes_its_tile_years_stale_with_the_scene_named(
     assert frames == {("s2_frame_stack", t, 2019) for t in TILES}
     assert stale[("s2_frame_stack", WEST, 2019)] == "scene 2019-05-16.tif changed"
     assert all(r.status == "current" for r in rows if r.year == 2018)
+    # `agrifm-pipeline audit` (where the held message sends users) says the same.
+    monkeypatch.setenv("DAGSTER_HOME", pipe.instance.root_directory)
+    monkeypatch.setattr("agrifm_pipeline.cli.pipeline_resources", lambda *_: res)
+    assert cli_main(["audit", "--store", pipe.storage.root, "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {(r["asset"], r["tile"], r["year"]) for r in printed if r["status"] == "stale"} == set(
+        stale
+    )
+    assert all(r["why"] for r in printed if r["status"] != "current")
     # Re-made: the new frames record the new stamp, and the sensor settles.
     assert ticker.execute(reqs, res) == [True]
     assert _tick_reason(ticker, res) == ([], "every materialised tile-year is current (4)")
