@@ -79,7 +79,7 @@ def default_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "s2": _s2_from_env(env),
         "model": AgriFMModel(),
         "compute": compute_from_env(env),
-        "storage": ZarrStorage(**({"regions_dir": regions} if regions else {})),
+        "storage": ZarrStorage(regions_dir=regions) if regions else ZarrStorage(),
     }
 
 

@@ -201,10 +201,12 @@ class EmbeddingEngine:
     def feature_shape(self, n_frames: int, image_size: int) -> tuple[int, int, int]:
         """(D, h, w) of one chip's features, without running the encoder when its
         architecture is known (ours); the official code is run once on a zero chip."""
+        from agrifm_pipeline.model.config import EncoderConfig
+
         cfg = getattr(self.model, "cfg", None)
-        if hasattr(cfg, "grid_hw") and hasattr(cfg, "output_channels"):
+        if isinstance(cfg, EncoderConfig):
             h, w = cfg.grid_hw(image_size, image_size)
-            return int(cfg.output_channels(n_frames)), int(h), int(w)
+            return cfg.output_channels(n_frames), h, w
         zero = torch.zeros((1, n_frames, 10, image_size, image_size))
         d, h, w = self.embed(zero).shape[1:]
         return int(d), int(h), int(w)
