@@ -179,3 +179,34 @@ def test_readme_opens_with_the_two_commands_and_names_real_commands() -> None:
     assert named and named <= set(sub.choices), named - set(sub.choices)  # type: ignore[arg-type]
     for doc in re.findall(r"\]\((docs/[\w./-]+)\)", readme):  # the documents it links exist
         assert (Path(__file__).resolve().parents[1] / doc).is_file(), doc
+
+
+def test_progress_moves_with_the_encoder_and_finishes(capsys) -> None:
+    """Plain lines (not a terminal) that count steps and chips while a step encodes."""
+    import time
+
+    import dagster as dg
+    import torch
+
+    from agrifm_pipeline.demo import _run_with_progress
+    from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
+
+    tiny = Path(__file__).resolve().parent / "fixtures" / "agrifm" / "tiny_p444.pth"
+    engine = EmbeddingEngine.create(str(tiny), options=InferenceOptions(device="cpu", batch_size=1))
+
+    @dg.op
+    def encode() -> None:
+        for _ in range(3):  # one chip at a time, slower than the display polls
+            engine.embed(torch.zeros(1, 4, 10, 32, 32))
+            time.sleep(1.5)
+
+    @dg.job
+    def chips_job() -> None:
+        encode()
+
+    with dg.instance_for_test() as instance:
+        result = _run_with_progress(chips_job, instance, "test", chips=3)
+    assert result.success
+    out = capsys.readouterr().out
+    assert re.search(r"step 0/1, running encode, chips [12]/3", out), out
+    assert "finished, 1 steps (100 %)" in out.splitlines()[-1]
