@@ -333,5 +333,6 @@ def test_audit_table_is_an_asset_in_the_ui(world) -> None:
     assert md["partitions"].value == 20
     # tensors, grids, chip tables and previews stale; frames current
     assert md["n_stale"].value == 16 and md["n_current"].value == 4
+    assert md["source_scenes"].value == "compared with the source"
     table = md["audit"].value
     assert "norm_mode changed" in table and TILES[0] in table

@@ -439,6 +439,7 @@ def lineage_audit(
             "partitions": len(rows),
             **{f"n_{k.replace('-', '_')}": v for k, v in sorted(counts.items())},
             "n_disagreements": len(disagreements),
+            "source_scenes": scenes.note().removeprefix("; ") or "compared with the source",
             "audit": dg.MetadataValue.md(markdown_table(rows)),
         }
     )
