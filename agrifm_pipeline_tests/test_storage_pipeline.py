@@ -225,12 +225,12 @@ def test_the_catalog_recipe_in_the_docs_works(built) -> None:
     import pystac
 
     root = built.storage.root
-    item = (
+    year = (
         pystac.Catalog.from_file(f"{root}/catalog.json")
         .get_child("agrifm_embedding_grid")
         .get_child("agrifm_embedding_grid-2019")
-        .get_item(f"{TILES[0]}_2019")
     )
+    item = next(year.get_items(f"{TILES[0]}_2019"))  # get_item is deprecated in pystac
     grid = xr.open_zarr(item.assets["data"].get_absolute_href(), decode_coords="all")
     assert str(grid.rio.crs) == "EPSG:32631"
     assert item.properties["agrifm:version"] == (
