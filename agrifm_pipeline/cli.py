@@ -348,7 +348,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
-    from agrifm_pipeline.audit import audit_rows, format_table
+    from agrifm_pipeline.audit import format_table
+    from agrifm_pipeline.defs.audit import audit_rows
     from agrifm_pipeline.defs.resources import AgriFMModel, ZarrStorage
     from agrifm_pipeline.defs.staleness import current_fingerprints, source_scenes, stage_stores
 

@@ -19,7 +19,6 @@ from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
 from agrifm_pipeline.defs.staleness import all_staleness_sensors, lineage_audit
 from agrifm_pipeline.errors import SettingsError
-from agrifm_pipeline.runtime import retain_freed_memory
 
 embed_tile_years = dg.define_asset_job(
     "embed_tile_years",
@@ -84,9 +83,6 @@ def default_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 def build_defs(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
-    # Every process that loads this code location (the step workers included)
-    # keeps freed buffers for reuse; see agrifm_pipeline.runtime.
-    retain_freed_memory()
     return dg.Definitions(
         assets=[*all_assets, lineage_audit],  # type: ignore[list-item]
         jobs=[embed_tile_years, mosaic_regions],

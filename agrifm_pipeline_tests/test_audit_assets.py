@@ -15,7 +15,8 @@ from typing import Any
 
 import dagster as dg
 
-from agrifm_pipeline.audit import AuditRow, audit_rows
+from agrifm_pipeline.audit import AuditRow
+from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
 from agrifm_pipeline.defs.sensors import region_files_sensor
 from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores

@@ -24,9 +24,9 @@ import rasterio
 from affine import Affine
 from shapely.geometry import box, mapping
 
-from agrifm_pipeline.audit import audit_rows
 from agrifm_pipeline.cli import main as cli_main
 from agrifm_pipeline.definitions import build_defs
+from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.resources import DEFAULT_RERUN_ON, RERUN_CAUSES, S2Source
 from agrifm_pipeline.defs.staleness import (
     current_fingerprints,

@@ -225,24 +225,6 @@ def test_the_duplicates_matter_without_merging(standin: StandIn, tmp_path: Path)
     assert min(changed) > 0.1
 
 
-def test_fetch_many_keeps_the_order(standin: StandIn, tmp_path: Path) -> None:
-    areas = [SAMPLE[:32, :], SAMPLE[32:, :]]
-    stacks = _provider(standin, tmp_path).fetch_many(
-        areas, frame_windows(2019, 2), SensorSpec(), CloudMask(), workers=2
-    )
-    whole = LocalProvider(SAMPLE_DIR).fetch(
-        SAMPLE, frame_windows(2019, 2), SensorSpec(), CloudMask()
-    )
-    for rows, stack in zip((slice(0, 32), slice(32, 64)), stacks, strict=True):
-        assert (
-            np.abs(stack.data.values.astype(int) - whole.data.values[:, :, rows].astype(int)).max()
-            <= 1
-        )
-
-
-# --- acquisitions ------------------------------------------------------------------------
-
-
 def _granules(rows: list[tuple[str, str, str, int, str, int]]) -> dict[str, list]:
     keys = ("system:index", "system:time_start", "SPACECRAFT_NAME", "SENSING_ORBIT_NUMBER",
             "MGRS_TILE", "GENERATION_TIME")  # fmt: skip

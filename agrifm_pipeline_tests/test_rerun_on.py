@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from agrifm_pipeline.audit import audit_rows
+from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.resources import (
     DEFAULT_RERUN_ON,
     RERUN_CAUSES,

@@ -130,3 +130,17 @@ def test_long_lived_objects_frozen_once_per_owner() -> None:
     finally:
         gc.unfreeze()
     assert not any(_dropped_cycle_survives(r) for r in refs)  # unfrozen, they go too
+
+
+def test_loading_the_code_location_leaves_the_allocator_alone() -> None:
+    """The webserver, the daemon and code servers import the definitions; only a step's
+    process tunes malloc (when its tile-year work starts)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import agrifm_pipeline.definitions\n"
+        "from agrifm_pipeline import runtime\n"
+        "assert runtime._applied is None, runtime._applied\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -12,9 +12,9 @@ import dagster as dg
 import pytest
 import torch
 
-from agrifm_pipeline.audit import audit_rows
 from agrifm_pipeline.cli import main as cli_main
 from agrifm_pipeline.definitions import build_defs
+from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.partitions import split_key
 from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
 from agrifm_pipeline.defs.resources import S2Source, TileYearConfig

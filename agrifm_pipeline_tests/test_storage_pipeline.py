@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from agrifm_pipeline.audit import audit_rows
 from agrifm_pipeline.cli import main as cli_main
+from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.resources import ZarrStorage
 from agrifm_pipeline.defs.sensors import register_regions
 from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores

@@ -42,6 +42,7 @@ from agrifm_pipeline.defs.resources import (
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.inference import prefetch
 from agrifm_pipeline.lineage import CODE_VERSIONS
+from agrifm_pipeline.runtime import retain_freed_memory
 from agrifm_pipeline.storage import Version, ZarrStore
 from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import (
@@ -308,6 +309,7 @@ def s2_frame_stack(
     storage: ZarrStorage,
     compute: Compute,
 ) -> Iterator[dg.MaterializeResult]:
+    retain_freed_memory()  # a step's process: before its threads allocate (see runtime)
     # Yielded, not returned: with check specs the step has several outputs.
     items = _tile_years(context)
     if compute.uses_cluster:
@@ -448,6 +450,7 @@ def normalise_and_embed_items(
     """The tile-years' normalisation and/or embedding, written and recorded through
     ``context`` (the step's, or a task's :class:`~agrifm_pipeline.compute.TaskContext`).
     The model is this process's cached engine, loaded once per checkpoint sha256."""
+    retain_freed_memory()  # a step's or a worker's process (see runtime)
     cfg = tile_year.resolve()
     frames = storage.store("s2_frame_stack")
     tensors = storage.store("normalized_tensors")

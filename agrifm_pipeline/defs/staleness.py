@@ -13,13 +13,13 @@ from agrifm_pipeline.audit import (
     DERIVED,
     ORDER,
     SceneLister,
-    audit_rows,
     current_checkpoint_sha,
     markdown_table,
     tile_year_state,
 )
 from agrifm_pipeline.checkpoint import checkpoint_problem, resolve_checkpoint
 from agrifm_pipeline.defs.assets import GROUP, tile_year_assets
+from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.partitions import MAX_PARTITIONS_PER_RUN, split_key, tiles_partitions
 from agrifm_pipeline.defs.requests import range_run_request, tile_rectangles
 from agrifm_pipeline.defs.resources import (

@@ -813,21 +813,6 @@ class EarthEngineProvider:
             },
         )
 
-    def fetch_many(
-        self,
-        areas: Sequence[GeoBox],
-        windows: Sequence[FrameWindow],
-        sensor: SensorSpec,
-        cloud_mask: CloudMask,
-        workers: int | None = None,
-    ) -> list[FrameStack]:
-        """Several areas at once (``RS_EMBED_AGRIFM_FETCH_WORKERS`` areas in flight); order kept."""
-        from agrifm_pipeline.settings import load_settings
-
-        n = workers or load_settings().fetch_workers
-        with ThreadPoolExecutor(max_workers=max(1, min(n, len(areas)))) as pool:
-            return list(pool.map(lambda a: self.fetch(a, windows, sensor, cloud_mask), areas))
-
 
 class _TimedOut(Exception):
     """Earth Engine answered "Computation timed out." for a request."""

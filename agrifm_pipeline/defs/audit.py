@@ -1,0 +1,222 @@
+"""The audit table: Dagster's record of every partition beside the store's.
+
+The comparison itself (what is current, stale or corrupt, and why) is
+:mod:`agrifm_pipeline.audit`, which knows nothing of Dagster; this half reads the
+instance's materialisations and lays the two side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from agrifm_pipeline.audit import (
+    DERIVED,
+    STAGE_ASSET,
+    AuditRow,
+    SceneLister,
+    StageState,
+    TileYearState,
+    _current_lineage,
+    _ts,
+    tile_year_state,
+)
+from agrifm_pipeline.lineage import Fingerprints
+from agrifm_pipeline.storage import PartitionStore, StorageError
+
+
+def audit_rows(
+    instance: Any,
+    stores: dict[str, PartitionStore],
+    current: Fingerprints | None,
+    *,
+    tiles: set[str] | None = None,
+    year: int | None = None,
+    unknown: tuple[str, ...] = (),
+    scenes: SceneLister | None = None,
+    not_judged: str = "",
+) -> list[AuditRow]:
+    """Every materialised or stored partition of every stored asset in ``stores``, with
+    its state: the three stages, the chip tables and previews (their tile-years), and
+    the region mosaics (a row per region and year, the region in the ``tile`` column).
+
+    Dagster's record (latest materialisation per partition) and the store are read
+    side by side; where they disagree the row says how. Every row that is not
+    current says why. ``not_judged``: why the stages in ``unknown`` are not judged.
+    """
+    from agrifm_pipeline.defs.partitions import split_key
+
+    assets = [*STAGE_ASSET.values(), *(a for a in DERIVED if a in stores)]
+    keys: set[tuple[str, int]] = set()
+    for asset in assets:
+        for pk in instance.get_materialized_partitions(dg.AssetKey(asset)):
+            keys.add(split_key(pk))
+        for ref in stores[asset].partitions():
+            keys.add((ref.tile, int(ref.year)))
+    keys = {
+        (t, y) for t, y in keys if (tiles is None or t in tiles) and (year is None or y == year)
+    }
+    unjudged = f"not judged: {not_judged}" if not_judged else "not judged"
+    rows: list[AuditRow] = []
+    states: dict[tuple[str, int], TileYearState] = {}
+    for t, y in sorted(keys, key=lambda k: (k[1], k[0])):
+        state = states[(t, y)] = tile_year_state(
+            stores, t, y, current, unknown=unknown, scenes=scenes
+        )
+        judged = [(stage, st) for stage, st in state.stages.items()]
+        judged += [("embedding", st) for st in state.derived.values()]
+        for stage, st in judged:
+            row = _audit_row(instance, st, t, y, stage)
+            if row is None:
+                continue
+            if row.status == "present":
+                derived = st.asset in DERIVED
+                if st.corrupt:
+                    row.status, row.why = "corrupt", st.corrupt
+                elif derived and st.stale:  # read from versions that are not current
+                    row.status, row.why = "stale", "; ".join(st.reasons)
+                elif current is None or stage in unknown:
+                    row.status, row.why = "unknown", f"{stage} {unjudged}"
+                elif st.stale:
+                    row.status, row.why = "stale", "; ".join(st.reasons)
+                else:
+                    row.status = "current"
+            rows.append(row)
+    if "region_mosaic" in stores:
+        rows += _mosaic_rows(instance, stores, states, tiles=tiles, year=year)
+    return rows
+
+
+def _latest_materialisation(instance: Any, asset: str, key: str) -> tuple[str, float] | None:
+    """(run id, timestamp) of Dagster's latest materialisation of one partition, or None."""
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1
+    )
+    if not result.records:
+        return None
+    rec = result.records[0]
+    return rec.run_id, rec.timestamp
+
+
+def _audit_row(
+    instance: Any, st: StageState, tile: str, year: int, stage: str, key: str | None = None
+) -> AuditRow | None:
+    """The row of one partition with its lineage and Dagster's record beside it; status
+    ``present`` for the caller to judge, ``missing-in-store`` when only Dagster has it,
+    None when neither has it. ``key``: the Dagster partition key (default tile-year)."""
+    from agrifm_pipeline.defs.partitions import tile_year_key
+
+    asset = st.asset
+    dagster = _latest_materialisation(instance, asset, key or str(tile_year_key(tile, year)))
+    if not st.present and dagster is None:
+        return None
+    lin = st.lineage
+    settings = lin.get("settings", {})
+    row = AuditRow(
+        asset=asset,
+        tile=tile,
+        year=year,
+        status="present",
+        checkpoint_sha256=str(lin.get("embedding", {}).get("checkpoint", {}).get("sha256", ""))
+        if stage == "embedding"
+        else "",
+        n_frames=settings.get("n_frames"),
+        norm_mode=settings.get("norm_mode", "") if stage != "acquisition" else "",
+        image_size=settings.get("image_size") if stage != "acquisition" else None,
+        made_at=str(lin.get("created_at", "")),
+        run_id=str(lin.get("run_id", "")),
+        version=str(st.version),
+        dagster_run_id=dagster[0] if dagster else "",
+    )
+    if not st.present:
+        assert dagster is not None
+        row.status = "missing-in-store"
+        row.why = f"materialised by run {dagster[0][:8]}, but the store has no partition"
+        row.disagreement = "Dagster recorded a materialisation but the store has no partition"
+        row.made_at = _ts(dagster[1])
+    elif dagster is None:
+        row.disagreement = "in the store but never materialised through this instance"
+    elif row.dagster_run_id != row.run_id:
+        row.disagreement = (
+            f"store written by run {row.run_id[:8]}, Dagster's latest is "
+            f"{row.dagster_run_id[:8]} (written outside the pipeline, or a failed run)"
+        )
+    return row
+
+
+def _mosaic_rows(
+    instance: Any,
+    stores: dict[str, PartitionStore],
+    states: dict[tuple[str, int], TileYearState],
+    *,
+    tiles: set[str] | None,
+    year: int | None,
+) -> list[AuditRow]:
+    """A row per region mosaic: stale when a tile's grid was re-made since (or is gone, or
+    stale itself), missing-in-store when only Dagster has it."""
+    from agrifm_pipeline.defs.partitions import REGION_DIM, region_year_key, split_key
+
+    mosaics, grids = stores["region_mosaic"], stores[STAGE_ASSET["embedding"]]
+    keys = {split_key(pk, REGION_DIM) for pk in instance.get_materialized_partitions(
+        dg.AssetKey("region_mosaic"))}  # fmt: skip
+    keys |= {(ref.tile, int(ref.year)) for ref in mosaics.partitions()}
+    rows = []
+    for region, y in sorted(keys, key=lambda k: (k[1], k[0])):
+        if year is not None and y != year:
+            continue
+        lineage, corrupt, vid = _current_lineage(mosaics, y, region)
+        st = StageState("region_mosaic", lineage is not None, lineage=lineage or {})
+        st.corrupt, st.version = corrupt, vid
+        made = st.lineage.get("inputs", {}).get(grids.asset, {}).get("versions", {})
+        if tiles is not None and lineage is not None and not set(made) & tiles:
+            continue
+        row = _audit_row(instance, st, region, y, "embedding", str(region_year_key(region, y)))
+        if row is None:
+            continue
+        if row.status == "present":
+            if corrupt:
+                row.status, row.why = "corrupt", corrupt
+            elif reasons := _mosaic_reasons(grids, states, made, y):
+                row.status, row.why = "stale", "; ".join(reasons)
+            else:
+                row.status = "current"
+            shas = st.lineage.get("checkpoint_sha256", [])
+            row.checkpoint_sha256 = ",".join(shas) if isinstance(shas, list) else str(shas)
+        rows.append(row)
+    return rows
+
+
+def _mosaic_reasons(
+    grids: PartitionStore,
+    states: dict[tuple[str, int], TileYearState],
+    made: dict[str, str],
+    year: int,
+) -> list[str]:
+    """Why a mosaic made from the grid versions ``made`` ({tile: version}) is stale."""
+    if not made:
+        return ["does not name the grid versions it was made from (written by an older release)"]
+    reasons = []
+    for tile, version in sorted(made.items()):
+        state = states.get((tile, year))
+        if state is not None:
+            grid = state.stages["embedding"]
+            now = grid.version if grid.present else None
+        else:
+            try:
+                v = grids.current(year, tile)
+            except StorageError as exc:
+                reasons.append(f"tile {tile}: {exc}")
+                continue
+            grid, now = None, (v.id if v else None)
+        if now is None:
+            reasons.append(f"tile {tile}: its grid is gone from the store")
+        elif now != version:
+            reasons.append(
+                f"tile {tile}: made from grid version {version}; the current one is {now}"
+            )
+        elif grid is not None and grid.stale and not grid.corrupt:
+            reasons.append(f"tile {tile}: its grid is stale")
+    if len(reasons) > 4:
+        reasons = [*reasons[:4], f"and {len(reasons) - 4} more tile(s)"]
+    return reasons
