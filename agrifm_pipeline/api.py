@@ -20,12 +20,12 @@ import xarray as xr
 from agrifm_pipeline.errors import BackendError
 from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_engine
 from agrifm_pipeline.preprocess import preprocess_input
+from agrifm_pipeline.providers import real_data_providers
 from agrifm_pipeline.providers.base import CloudMask, Provider
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
 from agrifm_pipeline.specs import BBox, OutputSpec, PointBuffer, SensorSpec, TemporalSpec
 
 MODEL_NAMES = ("agrifm",)
-PROVIDER_BACKENDS = ("gee", "local")
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _check_call(
         raise BackendError(f"model={model!r} is not served here; this package embeds with 'agrifm'")
     if input_chw is not None:
         return
-    if provider is None and backend not in PROVIDER_BACKENDS:
+    if provider is None and backend not in real_data_providers():
         raise BackendError(
             f"backend={backend!r}: agrifm is provider-only; use backend='gee' or 'local' "
             "(or pass input_chw with a (10, H, W) or (T, 10, H, W) array)"

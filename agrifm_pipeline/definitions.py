@@ -19,6 +19,7 @@ from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
 from agrifm_pipeline.defs.staleness import all_staleness_sensors, lineage_audit
 from agrifm_pipeline.errors import SettingsError
+from agrifm_pipeline.providers import PROVIDER_NAMES
 
 embed_tile_years = dg.define_asset_job(
     "embed_tile_years",
@@ -47,8 +48,10 @@ def _s2_from_env(env: Mapping[str, str]) -> S2Source:
     }
     given: dict[str, Any] = {k: env[v] for k, v in fields.items() if env.get(v)}
     backend = given.get("backend", "local")
-    if backend not in ("local", "gee", "synthetic"):
-        raise SettingsError(f"AGRIFM_PIPELINE_S2_BACKEND={backend!r}; use local, gee or synthetic")
+    if backend not in PROVIDER_NAMES:
+        raise SettingsError(
+            f"AGRIFM_PIPELINE_S2_BACKEND={backend!r}; use one of {', '.join(PROVIDER_NAMES)}"
+        )
     return S2Source(**given)
 
 

@@ -21,7 +21,7 @@ from agrifm_pipeline.errors import SettingsError
 from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions, get_engine
 from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.model import resolve_precision
-from agrifm_pipeline.providers import Provider, make_provider
+from agrifm_pipeline.providers import PROVIDER_NAMES, Provider, make_provider, provider_class
 from agrifm_pipeline.providers.gee import DEFAULT_DEPLOYMENT_SLOTS
 from agrifm_pipeline.registry import RegionRegistry
 from agrifm_pipeline.runtime import freeze_long_lived
@@ -157,7 +157,7 @@ class TileYearConfig(dg.ConfigurableResource):
 class S2Source(dg.ConfigurableResource):
     """Where Sentinel-2 frames come from: ``local`` files/STAC, Earth Engine, or ``synthetic``."""
 
-    backend: str = Field(default="local", description="local | gee | synthetic")
+    backend: str = Field(default="local", description=" | ".join(PROVIDER_NAMES))
     local_root: str = Field(
         default="data/s2_sample", description="local: scene directory or STAC catalog"
     )
@@ -189,28 +189,28 @@ class S2Source(dg.ConfigurableResource):
         default=None, description="tile-years fetched at once (RS_EMBED_AGRIFM_FETCH_WORKERS)"
     )
 
-    def provider(self) -> Provider:
+    def _options(self) -> dict[str, Any]:
+        """This source's constructor options for its provider."""
         if self.backend == "local":
-            return make_provider("local", root=self.local_root)
+            return {"root": self.local_root}
         if self.backend == "gee":
-            return make_provider(
-                "gee",
-                project=self.gee_project,
-                service_account_key=self.gee_service_account_key,
-                endpoint=self.gee_endpoint,
-                max_concurrent=self.gee_max_concurrent,
-                deployment_slots=self.gee_deployment_slots,
-                slots_dir=self.gee_slots_dir or None,
-            )
-        return make_provider(self.backend, seed=self.synthetic_seed)
+            return {
+                "project": self.gee_project,
+                "service_account_key": self.gee_service_account_key,
+                "endpoint": self.gee_endpoint,
+                "max_concurrent": self.gee_max_concurrent,
+                "deployment_slots": self.gee_deployment_slots,
+                "slots_dir": self.gee_slots_dir or None,
+            }
+        return {"seed": self.synthetic_seed}
+
+    def provider(self) -> Provider:
+        return make_provider(self.backend, **self._options())
 
     def identity(self) -> dict[str, Any]:
-        """What names the data source in lineage and fingerprints."""
-        if self.backend == "local":
-            return {"name": "local", "root": self.local_root}
-        if self.backend == "gee":
-            return {"name": "gee", "endpoint": self.gee_endpoint}
-        return {"name": self.backend, "seed": self.synthetic_seed}
+        """What names the data source in lineage and fingerprints (the provider's own word)."""
+        out: dict[str, Any] = provider_class(self.backend).identity(**self._options())
+        return out
 
     def workers(self) -> int:
         return self.fetch_workers or load_settings().fetch_workers

@@ -395,6 +395,14 @@ class EarthEngineProvider:
 
     name = "gee"
 
+    synthetic = False
+
+    @staticmethod
+    def identity(endpoint: str = "default", **_: Any) -> dict[str, Any]:
+        """What names this source in lineage and fingerprints (the project and credentials
+        do not change what the collection holds)."""
+        return {"name": "gee", "endpoint": endpoint}
+
     def __init__(
         self,
         *,

@@ -220,6 +220,13 @@ class LocalProvider:
 
     name = "local"
 
+    synthetic = False
+
+    @staticmethod
+    def identity(root: str | Path) -> dict[str, Any]:
+        """What names this source in lineage and fingerprints."""
+        return {"name": "local", "root": str(root)}
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         if not self.root.exists():

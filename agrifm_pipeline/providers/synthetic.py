@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from odc.geo.geobox import GeoBox
@@ -50,6 +51,13 @@ class SyntheticProvider:
     """Seeded synthetic S2 L2A scenes, composited like real ones."""
 
     name = "synthetic"
+
+    synthetic = True
+
+    @staticmethod
+    def identity(seed: int = 0, **_: Any) -> dict[str, Any]:
+        """What names this source in lineage and fingerprints."""
+        return {"name": "synthetic", "seed": int(seed)}
 
     def __init__(self, seed: int = 0, cloud_cover: float = 0.3) -> None:
         from agrifm_pipeline import __version__
