@@ -135,8 +135,14 @@ def test_sensor_records_a_pinned_checkpoint_without_the_weights(
         result = checkpoint_sensor(ctx)
     assert isinstance(result, dg.SensorResult)
     assert result.cursor == sha
-    (obs,) = result.asset_events
+    (req,) = result.run_requests
+    # The observation it requests reads the pin too, and downloads nothing.
+    from agrifm_pipeline_tests.test_staleness import run_observation
+
+    with dg.instance_for_test() as instance:
+        obs = run_observation(req, model, instance)
     assert obs.metadata["sha256"].value == sha and obs.metadata["source"].value == "pinned"
+    assert obs.tags["dagster/data_version"] == sha
     assert weights_server.gets == []
 
 

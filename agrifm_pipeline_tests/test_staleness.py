@@ -135,6 +135,27 @@ def test_norm_mode_change_reruns_normalised_tensors_and_below_then_settles(world
     assert all(r.norm_mode in ("", "unit_scale") for r in after)
 
 
+def observe_requested(pipe: Pipeline, res: dict[str, Any], result: dg.SensorResult) -> Any:
+    """Run the observation checkpoint_sensor requested (as the daemon would: an asset job
+    of its selection, with its tags); the observation event it recorded."""
+    (req,) = result.run_requests or []
+    return run_observation(req, res["model"], pipe.instance)
+
+
+def run_observation(req: dg.RunRequest, model: Any, instance: dg.DagsterInstance) -> Any:
+    from agrifm_pipeline.defs.assets import agrifm_checkpoint
+
+    assert req.asset_selection == [dg.AssetKey("agrifm_checkpoint")]
+    job = dg.define_asset_job("observe_checkpoint", selection=req.asset_selection)
+    defs = dg.Definitions(assets=[agrifm_checkpoint], jobs=[job], resources={"model": model})
+    out = defs.resolve_job_def("observe_checkpoint").execute_in_process(
+        instance=instance, tags=req.tags
+    )
+    assert out.success
+    (event,) = [e for e in out.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    return event.event_specific_data.asset_observation
+
+
 def test_replaced_checkpoint_reruns_only_the_embedding_assets(world) -> None:
     pipe, ticker, ckpt = world
     res = _resources(pipe, ckpt)
@@ -148,11 +169,11 @@ def test_replaced_checkpoint_reruns_only_the_embedding_assets(world) -> None:
         dg.build_sensor_context(instance=pipe.instance, cursor=old_sha, resources=res)
     )
     assert isinstance(seen, dg.SensorResult) and seen.cursor != old_sha
-    (obs,) = seen.asset_events
-    assert (
-        obs.asset_key == dg.AssetKey("agrifm_checkpoint")
-        and obs.tags["dagster/data_version"] == seen.cursor
-    )
+    # It requests an observation; the source asset's own function records the data version.
+    obs = observe_requested(pipe, res, seen)
+    assert obs.metadata["sha256"].value == seen.cursor
+    assert obs.metadata["previous_sha256"].value == old_sha
+    assert obs.tags["dagster/data_version"] == seen.cursor  # set by Dagster, not by us
     reqs = ticker.tick(res)
     assert ticker.covered(reqs) == _everything(EMBED)
     assert all("checkpoint changed" in r.tags["agrifm/reason"] for r in reqs)
@@ -208,7 +229,7 @@ def test_html_checkpoint_is_reported_once_and_nothing_is_requested(world, capfd)
         return checkpoint_sensor(ctx)
 
     first = watch(None)
-    assert isinstance(first, dg.SensorResult) and first.asset_events
+    assert isinstance(first, dg.SensorResult) and first.run_requests
     recorded = first.cursor
     ckpt.write_bytes(HTML * 40)  # a login page saved in place of the weights
 
@@ -217,7 +238,7 @@ def test_html_checkpoint_is_reported_once_and_nothing_is_requested(world, capfd)
 
     reports()
     seen = watch(recorded)
-    assert isinstance(seen, dg.SensorResult) and not seen.asset_events  # not recorded
+    assert isinstance(seen, dg.SensorResult) and not seen.run_requests  # not recorded
     assert seen.skip_reason is not None and "is an HTML page" in seen.skip_reason.skip_message
     (report,) = reports()
     assert "ERROR" in report and "HTML page" in report
@@ -234,7 +255,7 @@ def test_html_checkpoint_is_reported_once_and_nothing_is_requested(world, capfd)
     _replace_checkpoint(ckpt)
     fixed = watch(seen.cursor)
     assert isinstance(fixed, dg.SensorResult) and fixed.cursor not in (recorded, seen.cursor)
-    (obs,) = fixed.asset_events
+    obs = observe_requested(pipe, res, fixed)
     assert obs.metadata["previous_sha256"].value == recorded
     assert ticker.covered(ticker.tick(res)) == _everything(EMBED)
 

@@ -187,12 +187,28 @@ def _upstream(
 
 
 # -- assets ----------------------------------------------------------------------------------
+PREVIOUS_CHECKPOINT_TAG = "agrifm/previous_checkpoint_sha256"
+
+
 @dg.observable_source_asset(
     group_name=GROUP,
-    description="The AgriFM weights; the data version is the file's sha256.",
+    description=(
+        "The AgriFM weights; the data version is the file's sha256. Observed by a run that "
+        "checkpoint_sensor requests when the sha256 changes."
+    ),
 )
-def agrifm_checkpoint(model: AgriFMModel) -> dg.ObserveResult:
-    resolved = model.resolved()
+def agrifm_checkpoint(context: dg.OpExecutionContext, model: AgriFMModel) -> dg.ObserveResult:
+    from agrifm_pipeline.checkpoint import resolve_checkpoint
+    from agrifm_pipeline.errors import CheckpointError
+    from agrifm_pipeline.settings import load_settings
+
+    settings = load_settings()
+    try:  # what is cached, or a pinned URL's pin: no download just to observe
+        resolved = resolve_checkpoint(
+            model.checkpoint or None, settings.replace(auto_download=False)
+        )
+    except CheckpointError:
+        resolved = model.resolved()
     return dg.ObserveResult(
         data_version=dg.DataVersion(resolved.sha256),
         metadata={
@@ -201,6 +217,7 @@ def agrifm_checkpoint(model: AgriFMModel) -> dg.ObserveResult:
             "source": resolved.source,
             "path": str(resolved.path) if resolved.path else resolved.spec,
             "untrained": resolved.untrained,
+            "previous_sha256": context.run.tags.get(PREVIOUS_CHECKPOINT_TAG, ""),
         },
     )
 

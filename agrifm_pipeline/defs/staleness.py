@@ -18,7 +18,7 @@ from agrifm_pipeline.audit import (
     tile_year_state,
 )
 from agrifm_pipeline.checkpoint import checkpoint_problem, resolve_checkpoint
-from agrifm_pipeline.defs.assets import GROUP, tile_year_assets
+from agrifm_pipeline.defs.assets import GROUP, PREVIOUS_CHECKPOINT_TAG, tile_year_assets
 from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.partitions import MAX_PARTITIONS_PER_RUN, split_key, tiles_partitions
 from agrifm_pipeline.defs.requests import range_run_request, tile_rectangles
@@ -361,12 +361,16 @@ def stale_partitions_sensor(
     return dg.SensorResult(run_requests=requests, cursor=json.dumps({"inflight": inflight}))
 
 
+CHECKPOINT = dg.AssetKey("agrifm_checkpoint")
+
+
 @dg.sensor(
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[CHECKPOINT],
     description=(
         "Watches the checkpoint the model resource loads (same path, new content included) and "
-        "records an observation of agrifm_checkpoint whenever its sha256 changes."
+        "requests an observation of agrifm_checkpoint whenever its sha256 changes to a usable file."
     ),
 )
 def checkpoint_sensor(
@@ -398,12 +402,13 @@ def checkpoint_sensor(
         return dg.SensorResult(
             skip_reason=dg.SkipReason(f"checkpoint unchanged ({sha[:12]}…)"), cursor=sha
         )
-    observation = dg.AssetObservation(
-        asset_key=dg.AssetKey("agrifm_checkpoint"),
-        metadata={"sha256": sha, "source": source, "previous_sha256": recorded},
-        tags={"dagster/data_version": sha},
+    # Observed by the source asset's own function, in a run: Dagster records the data version.
+    observe = dg.RunRequest(
+        run_key=f"checkpoint:{sha}:{recorded}",
+        asset_selection=[CHECKPOINT],
+        tags={PREVIOUS_CHECKPOINT_TAG: recorded, "agrifm/reason": f"checkpoint now {sha[:12]}…"},
     )
-    return dg.SensorResult(asset_events=[observation], cursor=sha)
+    return dg.SensorResult(run_requests=[observe], cursor=sha)
 
 
 @dg.asset(
