@@ -60,7 +60,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     )
     with dg.DagsterInstance.from_config(str(home)) as instance:
         pipe = make_pipeline(tmp_path, instance=instance)
-        assert pipe.materialise(TILES[1:], [2019]).success
+        # One run over two partitions, as a backfill run is.
+        assert pipe.materialise(TILES, [2019]).success
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     proc = subprocess.Popen(
@@ -123,3 +124,35 @@ def test_graph_partitions_and_lineage_through_graphql(served: tuple[str, Path]) 
     assert lineage["tile"] == TILES[1] and lineage["year"] == 2019
     assert len(lineage["embedding"]["checkpoint"]["sha256"]) == 64
     assert len(lineage["acquisition"]["frames"]) == 8
+
+
+def test_check_status_per_partition_through_graphql(served: tuple[str, Path]) -> None:
+    """After a run over several partitions, every check of every asset has exactly one
+    execution per partition, none left planned or in progress, each with its partition
+    and a status that is its evaluation's verdict."""
+    url, _ = served
+    keys = {f"{t}|2019" for t in TILES}
+    seen = 0
+    for asset in ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid"):
+        names = [
+            c["name"]
+            for c in _graphql(
+                url,
+                f'{{ assetNodeOrError(assetKey: {{path: ["{asset}"]}}) {{ ... on AssetNode {{ '
+                "assetChecksOrError { ... on AssetChecks { checks { name } } } } } }",
+            )["assetNodeOrError"]["assetChecksOrError"]["checks"]
+        ]
+        assert names, asset
+        for name in names:
+            runs = _graphql(
+                url,
+                f'{{ assetCheckExecutions(assetKey: {{path: ["{asset}"]}}, checkName: "{name}", '
+                "limit: 50) { status partition evaluation { partition success } } }",
+            )["assetCheckExecutions"]
+            assert sorted(r["partition"] for r in runs) == sorted(keys), (asset, name, runs)
+            for r in runs:
+                assert r["status"] in ("SUCCEEDED", "FAILED"), (asset, name, r)
+                assert r["evaluation"]["partition"] == r["partition"]
+                assert (r["status"] == "SUCCEEDED") == r["evaluation"]["success"]
+                seen += 1
+    assert seen >= 2 * 5  # five checks, two partitions
