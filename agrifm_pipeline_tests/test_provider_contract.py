@@ -127,17 +127,9 @@ def test_every_provider_keeps_the_contract(provider: Provider, case: str) -> Non
 
 
 def test_contract_holds_for_another_band_order_mosaic_and_no_cloud_mask(
-    provider: Provider, request: pytest.FixtureRequest
+    provider: Provider,
 ) -> None:
     """The band order is the caller's: bands given in reverse come back in reverse."""
-    if provider.name == "synthetic":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="SyntheticProvider draws spectra by band position, not by band name "
-                "(reversed bands are the same values under reversed labels)",
-            )
-        )
     area, windows = CASES["year_t4"]
     forward = SensorSpec(composite="mosaic")
     backward = SensorSpec(bands=tuple(reversed(forward.bands)), composite="mosaic")

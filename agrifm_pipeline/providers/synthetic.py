@@ -27,7 +27,23 @@ from agrifm_pipeline.lineage import SCENE_INDEX_KEY, scene_index_record
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
 from agrifm_pipeline.specs import SensorSpec
 
+
 # Reflectance (DN) of bare soil and dense green vegetation for B2..B12.
+def _band_rows(bands: Sequence[str]) -> list[int]:
+    """Rows of the spectra below (in AgriFM's band order) for ``bands``."""
+    from agrifm_pipeline.errors import InputContractError
+    from agrifm_pipeline.model.config import AGRIFM_S2_BANDS
+
+    unknown = [b for b in bands if b not in AGRIFM_S2_BANDS]
+    if unknown:
+        raise InputContractError(
+            f"the synthetic provider has no spectrum for band(s) {unknown}; use bands of "
+            f"{', '.join(AGRIFM_S2_BANDS)}"
+        )
+    return [AGRIFM_S2_BANDS.index(b) for b in bands]
+
+
+# Spectra in AgriFM's band order (B2, B3, B4, B5, B6, B7, B8, B8A, B11, B12).
 SOIL = np.array([900, 1200, 1500, 1700, 1850, 1950, 2100, 2200, 2900, 2500], dtype=np.float32)
 VEGETATION = np.array([300, 600, 350, 1100, 2800, 3500, 4000, 4200, 2200, 1100], dtype=np.float32)
 CLOUD = np.array([7500, 7400, 7300, 7300, 7300, 7200, 7300, 7200, 5200, 4000], dtype=np.float32)
@@ -107,7 +123,9 @@ class SyntheticProvider:
         )
         ndvi = np.clip(ndvi_field[label], 0.05, 0.95)  # (H, W)
         frac = ((ndvi - 0.05) / 0.9)[None]
-        refl = SOIL[:, None, None] * (1 - frac) + VEGETATION[:, None, None] * frac
+        rows = _band_rows(sensor.bands)  # spectra by band name, in the caller's order
+        soil, vegetation, cloud_refl = SOIL[rows], VEGETATION[rows], CLOUD[rows]
+        refl = soil[:, None, None] * (1 - frac) + vegetation[:, None, None] * frac
         refl *= rng.normal(1.0, 0.03, size=(1, *label.shape)).astype(np.float32)
         scl = np.where(ndvi > 0.3, 4, 5).astype(np.uint8)
         cover = float(np.clip(rng.normal(self.cloud_cover, 0.25), 0, 1))
@@ -121,7 +139,7 @@ class SyntheticProvider:
                 cloud |= (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
             shadow = np.roll(cloud, (max(1, h // 30), max(1, w // 30)), axis=(0, 1)) & ~cloud
             refl[:, shadow] *= 0.35
-            refl[:, cloud] = CLOUD[:, None]
+            refl[:, cloud] = cloud_refl[:, None]
             scl[shadow] = 3
             scl[cloud] = np.where(rng.uniform(size=int(cloud.sum())) < 0.5, 8, 9)
             cloudy = 100.0 * float(cloud.mean())
