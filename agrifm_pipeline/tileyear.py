@@ -623,9 +623,9 @@ def pca3(grid: np.ndarray) -> np.ndarray:
     untouched): it matches the exact eigendecomposition's components to a
     correlation of 1 - 1e-13 at a fraction of its cost. The SVD is taken of the
     (D, pixels) matrix as the grid stores it, not of its transpose: the power
-    iterations' skinny matmuls are 2-5x faster that way round with MKL (7 against
-    14 ms on a 1024-channel, 28x28 tile, 2-vCPU AMD EPYC), and its right
-    singular vectors are the pixels' components.
+    iterations' skinny matmuls are faster that way round with MKL (the preview stage
+    of bench/bench_pipeline.py), and its right singular vectors are the pixels'
+    components.
     """
     d, h, w = grid.shape
     flat = np.asarray(grid).reshape(d, h * w)
@@ -665,10 +665,8 @@ def band_frames(frames: xr.DataArray, bands: Sequence[str]) -> np.ndarray:
     return block[:, [i - lo for i in idx]]
 
 
-# Up to this many frames the median is taken by a sorting network (below); more by a sort.
-# The network's T (T - 1) / 2 compare-exchanges stay 3-6x faster than the sort through
-# T = 48 (3 x 448 x 448 planes: 13 / 59 / 188 / 459 ms at T = 8 / 16 / 32 / 48, against
-# 72 / 305 / 727 / 1397 ms for the sort).
+# Up to this many frames the median is taken by a sorting network (below); more by a sort,
+# whose cost grows more slowly than the network's T (T - 1) / 2 compare-exchanges.
 _NETWORK_FRAMES_MAX = 64
 
 
@@ -677,11 +675,11 @@ def _median_frame(frames: np.ndarray) -> np.ndarray:
 
     Integer frames (what the stores hold) are sorted plane against plane by an
     odd-even transposition network: T rounds of elementwise min/max over whole
-    planes, T (T - 1) / 2 compare-exchanges, then the mean of the middle two.
-    For a tile's 8 x 3 x 448 x 448 preview samples that is 10-13 ms against 50-72 ms
-    for ``torch.sort`` over the frame axis and 98 ms for ``np.median`` (random
-    data, 2-vCPU AMD EPYC Zen 3). Float input (NaN would travel through min/max
-    differently) and series of more than 64 frames take the sort.
+    planes, T (T - 1) / 2 compare-exchanges, then the mean of the middle two:
+    cheaper than ``torch.sort`` over the frame axis or ``np.median`` for a
+    preview's few frames (the preview stage of bench/bench_pipeline.py). Float
+    input (NaN would travel through min/max differently) and series of more than
+    64 frames take the sort.
     """
     t = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
     n = t.shape[0]
@@ -763,8 +761,8 @@ def preview_png(
     )
     draw.text((4, size + 19), coverage_caption(coverage), fill=(0, 0, 0))
     buf = io.BytesIO()
-    # zlib's default level: 5 ms against 17.5 for optimize=True, for a file 6 % larger
-    # (7.8 against 7.4 kB on the demo tile).
+    # zlib's default level: a few percent larger than optimize=True, at a fraction of
+    # its time.
     canvas.save(buf, format="PNG")
     return buf.getvalue()
 

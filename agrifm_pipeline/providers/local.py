@@ -57,9 +57,9 @@ from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_ar
 from agrifm_pipeline.specs import SensorSpec
 
 # A GeoTIFF's CRS as its GeoKeys define it. GDAL's default (AUTO) looks the EPSG
-# code up in PROJ's database and compares the two definitions on every open: a
-# third of the time of opening one of these scenes (0.84 -> 0.56 ms measured on
-# the bundled sample), for the same CRS whenever the file is consistent.
+# code up in PROJ's database and compares the two definitions on every open, a
+# large share of opening a small scene (bench/bench_provider.py), for the same CRS
+# whenever the file is consistent.
 _GDAL_OPTIONS = {"GTIFF_SRS_SOURCE": "GEOKEYS"}
 _DATE_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.tif{1,2}$", re.IGNORECASE)
 CLOUDY_SCL = (8, 9, 10)
@@ -516,7 +516,7 @@ class LocalProvider:
         cloud_mask: CloudMask,
     ) -> FrameStack:
         # One GDAL environment for the whole stack: rasterio.open sets one up and tears it
-        # down around every file otherwise (about 0.2 ms of each of the ~100 opens).
+        # down around every file otherwise.
         with rasterio.Env(**_GDAL_OPTIONS):
             # Stamped before any pixel is read: a scene replaced meanwhile reads as changed.
             index = self.scene_index(area, windows, sensor)
