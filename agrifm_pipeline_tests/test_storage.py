@@ -471,3 +471,21 @@ def test_orphans_younger_than_the_grace_are_left_to_their_writer(tmp_path: Path)
     store.write(2019, TILE, _grid(2.0), {})
     assert vid in store.versions(2019, TILE)
     assert store.sweep(2019, TILE, grace_s=0) == [vid]
+
+
+def test_file_partitions_are_versioned_and_checked(store_kind: StoreKind) -> None:
+    """Chip tables and previews (whole files) follow the same rules as Zarr partitions."""
+    files = store_kind.files()
+    v1 = files.put(2019, TILE, "chips.parquet", b"PAR1 first", {"n": 1})
+    v2 = files.put(2019, TILE, "chips.parquet", b"PAR1 second", {"n": 2})
+    assert files.read(2019, TILE, "chips.parquet") == b"PAR1 second"
+    assert files.read_objects(v1) == {"chips.parquet": b"PAR1 first"}
+    assert files.lineage(2019, TILE) == {"n": 2} and files.verify(v2) == []
+    path = f"{v2.path}/chips.parquet"
+    if files.local:
+        Path(path).write_bytes(b"PAR1 change")
+    else:
+        files.fs.pipe_file(path, b"PAR1 change")
+    assert [(p.object, p.what) for p in files.verify(v2)] == [("chips.parquet", "mismatch")]
+    with pytest.raises(CorruptionError, match="chips.parquet: mismatch"):
+        files.read(2019, TILE, "chips.parquet")
