@@ -487,5 +487,5 @@ def test_file_partitions_are_versioned_and_checked(store_kind: StoreKind) -> Non
     else:
         files.fs.pipe_file(path, b"PAR1 change")
     assert [(p.object, p.what) for p in files.verify(v2)] == [("chips.parquet", "mismatch")]
-    with pytest.raises(CorruptionError, match="chips.parquet: mismatch"):
+    with pytest.raises(CorruptionError, match=r"chips\.parquet: mismatch"):
         files.read(2019, TILE, "chips.parquet")
