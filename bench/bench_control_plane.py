@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""The control plane at scale: sensor ticks and the audit over thousands of tile-years.
+
+One tile-year is materialised for real (synthetic source, the tiny reference
+checkpoint, one 32 px chip per tile), then its committed versions are written
+again, through the storage API, for ``--tiles`` x ``--years`` tile-years (lineage
+rewritten for each tile and year; every fingerprint stays current), and each
+partition's materialisation is reported to the Dagster instance. One region owns
+all the tiles. Then each sensor is evaluated as the daemon would, and the audit is
+built:
+
+* ``stale_partitions_sensor``: everything is current, so the tick does the whole
+  comparison and requests nothing;
+* ``region_mosaic_sensor``: every region-year has all its grids and no mosaic yet,
+  so it requests one mosaic per year;
+* ``region_files_sensor``: nothing changed;
+* ``audit_rows``: every partition of every stored asset.
+
+    python bench/bench_control_plane.py [--tiles 250 --years 8] [--postgres URL]
+        [--json bench/results/bench_control_plane.json]
+
+The instance is SQLite under a temporary directory unless ``--postgres`` gives a
+database URL (``postgresql+psycopg2://…``; it must be empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY = ROOT / "agrifm_pipeline_tests" / "fixtures" / "agrifm" / "tiny_p444.pth"
+ZARR = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid")
+FILES = {"chip_embeddings": "chips.parquet", "embedding_preview": "preview.png"}
+
+
+def _instance(home: Path, postgres: str | None) -> Any:
+    import dagster as dg
+
+    home.mkdir(parents=True, exist_ok=True)
+    if postgres:
+        (home / "dagster.yaml").write_text(
+            "storage:\n  postgres:\n    postgres_url: " + json.dumps(postgres) + "\n"
+            "telemetry:\n  enabled: false\n"
+        )
+    else:
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def run(tiles: int, years: int, postgres: str | None) -> dict[str, Any]:
+    import dagster as dg
+
+    from agrifm_pipeline.definitions import build_defs
+    from agrifm_pipeline.defs.audit import audit_rows
+    from agrifm_pipeline.defs.partitions import tile_year_key
+    from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
+    from agrifm_pipeline.defs.resources import (
+        AgriFMModel,
+        S2Source,
+        TileYearConfig,
+        ZarrStorage,
+    )
+    from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
+    from agrifm_pipeline.defs.staleness import (
+        current_fingerprints,
+        stage_stores,
+        stale_partitions_sensor,
+    )
+    from agrifm_pipeline.tiles import Tile
+
+    os.environ["RS_EMBED_AGRIFM_CKPT_MIN_BYTES"] = "1000"
+    tmp = Path(tempfile.mkdtemp(prefix="agrifm-cp-"))
+    resources = {
+        "tile_year": TileYearConfig(chip_px=32, chips_per_side=1, image_size=32, n_frames=4),
+        "s2": S2Source(backend="synthetic"),
+        "model": AgriFMModel(checkpoint=str(TINY), device="cpu"),
+        "storage": ZarrStorage(root=str(tmp / "store"), regions_dir=str(tmp / "regions")),
+    }
+    storage: ZarrStorage = resources["storage"]
+    ids = [Tile(32631, 320, 1800 + i % 50, 17000 + i // 50).id for i in range(tiles)]
+    year_list = list(range(2018, 2018 + years))
+    out: dict[str, Any] = {"tiles": tiles, "years": years, "tile_years": tiles * years}
+    with _instance(tmp / "dagster", postgres) as instance:
+        instance.add_dynamic_partitions("tiles", ids)
+        defs = build_defs(resources)
+        # One real tile-year per year (a year's scenes are part of its record), the template.
+        t0 = time.perf_counter()
+        template: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
+        for year in year_list:
+            first = defs.resolve_job_def("embed_tile_years").execute_in_process(
+                instance=instance,
+                tags={
+                    RANGE_START: str(tile_year_key(ids[0], year)),
+                    RANGE_END: str(tile_year_key(ids[0], year)),
+                },
+            )
+            assert first.success
+            for asset in ZARR:
+                store = storage.store(asset)
+                v = store.current(year, ids[0])
+                template[(asset, year)] = (
+                    store.open_version(v, verify=True),
+                    store.lineage(year, ids[0]),
+                )
+            for asset, name in FILES.items():
+                fstore = storage.files(asset)
+                template[(asset, year)] = (
+                    fstore.read(year, ids[0], name),
+                    fstore.lineage(year, ids[0]),
+                )
+        out["real_tile_years_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        versions: dict[tuple[str, str, int], str] = {}
+        for year in year_list:
+            for tile in ids[1:]:
+                for asset in (*ZARR, *FILES):
+                    data, lineage = template[(asset, year)]
+                    lin = json.loads(json.dumps(lineage))
+                    lin.update(tile=tile, year=year)
+                    for rec in lin.get("inputs", {}).values():
+                        if isinstance(rec, dict) and rec.get("version"):
+                            up = rec.get("asset")
+                            if up in ZARR:
+                                rec["version"] = versions[(up, tile, year)]
+                    if asset in ZARR:
+                        v = storage.store(asset).write(year, tile, data, lin)
+                    else:
+                        v = storage.files(asset).put(year, tile, FILES[asset], data, lin)
+                    versions[(asset, tile, year)] = v.id
+                    instance.report_runless_asset_event(
+                        dg.AssetMaterialization(
+                            dg.AssetKey(asset), partition=str(tile_year_key(tile, year))
+                        )
+                    )
+        out["seed_s"] = round(time.perf_counter() - t0, 1)
+        # One region file whose tiles are exactly these, registered by the region sensor.
+        import geopandas as gpd
+        import shapely
+
+        boxes = [shapely.box(*Tile.from_id(t).bounds).buffer(-1.0) for t in ids]
+        regions = Path(storage.regions_dir)
+        regions.mkdir(parents=True)
+        gpd.GeoDataFrame(geometry=[shapely.unary_union(boxes)], crs="EPSG:32631").to_file(
+            regions / "load_test.geojson", driver="GeoJSON"
+        )
+        t = time.perf_counter()
+        registered = region_files_sensor(
+            dg.build_sensor_context(instance=instance, resources=resources)
+        )
+        out["region_files_sensor_register_s"] = round(time.perf_counter() - t, 2)
+        for request in getattr(registered, "dynamic_partitions_requests", None) or []:
+            instance.add_dynamic_partitions(
+                request.partitions_def_name, list(request.partition_keys)
+            )
+        assert sorted(storage.registry().tiles_of("load_test")) == sorted(ids)
+
+        def tick(sensor: Any) -> tuple[float, Any]:
+            ctx = dg.build_sensor_context(instance=instance, resources=resources)
+            t = time.perf_counter()
+            result = sensor(ctx)
+            return round(time.perf_counter() - t, 2), result
+
+        for name, sensor in (
+            ("stale_partitions_sensor", stale_partitions_sensor),
+            ("region_mosaic_sensor", region_mosaic_sensor),
+            ("region_files_sensor", region_files_sensor),
+        ):
+            cold, result = tick(sensor)
+            warm, _ = tick(sensor)
+            requests = len(getattr(result, "run_requests", None) or [])
+            skip = getattr(result, "skip_reason", None) or (
+                result if isinstance(result, dg.SkipReason) else None
+            )
+            out[name] = {
+                "first_tick_s": cold,
+                "next_tick_s": warm,
+                "run_requests": requests,
+                "skip": getattr(skip, "skip_message", None),
+            }
+        current, unknown, _ = current_fingerprints(
+            resources["tile_year"], resources["s2"], resources["model"]
+        )
+        t = time.perf_counter()
+        rows = audit_rows(instance, stage_stores(storage), current, unknown=unknown)
+        out["audit"] = {"s": round(time.perf_counter() - t, 2), "rows": len(rows)}
+        out["audit"]["statuses"] = {
+            s: sum(r.status == s for r in rows) for s in sorted({r.status for r in rows})
+        }
+    out["instance"] = "postgres" if postgres else "sqlite"
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=250)
+    ap.add_argument("--years", type=int, default=8)
+    ap.add_argument("--postgres", default=None, help="an empty database's URL")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    out = run(args.tiles, args.years, args.postgres)
+    out["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    out["command"] = " ".join(["python", *sys.argv])
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
