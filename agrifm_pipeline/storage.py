@@ -176,12 +176,6 @@ def check_name(value: str | int, what: str) -> str:
     return text
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_file_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Whole-file write to any fsspec URL. Locally: a temporary file beside it with the
     process umask's permissions, then one rename; the temporary file never outlives a
@@ -566,9 +560,6 @@ class PartitionStore:
     def documents(self) -> Documents:
         return Documents(self.fs, lock=self.commit_lock, owner=self)
 
-    def _conditional(self) -> bool:
-        return self.documents.conditional
-
     def _write_pointer(self, path: str, doc: dict[str, Any], token: str) -> bool:
         """Replace the pointer; False where a conditional write found another commit first."""
         return self.documents.write(path, doc, token)
@@ -766,8 +757,8 @@ class PartitionStore:
             _MANIFEST_CACHE[key] = got  # versions are immutable: cached for good
         return got
 
-    def read_objects(self, v: Version, *, verify: bool = True) -> dict[str, bytes]:
-        """Every object of a version, checked against its manifest when ``verify``."""
+    def _check(self, v: Version, verify: bool) -> tuple[dict[str, bytes], list[Problem]]:
+        """Every object of a version read once, and what is missing or differs."""
         objects = self.manifest(v)["objects"]
         got = self._read_many([f"{v.path}/{name}" for name in objects])
         out: dict[str, bytes] = {}
@@ -791,6 +782,11 @@ class PartitionStore:
                 )
                 continue
             out[name] = bytes(data)
+        return out, problems
+
+    def read_objects(self, v: Version, *, verify: bool = True) -> dict[str, bytes]:
+        """Every object of a version, checked against its manifest when ``verify``."""
+        out, problems = self._check(v, verify)
         if problems:
             raise CorruptionError(
                 "stored data fails its checksums: "
@@ -802,11 +798,9 @@ class PartitionStore:
     def verify(self, v: Version) -> list[Problem]:
         """Re-hash one version; every object that is missing or differs is a problem."""
         try:
-            self.read_objects(v, verify=True)
-        except CorruptionError as exc:
-            found = _problems_of(v, str(exc))
-            return found or [Problem(v.asset, v.year, v.tile, v.id, MANIFEST, "manifest", str(exc))]
-        return []
+            return self._check(v, verify=True)[1]
+        except CorruptionError as exc:  # the manifest itself is missing or altered
+            return [Problem(v.asset, v.year, v.tile, v.id, MANIFEST, "manifest", str(exc))]
 
     # -- integrity verdicts (written by verify, read by the audit and the stale sensor) ----
     def mark_integrity(self, v: Version, problems: list[Problem]) -> None:
@@ -880,20 +874,6 @@ class PartitionStore:
 
 
 _MANIFEST_CACHE: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-
-
-def _problems_of(v: Version, text: str) -> list[Problem]:
-    out = []
-    prefix = f"{v.asset} {v.year}/{v.tile} version {v.id}: "
-    for part in text.split("; "):
-        part = part.removeprefix("stored data fails its checksums: ")
-        if not part.startswith(prefix):
-            continue
-        rest = part[len(prefix) :].split(" — ")[0]
-        name, _, what = rest.partition(": ")
-        kind, _, detail = what.partition(" (")
-        out.append(Problem(v.asset, v.year, v.tile, v.id, name, kind, detail.rstrip(")")))
-    return out
 
 
 # -- Zarr partitions ----------------------------------------------------------------------

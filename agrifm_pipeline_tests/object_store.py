@@ -96,23 +96,14 @@ class StoreKind:
     storage_options: dict[str, Any] = field(default_factory=dict)
     commit_lock: bool = True
 
+    def _options(self, **kw: Any) -> dict[str, Any]:
+        return {"storage_options": self.storage_options, "commit_lock": self.commit_lock, **kw}
+
     def zarr(self, asset: str = "grid", **kw: Any) -> ZarrStore:
-        return ZarrStore(
-            self.root,
-            asset,
-            storage_options=self.storage_options,
-            commit_lock=self.commit_lock,
-            **kw,
-        )
+        return ZarrStore(self.root, asset, **self._options(**kw))
 
     def files(self, asset: str = "chips", **kw: Any) -> FileStore:
-        return FileStore(
-            self.root,
-            asset,
-            storage_options=self.storage_options,
-            commit_lock=self.commit_lock,
-            **kw,
-        )
+        return FileStore(self.root, asset, **self._options(**kw))
 
     def spec(self) -> str:
         """JSON a child process rebuilds the store from (see :func:`child_script`)."""
