@@ -260,6 +260,20 @@ def max_region_tiles(env: Mapping[str, str] | None = None) -> int:
     return _parse_int(MAX_REGION_TILES_ENV, raw, 1)
 
 
+GEE_LIST_PER_TICK_ENV = "AGRIFM_PIPELINE_GEE_LIST_PER_TICK"
+DEFAULT_GEE_LIST_PER_TICK = 500
+
+
+def gee_list_per_tick(env: Mapping[str, str] | None = None) -> int:
+    """Earth Engine tile-years the stale sensor lists per tick:
+    ``AGRIFM_PIPELINE_GEE_LIST_PER_TICK``, else 500."""
+    env = os.environ if env is None else env
+    raw = env.get(GEE_LIST_PER_TICK_ENV, "")
+    if not raw.strip():
+        return DEFAULT_GEE_LIST_PER_TICK
+    return _parse_int(GEE_LIST_PER_TICK_ENV, raw, 1)
+
+
 def check_storage_root(root: str, *, name: str = PIPELINE_STORAGE_ENV) -> str:
     """``root`` if it is a directory path or a URL whose protocol fsspec can open.
 

@@ -39,10 +39,17 @@ Granules of the catalog carry the properties the provider reads
 ``CLOUDY_PIXEL_PERCENTAGE``). A catalog can hold the same acquisition twice:
 as an overlapping granule of a neighbouring MGRS tile (same pixels, part of
 the area) and as an older delivery of the same granule (different values).
+Tests change the catalog between requests as Earth Engine's changes: a granule
+delivered again (:func:`redelivery`), ingested or withdrawn
+(``StandIn.add_granules`` / ``remove_granules``). Values are evaluated
+wherever they sit, so one ``value:compute`` may ask for many collections'
+properties at once (a dictionary of dictionaries, as the provider's batched
+granule lists do).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import io
@@ -201,6 +208,22 @@ def catalog_from_directory(
     return out
 
 
+def redelivery(granule: Granule, generated: dt.datetime) -> Granule:
+    """``granule`` delivered again (processed anew) at ``generated``: a granule of the same
+    acquisition and MGRS tile with the same pixels, whose id names its generation time
+    as every stand-in id does. Earth Engine keeps both deliveries in the collection."""
+    sensed, tile = granule.index.split("_")[0], granule.props["MGRS_TILE"]
+    index = f"{sensed}_{generated.strftime('%Y%m%dT%H%M%S')}_T{tile}"
+    product = granule.props["PRODUCT_ID"].rsplit("_", 1)[0]
+    props = {
+        **granule.props,
+        "system:index": index,
+        "GENERATION_TIME": int(generated.timestamp() * 1000),
+        "PRODUCT_ID": f"{product}_{generated:%Y%m%dT%H%M%S}",
+    }
+    return dataclasses.replace(granule, index=index, props=props)
+
+
 # --- values the evaluator works with ----------------------------------------------------
 
 
@@ -338,6 +361,7 @@ def _transformer(src: str, dst: str) -> Any:
     return Transformer.from_crs(CRS.from_user_input(src), CRS.from_user_input(dst), always_xy=True)
 
 
+@functools.lru_cache(maxsize=64)
 def _same_crs(a: str, b: str) -> bool:
     from pyproj import CRS
 
@@ -935,6 +959,16 @@ class StandIn:
         """The next ``n`` API calls answer ``status`` with ``message`` (Earth Engine's form)."""
         with self.lock:
             self.failures.extend([(status, message or f"HTTP {status}")] * n)
+
+    def add_granules(self, *granules: Granule) -> None:
+        """Granules ingested into the collection (visible to the next request)."""
+        with self.lock:
+            self.catalog.extend(granules)
+
+    def remove_granules(self, *indexes: str) -> None:
+        """Granules withdrawn from the collection, by ``system:index``."""
+        with self.lock:
+            self.catalog[:] = [g for g in self.catalog if g.index not in indexes]
 
     def drop_next(self, n: int) -> None:
         """The next ``n`` API calls get their connection closed with no answer."""

@@ -23,6 +23,7 @@ from agrifm_pipeline.audit import (
     tile_year_state,
 )
 from agrifm_pipeline.lineage import Fingerprints
+from agrifm_pipeline.scene_listing import BatchedListing
 from agrifm_pipeline.storage import PartitionStore, StorageError
 
 
@@ -57,6 +58,8 @@ def audit_rows(
     keys = {
         (t, y) for t, y in keys if (tiles is None or t in tiles) and (year is None or y == year)
     }
+    if isinstance(scenes, BatchedListing):  # Earth Engine: every tile-year listed ahead, batched
+        scenes.prefetch(keys)
     unjudged = f"not judged: {not_judged}" if not_judged else "not judged"
     rows: list[AuditRow] = []
     states: dict[tuple[str, int], TileYearState] = {}

@@ -31,8 +31,9 @@ from agrifm_pipeline.defs.resources import (
 )
 from agrifm_pipeline.errors import AgriFMError, CheckpointError
 from agrifm_pipeline.lineage import Fingerprints
-from agrifm_pipeline.providers.base import SceneIndexed
-from agrifm_pipeline.settings import load_settings
+from agrifm_pipeline.providers.base import BatchSceneIndexed, SceneIndexed
+from agrifm_pipeline.scene_listing import CURSOR_KEY, BatchedListing, recorded_in
+from agrifm_pipeline.settings import gee_list_per_tick, load_settings
 from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import scene_index
 
@@ -116,33 +117,62 @@ class Scenes:
     lister: SceneLister | None
     why_not: str = ""  # why the scenes are not compared at all
     failures: list[str] = field(default_factory=list)  # tile-years that could not be listed
+    listing: BatchedListing | None = None  # a source listed ahead, in batches (Earth Engine)
+
+    def prefetch(self, keys: Any, stores: dict[str, Any] | None = None) -> None:
+        """List the tile-years ``keys`` ahead, many per request, where the source is listed
+        in batches (for a sensor tick: its share, round the tile-years; ``stores`` give
+        the scenes each recorded). Other sources are listed when asked."""
+        if self.listing is not None:
+            frames = stores.get(ORDER[0]) if stores is not None else None
+            self.listing.prefetch(keys, recorded_in(frames) if frames is not None else None)
+
+    def cursor(self) -> dict[str, Any]:
+        """What the sensor's cursor keeps for the next tick's listing ({} if nothing)."""
+        if self.listing is None or self.listing.per_tick is None:
+            return {}
+        return {CURSOR_KEY: self.listing.state()}
 
     def note(self) -> str:
         """What the skip message says about scenes that were not compared ("" if none)."""
         if self.why_not:
             return f"; source scenes not compared: {self.why_not}"
+        text = self.listing.note() if self.listing is not None else ""
         if self.failures:
-            return (
+            text += (
                 f"; source scenes not listed for {len(self.failures)} tile-year(s): "
                 f"{self.failures[0]}"
             )
-        return ""
+        return text
 
 
-def source_scenes(s2: S2Source, tile_year: TileYearConfig) -> Scenes:
+def source_scenes(
+    s2: S2Source, tile_year: TileYearConfig, *, tick: dict[str, Any] | None = None
+) -> Scenes:
     """A lister of each tile-year's current scenes from the source's headers (no pixels read,
-    nothing acquired), compared with the scenes each partition recorded; or why not."""
-    if s2.backend == "gee":
-        return Scenes(
-            None,
-            "Earth Engine is not listed by the sensor (a request per tile-year); the granule "
-            "ids and generation times are recorded in each frame stack's lineage",
-        )
+    nothing acquired), compared with the scenes each partition recorded; or why not.
+
+    Earth Engine is listed ahead in batches (:meth:`Scenes.prefetch`): everything for the
+    audit; for a sensor tick (``tick``: the previous tick's cursor) its share only,
+    ``AGRIFM_PIPELINE_GEE_LIST_PER_TICK`` tile-years round the materialised ones
+    (:mod:`agrifm_pipeline.scene_listing`)."""
     try:
         cfg = tile_year.resolve()
         provider = s2.provider()
+        per_tick = gee_list_per_tick() if tick is not None else None
     except AgriFMError as exc:
         return Scenes(None, f"the source cannot be opened: {exc}")
+    if isinstance(provider, BatchSceneIndexed):
+        out = Scenes(None)
+        out.listing = BatchedListing(
+            provider,
+            cfg,
+            per_tick=per_tick,
+            state=(tick or {}).get(CURSOR_KEY),
+            failures=out.failures,
+        )
+        out.lister = out.listing
+        return out
     if not isinstance(provider, SceneIndexed):
         return Scenes(None, f"provider {provider.name} cannot list its scenes")
     out = Scenes(None)
@@ -273,7 +303,7 @@ def stale_partitions_sensor(
         not_judged = f"; embeddings not judged: {sha.removeprefix('unknown: ')}"
         context.log.warning(f"embeddings not judged: {sha.removeprefix('unknown: ')}")
     unusable = ckpt[2] is not None  # a run could not load it: request nothing that needs it
-    scenes = source_scenes(s2, tile_year)
+    scenes = source_scenes(s2, tile_year, tick=cursor)
     stores = stage_stores(storage)
     materialised: dict[str, set[tuple[str, int]]] = {}
     for asset in ORDER:
@@ -281,6 +311,7 @@ def stale_partitions_sensor(
             split_key(pk) for pk in instance.get_materialized_partitions(dg.AssetKey(asset))
         }
     candidates = set().union(*materialised.values())
+    scenes.prefetch(candidates, stores)  # Earth Engine: this tick's share, batched
     groups: dict[tuple[tuple[str, ...], int], list[str]] = {}
     reasons: dict[str, set[str]] = {}
     counts = {"current": 0, "stale_in_flight": 0, "waiting": 0, "not_judged": 0, "held": 0}
@@ -328,7 +359,7 @@ def stale_partitions_sensor(
     if not groups:
         return dg.SensorResult(
             skip_reason=dg.SkipReason(_counts_message(counts, flight) + not_judged + scenes.note()),
-            cursor=json.dumps({"inflight": inflight}),
+            cursor=json.dumps({"inflight": inflight, **scenes.cursor()}),
         )
     order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
     requests: list[dg.RunRequest] = []
@@ -358,7 +389,9 @@ def stale_partitions_sensor(
             context.log.info(
                 f"stale: {', '.join(selection)} for {len(block)} tile(s) of {year} ({why})"
             )
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps({"inflight": inflight}))
+    return dg.SensorResult(
+        run_requests=requests, cursor=json.dumps({"inflight": inflight, **scenes.cursor()})
+    )
 
 
 CHECKPOINT = dg.AssetKey("agrifm_checkpoint")

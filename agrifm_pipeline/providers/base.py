@@ -179,8 +179,11 @@ class SceneIndexed(Protocol):
 
     ``scene_index(area, windows, sensor)`` maps the id of every scene of the source
     that intersects ``area`` within the windows' range to a stamp that changes when
-    the scene does (a file's size and modification time, a STAC item's ``updated``).
-    Cloud filters are not applied: a scene that becomes clearer matters too. The
+    the scene does (a file's size and modification time, a STAC item's ``updated``,
+    an Earth Engine granule's generation time). Cloud filters are not applied: a
+    scene that becomes clearer matters too (Earth Engine lists the granules that pass
+    its scene filter, as a fetch records them, so a granule crossing it appears or
+    goes). The
     provider records the same index in its frame stack's record
     (:func:`agrifm_pipeline.lineage.scene_index_record`), so the stale sensor can tell
     a changed, added or removed scene without acquiring anything again. It must stay
@@ -190,3 +193,27 @@ class SceneIndexed(Protocol):
     def scene_index(
         self, area: GeoBox, windows: Sequence[FrameWindow], sensor: SensorSpec
     ) -> dict[str, str]: ...
+
+
+@runtime_checkable
+class BatchSceneIndexed(SceneIndexed, Protocol):
+    """A :class:`SceneIndexed` provider whose listing is a remote request (Earth Engine):
+    it lists many tile-years per request, so callers list ahead, in its batches.
+
+    ``listing_batches(requests, sensor)`` splits ``(key, area, windows)`` requests into
+    the batches one request each lists; ``scene_indexes(requests, sensor, attempts=)``
+    lists them (``{key: scene index}``, raising when a request fails; ``attempts``
+    bounds each request's attempts, for a caller on a deadline).
+    """
+
+    def listing_batches(
+        self, requests: Sequence[tuple[Any, GeoBox, Sequence[FrameWindow]]], sensor: SensorSpec
+    ) -> list[list[tuple[Any, GeoBox, Sequence[FrameWindow]]]]: ...
+
+    def scene_indexes(
+        self,
+        requests: Sequence[tuple[Any, GeoBox, Sequence[FrameWindow]]],
+        sensor: SensorSpec,
+        *,
+        attempts: int | None = None,
+    ) -> dict[Any, dict[str, str]]: ...

@@ -52,6 +52,15 @@ processes and nodes, and for the Dagster-pool alternative).
 the credentials are resolved once and cached. Earth Engine's client keeps its
 connection settings process-wide; one process talks to one endpoint and
 project at a time.
+
+**Listing** (:meth:`EarthEngineProvider.scene_indexes`, for the stale sensor
+and the audit): the granule list of step 1 for many tile-years in one
+``value:compute`` (a dictionary of each tile-year's granule properties, at
+most :data:`LIST_BATCH` tile-years and :data:`MAX_LIST_REQUEST_BYTES` of
+expression per request), grouped locally as a fetch groups them: an unchanged
+collection lists exactly the ``scene_index`` the fetch recorded, and a
+re-delivered, added or removed granule changes exactly the tile-years it
+intersects. Listing requests share the retries and both concurrency bounds.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +112,10 @@ RETRY_MESSAGES = (
     "backend error",
 )
 TIMED_OUT_MESSAGE = "computation timed out"
+#: Tile-years whose granules one listing request asks for (:meth:`EarthEngineProvider.scene_indexes`).
+LIST_BATCH = 50
+#: The most serialised expression one listing request sends (Earth Engine refuses payloads over 10 MB).
+MAX_LIST_REQUEST_BYTES = 1_000_000
 #: Collections whose values are not comparable across the 2022-01-25 processing change.
 NON_HARMONIZED = {
     "COPERNICUS/S2_SR": "COPERNICUS/S2_SR_HARMONIZED",
@@ -125,6 +138,7 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 _INIT_LOCK = threading.Lock()
 _INITIALISED: tuple[Any, ...] | None = None
@@ -419,6 +433,7 @@ class EarthEngineProvider:
         max_backoff_s: float = 60.0,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         max_request_bands: int = DEFAULT_MAX_REQUEST_BANDS,
+        list_batch: int = LIST_BATCH,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         import ee
@@ -434,6 +449,8 @@ class EarthEngineProvider:
                 )
         if max_attempts < 1:
             raise SettingsError(f"max_attempts={max_attempts}; use 1 or more")
+        if list_batch < 1:
+            raise SettingsError(f"list_batch={list_batch}; use 1 or more")
         if not 1 <= max_request_bands <= EE_MAX_REQUEST_BANDS:
             raise SettingsError(
                 f"max_request_bands={max_request_bands}; use 1..{EE_MAX_REQUEST_BANDS} "
@@ -453,6 +470,7 @@ class EarthEngineProvider:
         self.max_backoff_s = max_backoff_s
         self.max_request_bytes = max_request_bytes
         self.max_request_bands = max_request_bands
+        self.list_batch = list_batch
         self._sleep = sleep
         self._credentials = credentials
         self._key = Path(service_account_key) if service_account_key else None
@@ -551,13 +569,17 @@ class EarthEngineProvider:
             _INITIALISED = key
 
     # -- requests -----------------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T], counters: _Counters) -> T:
+    def _call(
+        self, what: str, fn: Callable[[], T], counters: _Counters, attempts: int | None = None
+    ) -> T:
         """One request under both concurrency bounds, retrying transient failures.
 
         A "Computation timed out." answer is raised as :class:`_TimedOut` for
-        the caller to split the request.
+        the caller to split the request. ``attempts``: at most this many (and
+        never more than ``max_attempts``), for a caller on a deadline.
         """
-        for attempt in range(1, self.max_attempts + 1):
+        max_attempts = min(attempts or self.max_attempts, self.max_attempts)
+        for attempt in range(1, max_attempts + 1):
             with self._slots, self.limiter.slot():
                 with self._lock:
                     self._in_flight += 1
@@ -574,7 +596,7 @@ class EarthEngineProvider:
                         raise ProviderError(
                             f"Earth Engine refused {what}: {exc}{_hint(exc)}"
                         ) from exc
-                    if attempt == self.max_attempts:
+                    if attempt == max_attempts:
                         raise ProviderError(
                             f"Earth Engine kept failing {what} after {attempt} attempts: {exc}; "
                             "lower deployment_slots / RS_EMBED_AGRIFM_FETCH_WORKERS or try later"
@@ -615,15 +637,112 @@ class EarthEngineProvider:
         anyone = ee.ImageCollection(sensor.collection).filterBounds(region).limit(1).size()
         return bool(self._call("the coverage check", anyone.getInfo, counters))
 
-    def granules(self, col: Any, counters: _Counters) -> dict[str, list[Any]]:
-        """Each granule's properties (:data:`GRANULE_PROPERTIES`), one request."""
+    @staticmethod
+    def _granule_query(col: Any) -> Any:
+        """An ee.Dictionary: property name -> one value per granule of ``col``."""
         import ee
 
-        query = ee.Dictionary.fromLists(
+        return ee.Dictionary.fromLists(
             list(GRANULE_PROPERTIES), [col.aggregate_array(p) for p in GRANULE_PROPERTIES]
         )
-        found = self._call("the granule list", query.getInfo, counters)
+
+    def granules(self, col: Any, counters: _Counters) -> dict[str, list[Any]]:
+        """Each granule's properties (:data:`GRANULE_PROPERTIES`), one request."""
+        found = self._call("the granule list", self._granule_query(col).getInfo, counters)
         return dict(found or {})
+
+    # -- listing: the granules of many tile-years -----------------------------------------
+    def _listing_query(
+        self, area: GeoBox, windows: Sequence[FrameWindow], sensor: SensorSpec
+    ) -> Any:
+        """The granule query a fetch of (area, windows) starts with."""
+        return self._granule_query(
+            self._collection(area, windows[0].start, windows[-1].end, sensor)
+        )
+
+    def listing_batches(
+        self, requests: Sequence[tuple[K, GeoBox, Sequence[FrameWindow]]], sensor: SensorSpec
+    ) -> list[list[tuple[K, GeoBox, Sequence[FrameWindow]]]]:
+        """``requests`` in the batches :meth:`scene_indexes` sends, one request each: at
+        most ``list_batch`` tile-years and :data:`MAX_LIST_REQUEST_BYTES` of expression
+        (a tile-year's measured once per CRS: only its coordinates' digits differ)."""
+        import ee
+
+        self.initialise()
+        out: list[list[tuple[K, GeoBox, Sequence[FrameWindow]]]] = []
+        size = 0
+        sizes: dict[str, int] = {}
+        for req in requests:
+            crs = str(req[1].crs)
+            if crs not in sizes:
+                query = self._listing_query(req[1], req[2], sensor)
+                sizes[crs] = len(json.dumps(ee.serializer.encode(query, for_cloud_api=True))) + 256
+            n = sizes[crs]
+            if not out or len(out[-1]) >= self.list_batch or size + n > MAX_LIST_REQUEST_BYTES:
+                out.append([])
+                size = 0
+            out[-1].append(req)
+            size += n
+        return out
+
+    def scene_indexes(
+        self,
+        requests: Sequence[tuple[K, GeoBox, Sequence[FrameWindow]]],
+        sensor: SensorSpec,
+        *,
+        attempts: int | None = None,
+    ) -> dict[K, dict[str, str]]:
+        """``{key: {granule id: "generated <GENERATION_TIME>"}}`` for each ``(key, area,
+        windows)``: what a fetch of that area and those windows would record as its
+        ``scene_index`` now, many tile-years per request (:meth:`listing_batches`).
+
+        The granules are those a fetch considers (the scene filter applied: a granule
+        whose ``CLOUDY_PIXEL_PERCENTAGE`` crosses ``cloudy_pct`` appears or goes), grouped
+        as a fetch groups them. Raises :class:`ProviderError` when a request fails;
+        ``attempts`` bounds the attempts of each request (for a caller on a deadline).
+        """
+        check_collection(sensor)
+        batches = self.listing_batches(requests, sensor)
+        out: dict[K, dict[str, str]] = {}
+        workers = max(1, min(self.max_concurrent, len(batches)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for part in pool.map(lambda b: self._list_batch(b, sensor, attempts), batches):
+                out.update(part)
+        return out
+
+    def _list_batch(
+        self,
+        batch: Sequence[tuple[K, GeoBox, Sequence[FrameWindow]]],
+        sensor: SensorSpec,
+        attempts: int | None,
+    ) -> dict[K, dict[str, str]]:
+        """One listing request: the batch's granule lists in one nested ee.Dictionary."""
+        import ee
+
+        names = [str(i) for i in range(len(batch))]
+        query = ee.Dictionary.fromLists(
+            names, [self._listing_query(area, windows, sensor) for _, area, windows in batch]
+        )
+        found = self._call(
+            f"the granule lists of {len(batch)} tile-year(s)", query.getInfo, _Counters(), attempts
+        )
+        if not isinstance(found, dict) or set(found) != set(names):
+            raise ProviderError(
+                f"Earth Engine answered the granule lists of {len(batch)} tile-year(s) with "
+                f"{type(found).__name__} {str(found)[:80]}"
+            )
+        out: dict[K, dict[str, str]] = {}
+        for name, (key, _, _) in zip(names, batch, strict=True):
+            granules = dict(found[name] or {})
+            out[key] = granule_stamps(granules, group_acquisitions(granules))
+        return out
+
+    def scene_index(
+        self, area: GeoBox, windows: Sequence[FrameWindow], sensor: SensorSpec
+    ) -> dict[str, str]:
+        """The granules a fetch of ``area`` would record now (one request; see
+        :meth:`scene_indexes`, which lists many tile-years per request)."""
+        return self.scene_indexes([(0, area, windows)], sensor)[0]
 
     # -- step 2: the expression -----------------------------------------------------------
     def _acquisition_images(
@@ -815,8 +934,8 @@ class EarthEngineProvider:
                 "granules_in_range": len(granules.get("system:index", [])),
                 "granules_merged": sum(len(a.granules) - 1 + len(a.superseded) for a in acqs),
                 # The granules used, by id, with their generation time (a re-processed
-                # delivery is a new id): recorded for lineage; the stale sensor does not
-                # list Earth Engine (one request per tile-year), so it does not compare them.
+                # delivery is a new id): the stale sensor and the audit list them again,
+                # many tile-years per request (scene_indexes), and compare.
                 SCENE_INDEX_KEY: scene_index_record(granule_stamps(granules, acqs)),
             },
         )
