@@ -33,6 +33,8 @@ from agrifm_pipeline.lineage import (
     Fingerprints,
     explain_difference,
     explain_scene_changes,
+    is_record,
+    scene_digest,
 )
 from agrifm_pipeline.storage import PartitionStore, StorageError
 
@@ -140,18 +142,31 @@ def _current_lineage(
     store: PartitionStore, year: int, tile: str
 ) -> tuple[dict[str, Any] | None, str, str]:
     """The current version's lineage (None when there is none), its integrity verdict
-    (``""`` when fine or never checked, else what verification found) and its id."""
+    (``""`` when fine or never checked, else what verification found) and its id.
+
+    The lineage is the record the pointer (or the year's index) keeps
+    (:func:`~agrifm_pipeline.lineage.lineage_record`) where there is one: no manifest
+    is read; :func:`_full_lineage` reads it where a difference must be explained."""
     try:
         v = store.current(year, tile)
         if v is None:
             return None, "", ""
-        lineage = store.lineage(year, tile, v.id)  # cached per version: versions never change
+        lineage = (
+            v.summary if is_record(v.summary) else store.lineage(year, tile, v.id)
+        )  # a manifest is cached per version: versions never change
     except StorageError as exc:
         return {}, str(exc), ""
     mark = v.integrity  # in the pointer already read: no extra request
     if mark and not mark.get("ok", True):
         return lineage, "; ".join(mark.get("problems", [])) or "failed verification", v.id
     return lineage, "", v.id
+
+
+def _full_lineage(store: PartitionStore, year: int, tile: str, st: StageState) -> dict[str, Any]:
+    """The whole lineage of the stage's version (kept in ``st``), where it holds a record."""
+    if is_record(st.lineage) and st.version:
+        st.lineage = store.lineage(year, tile, st.version)
+    return st.lineage
 
 
 def tile_year_state(
@@ -174,14 +189,18 @@ def tile_year_state(
     stages: dict[str, StageState] = {}
     listed: list[Mapping[str, str] | None] = []  # the source's scenes, listed once
 
-    def scene_reasons(lineage: dict[str, Any]) -> list[str]:
-        recorded = lineage.get("acquisition", {}).get(SCENE_INDEX_KEY)
+    def scene_reasons(st: StageState) -> list[str]:
+        recorded = st.lineage.get("acquisition", {}).get(SCENE_INDEX_KEY)
         if scenes is None or not isinstance(recorded, dict):
             return []  # not listed here, or made before scenes were recorded
         if not listed:
             listed.append(scenes(tile, year))
         now = listed[0]
-        return [] if now is None else explain_scene_changes(recorded.get("scenes", {}), now)
+        if now is None or recorded.get("digest") == scene_digest(now):
+            return []
+        full = _full_lineage(stores[st.asset], year, tile, st)
+        recorded = full.get("acquisition", {}).get(SCENE_INDEX_KEY, {})
+        return explain_scene_changes(recorded.get("scenes", {}), now)
 
     for stage, asset in STAGE_ASSET.items():
         lineage, corrupt, vid = _current_lineage(stores[asset], year, tile)
@@ -200,10 +219,12 @@ def tile_year_state(
             cur = current.for_stage(stage)
             st.current = cur.value
             if st.recorded != cur.value:
+                full = _full_lineage(stores[asset], year, tile, st)
+                rec = full.get("fingerprints", {}).get(stage, {})
                 st.reasons = explain_difference(rec.get("inputs", {}), cur.inputs) or [
                     "recorded fingerprint differs (upstream stage changed)"
                 ]
-            st.reasons += scene_reasons(lineage)
+            st.reasons += scene_reasons(st)
         stages[stage] = st
     # A stage whose upstream is stale is stale too, whatever its own inputs say.
     for i, stage in enumerate(STAGES[1:], start=1):

@@ -299,17 +299,51 @@ def validate_checkpoint(
 def checkpoint_tensors(resolved: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
     """The tensors a resolved checkpoint names: read from its file, or built for ``untrained``."""
     if resolved.untrained:
-        from agrifm_pipeline.model.config import EncoderConfig
-        from agrifm_pipeline.model.weights import untrained_state_dict
-
-        patch = resolved.untrained_patch or (4, 4, 4)
-        return untrained_state_dict(resolved.untrained_seed or 0, EncoderConfig(patch_size=patch))
+        return untrained_tensors(resolved.untrained_seed or 0, resolved.untrained_patch)
     if resolved.path is None:  # a pinned URL resolved with downloads off
         raise CheckpointError(
             f"checkpoint {resolved.spec} is known by its pin only on this node; resolve it "
             "with downloads on (RS_EMBED_AGRIFM_AUTO_DOWNLOAD=1) to load the weights"
         )
     return read_checkpoint(resolved.path)
+
+
+# Bump when :func:`agrifm_pipeline.model.weights.untrained_tensor` changes what it makes.
+UNTRAINED_FORMAT = 1
+
+
+def untrained_tensors(
+    seed: int, patch: tuple[int, int, int] | None = None, settings: AgriFMSettings | None = None
+) -> dict[str, torch.Tensor]:
+    """``untrained:<seed>`` weights, made once per node: generating the full encoder's 88 M
+    values costs seconds in every process, so the first process writes them to the cache
+    directory (under a file lock, mode 0644) and the others map that file. A cache that
+    cannot be written, or a cached file that cannot be read, only means they are made."""
+    from agrifm_pipeline.model.config import EncoderConfig
+    from agrifm_pipeline.model.weights import untrained_state_dict
+
+    patch = patch or (4, 4, 4)
+    settings = settings or load_settings()
+    name = f"seed{seed}-p{''.join(map(str, patch))}-f{UNTRAINED_FORMAT}.pt"
+    path = settings.cache_dir / "untrained" / name
+    if path.is_file():
+        try:
+            return read_checkpoint(path, mmap=True)
+        except (CheckpointError, OSError, RuntimeError):
+            pass  # damaged: made again, and replaced below
+    state = untrained_state_dict(seed, EncoderConfig(patch_size=patch))
+    try:
+        with _node_lock(path):
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            try:
+                torch.save(state, tmp)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except (OSError, TimeoutError):
+        pass  # a read-only or full cache: made in each process instead
+    return state
 
 
 def _progress(done: int, total: int | None) -> None:

@@ -407,10 +407,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from agrifm_pipeline.storage import StorageError
 
     storage = _storage(args)
-    checked = bad = swept = 0
+    checked = bad = swept = indexed = 0
     for store in storage.all_stores():
         if args.asset and store.asset != args.asset:
             continue
+        if not args.tile:  # the per-year indexes, rewritten from the pointers
+            indexed += store.rebuild_index(args.year)
         for ref in store.partitions():
             if (args.year and int(ref.year) != args.year) or (args.tile and ref.tile != args.tile):
                 continue
@@ -431,7 +433,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     bad += 1
                     print(f"CORRUPT {p}")
     print(
-        f"{checked} version(s) verified, {bad} problem(s), {swept} orphaned version(s) swept",
+        f"{checked} version(s) verified, {bad} problem(s), {swept} orphaned version(s) swept, "
+        f"{indexed} partition(s) indexed",
         file=sys.stderr,
     )
     return 1 if bad else 0

@@ -143,3 +143,64 @@ def explain_scene_changes(
     if len(reasons) > limit:
         reasons = [*reasons[:limit], f"and {len(reasons) - limit} more scene change(s)"]
     return reasons
+
+
+# -- the record kept beside a partition's pointer --------------------------------------------
+# Judging a partition (the stale sensor, the audit, the mosaic sensor) needs a small part of
+# its lineage: the fingerprints, the versions it read, a few settings, the run, the
+# checkpoint and the scene index's digest. The store keeps that part in the partition's
+# pointer and in its asset's per-year index (:mod:`agrifm_pipeline.storage`), so judging
+# thousands of partitions reads one index object per asset and year, not a manifest each.
+RECORD_KEYS = ("stage", "run_id", "created_at", "code_version", "checkpoint_sha256")
+RECORD_SETTINGS = ("n_frames", "norm_mode", "image_size")
+RECORD_MARK = "record"  # present (value 1) in a record made by :func:`lineage_record`
+
+
+def lineage_record(lineage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The part of ``lineage`` that judging reads, a few hundred bytes: each stage's
+    fingerprint (not its inputs: read from the manifest when a fingerprint differs),
+    the versions read, three settings, the run, the checkpoint's sha256 and the scene
+    index's digest and count (its scenes too are read only when the digest differs)."""
+    lineage = lineage or {}
+    out: dict[str, Any] = {RECORD_MARK: 1}
+    out.update({k: lineage[k] for k in RECORD_KEYS if k in lineage})
+    fps = lineage.get("fingerprints")
+    if isinstance(fps, Mapping):
+        out["fingerprints"] = {
+            stage: {"fingerprint": fp.get("fingerprint")}
+            for stage, fp in fps.items()
+            if isinstance(fp, Mapping)
+        }
+    inputs = lineage.get("inputs")
+    if isinstance(inputs, Mapping):
+        out["inputs"] = {
+            asset: {k: rec[k] for k in ("version", "versions", "sha256") if k in rec}
+            for asset, rec in inputs.items()
+            if isinstance(rec, Mapping)
+        }
+    settings = lineage.get("settings")
+    if isinstance(settings, Mapping):
+        out["settings"] = {k: settings[k] for k in RECORD_SETTINGS if k in settings}
+    emb = lineage.get("embedding")
+    if isinstance(emb, Mapping):
+        ckpt = emb.get("checkpoint")
+        sha = ckpt.get("sha256") if isinstance(ckpt, Mapping) else None
+        if sha:
+            out["embedding"] = {"checkpoint": {"sha256": sha}}
+    acq = lineage.get("acquisition")
+    scenes = acq.get(SCENE_INDEX_KEY) if isinstance(acq, Mapping) else None
+    if isinstance(scenes, Mapping):
+        out["acquisition"] = {
+            SCENE_INDEX_KEY: {k: scenes[k] for k in ("digest", "n_scenes") if k in scenes}
+        }
+    return out
+
+
+def is_record(lineage: Mapping[str, Any]) -> bool:
+    """Whether ``lineage`` is a :func:`lineage_record` (not the whole lineage)."""
+    return lineage.get(RECORD_MARK) == 1
+
+
+def scene_digest(scenes: Mapping[str, str]) -> str:
+    """The digest :func:`scene_index_record` would record for ``scenes``."""
+    return str(scene_index_record(scenes)["digest"])

@@ -65,6 +65,7 @@ import numpy as np
 import xarray as xr
 
 from agrifm_pipeline.errors import AgriFMError
+from agrifm_pipeline.lineage import lineage_record
 
 
 class StorageError(AgriFMError):
@@ -78,6 +79,7 @@ class CorruptionError(StorageError):
 LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
 POINTER = "_current.json"
 MANIFEST = "_manifest.json"
+INDEX = "_index.json"  # per asset and year: every partition's pointer, without its history
 HISTORY_LEN = 32  # committed versions remembered in the pointer
 # An uncommitted version (no manifest, or never named by the pointer) younger than this
 # may still be being written by a live writer, so sweeps leave it alone.
@@ -318,6 +320,16 @@ class _Superseded(Exception):
     """The pointer moved on while a verdict was being recorded."""
 
 
+def _loads(raw: bytes, damaged: bool) -> dict[str, Any] | None:
+    try:
+        doc: dict[str, Any] = json.loads(raw)
+    except ValueError:
+        if damaged:
+            return None
+        raise
+    return doc if isinstance(doc, dict) or not damaged else None
+
+
 class Documents:
     """Small JSON documents (pointers, catalogs) replaced whole, and updated by
     read-modify-write without losing a concurrent update where the store allows it:
@@ -361,8 +373,10 @@ class Documents:
         else:
             yield
 
-    def read(self, path: str) -> tuple[dict[str, Any] | None, str]:
-        """The document and a token (its ETag on S3) for a conditional replace."""
+    def read(self, path: str, *, damaged: bool = False) -> tuple[dict[str, Any] | None, str]:
+        """The document and a token (its ETag on S3) for a conditional replace; with
+        ``damaged``, a document that is not JSON reads as None (with its token, so that
+        it can be replaced) instead of raising."""
         if self.conditional:
             bucket, key, _ = self.fs.split_path(path)
             fs = self.fs
@@ -377,12 +391,12 @@ class Documents:
                 data, etag = fsspec.asyn.sync(fs.loop, get)
             except FileNotFoundError:
                 return None, ""
-            return json.loads(data), etag
+            return _loads(data, damaged), etag
         try:
             raw = Path(path).read_bytes() if self.local else self.fs.cat_file(path)
         except FileNotFoundError:
             return None, ""
-        return json.loads(raw), ""
+        return _loads(raw, damaged), ""
 
     def write(self, path: str, doc: dict[str, Any], token: str = "") -> bool:
         """Replace the document; False where a conditional write found a newer one."""
@@ -416,12 +430,14 @@ class Documents:
         write: Any = None,
         *,
         attempts: int = 64,
+        damaged: bool = False,
     ) -> dict[str, Any]:
-        """``mutate(old or None) -> new``, written without losing a concurrent update."""
+        """``mutate(old or None) -> new``, written without losing a concurrent update;
+        with ``damaged`` a document that is not JSON is replaced as if absent."""
         put = write or self.write
         for _ in range(attempts):
             with self._lock(path):
-                doc, token = self.read(path)
+                doc, token = self.read(path, damaged=damaged)
                 new: dict[str, Any] = mutate(doc)
                 if put(path, new, token):
                     return new
@@ -484,6 +500,12 @@ class PartitionStore:
 
     def pointer_path(self, year: str | int, tile: str) -> str:
         return f"{self.partition_path(year, tile)}/{POINTER}"
+
+    def index_path(self, year: str | int) -> str:
+        y = check_name(year, "year")
+        if not y.isdigit():
+            raise StorageError(f"year {year!r} is not a year; use four digits such as 2019")
+        return f"{self.store_path}/{y}/{INDEX}"
 
     def version_path(self, year: str | int, tile: str, version: str) -> str:
         if not _VERSION.match(version):
@@ -666,7 +688,11 @@ class PartitionStore:
         *,
         summary: dict[str, Any] | None = None,
     ) -> Version:
-        """Write the manifest of a complete version, then point the partition at it."""
+        """Write the manifest of a complete version, then point the partition at it, then
+        enter the pointer in the asset's index for the year (see :meth:`index`).
+
+        ``summary``: what the pointer and the index keep of the lineage; by default
+        :func:`~agrifm_pipeline.lineage.lineage_record`, all that judging reads."""
         path = self.version_path(year, tile, version)
         lineage = lineage or {}
         manifest = {
@@ -694,12 +720,76 @@ class PartitionStore:
             return {
                 **entry,
                 "asset": self.asset,
-                "summary": summary or {},
+                "summary": lineage_record(lineage) if summary is None else summary,
                 "history": history[-HISTORY_LEN:],
             }
 
         new = self.documents.update(self.pointer_path(year, tile), advance, self._write_pointer)
+        self._index_enter(year, {str(tile): new})
         return self._version(year, tile, new)
+
+    # -- the per-year index ----------------------------------------------------------------
+    # One small document per asset and year holding every partition's pointer (its history
+    # left out): what the stale sensor, the audit and the mosaic sensor judge from, so a tick
+    # reads one object per asset and year instead of a pointer and a manifest per partition.
+    # The pointer stays the truth: the index is entered after it, so it can lag a commit
+    # (a writer killed in between, or a lost update on a store without conditional writes),
+    # never lead one. :meth:`rebuild_index` (``agrifm-pipeline verify``) rewrites it from
+    # the pointers, and readers that know a partition changed read its pointer.
+    def _index_enter(self, year: str | int, docs: dict[str, dict[str, Any]]) -> None:
+        """Enter pointers (tile -> pointer document) in the year's index; an entry only
+        replaces one committed earlier (two commits of a partition may enter it in any order)."""
+        entries = {t: _index_entry(d) for t, d in docs.items()}
+
+        def enter(doc: dict[str, Any] | None) -> dict[str, Any]:
+            parts = dict((doc or {}).get("partitions", {}))
+            for tile, entry in entries.items():
+                old = parts.get(tile)
+                if old is None or str(old.get("committed_at", "")) <= entry["committed_at"]:
+                    parts[tile] = entry
+            return {
+                "asset": self.asset,
+                "year": str(year),
+                "partitions": dict(sorted(parts.items())),
+            }
+
+        self.documents.update(self.index_path(year), enter, damaged=True)
+
+    def index(self, year: str | int) -> dict[str, Version] | None:
+        """Every indexed partition of ``year`` (tile -> its current version, with the
+        pointer's summary and integrity verdict), from one read; None when the year has no
+        index (written before indexes existed: :meth:`rebuild_index` makes one)."""
+        doc = self.documents.read(self.index_path(year), damaged=True)[0]
+        if doc is None or not isinstance(doc.get("partitions"), dict):
+            return None  # a damaged index is only a cache: rebuilt from the pointers
+        return {t: self._version(year, t, e) for t, e in doc.get("partitions", {}).items()}
+
+    def years(self) -> list[str]:
+        """The years that have partitions (one listing)."""
+        return [y for y in self._ls(self.store_path) if y.isdigit()]
+
+    def rebuild_index(self, year: str | int | None = None) -> int:
+        """Rewrite the index of ``year`` (every year by default) from the pointers;
+        the number of partitions indexed."""
+        n = 0
+        years = self.years()
+        for y in [y for y in years if y == str(year)] if year is not None else years:
+            docs: dict[str, dict[str, Any]] = {}
+            for tile in self._ls(f"{self.store_path}/{y}"):
+                if not _SAFE.match(tile):
+                    continue
+                with contextlib.suppress(StorageError):
+                    doc = self.pointer(y, tile)
+                    if doc is not None:
+                        docs[tile] = doc
+            entries = {t: _index_entry(d) for t, d in sorted(docs.items())}
+            self.documents.update(
+                self.index_path(y),
+                lambda _old, e=entries, y=y: {"asset": self.asset, "year": y, "partitions": e},
+                damaged=True,
+            )
+            n += len(entries)
+        return n
 
     def put_objects(
         self, year: str | int, tile: str, objects: dict[str, bytes], lineage: dict[str, Any] | None
@@ -814,7 +904,8 @@ class PartitionStore:
             return {**doc, "integrity": verdict}
 
         with contextlib.suppress(_Superseded):
-            self.documents.update(self.pointer_path(v.year, v.tile), note)
+            new = self.documents.update(self.pointer_path(v.year, v.tile), note)
+            self._index_enter(v.year, {v.tile: new})
 
     def integrity(self, year: str | int, tile: str) -> dict[str, Any] | None:
         """The last verdict on the current version (None when never verified)."""
@@ -873,7 +964,137 @@ class PartitionStore:
         self._rm_tree(path)
 
 
+class IndexedReader:
+    """A store read through its per-year indexes, for judging many partitions at once:
+    :meth:`current` answers from one read of the year's index and one listing of the
+    year (a partition deleted by hand is gone from the listing); other methods are the
+    store's. ``fresh`` names partitions known to have changed lately (``(year, tile)`` ->
+    the version their last change made, None when unknown, e.g. from Dagster's
+    materialisations since the last look): one whose index entry names another version
+    is read from its pointer, and its index entry entered again.
+
+    With ``pointers`` every listed partition's pointer is read (in one batch of
+    concurrent requests on object stores) instead of trusting the index: what the
+    audit does, and the index is repaired where it was behind."""
+
+    def __init__(
+        self,
+        store: PartitionStore,
+        fresh: dict[tuple[str, str], str | None] | None = None,
+        *,
+        pointers: bool = False,
+    ):
+        self.store: PartitionStore = store.store if isinstance(store, IndexedReader) else store
+        self.fresh = fresh or {}
+        self.pointers = pointers
+        self._indexes: dict[str, dict[str, Version] | None] = {}
+        self._broken: set[tuple[str, str]] = set()
+        self.reads = {"index": 0, "listing": 0, "pointer": 0, "repaired": 0}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def _listed(self, year: str) -> set[str]:
+        self.reads["listing"] += 1
+        path = f"{self.store.store_path}/{year}"
+        if self.store.local:
+            return {n for n in self.store._ls(path) if _SAFE.match(n)}
+        try:  # never a cached listing: the sensor's process lives for days
+            names = self.store.fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return set()
+        except TypeError:
+            names = self.store.fs.ls(path, detail=False)
+        return {b for b in (posixpath.basename(n.rstrip("/")) for n in names) if _SAFE.match(b)}
+
+    def index(self, year: str | int) -> dict[str, Version] | None:
+        """The year's partitions (tile -> current version), found once: the index, less
+        what the listing no longer has; or, with ``pointers``, the pointers themselves.
+        A year written before indexes existed (or whose index is damaged) is indexed
+        from its pointers first, once. None when the year has no partition at all."""
+        y = str(year)
+        if y in self._indexes:
+            return self._indexes[y]
+        listed = self._listed(y)
+        if self.pointers:
+            idx = self._from_pointers(y, listed)
+        else:
+            self.reads["index"] += 1
+            idx = self.store.index(y)
+            if idx is None and listed:
+                self.store.rebuild_index(y)
+                idx = self.store.index(y)
+            if idx is not None:
+                idx = {t: v for t, v in idx.items() if t in listed}
+        self._indexes[y] = idx
+        return idx
+
+    def _from_pointers(self, year: str, listed: set[str]) -> dict[str, Version] | None:
+        if not listed:
+            return None
+        paths = {t: self.store.pointer_path(year, t) for t in sorted(listed)}
+        got = self.store._read_many(list(paths.values()))
+        self.reads["pointer"] += len(paths)
+        indexed = self.store.index(year) or {}
+        out: dict[str, Version] = {}
+        behind: dict[str, dict[str, Any]] = {}
+        for tile, path in paths.items():
+            raw = got.get(path)
+            if not isinstance(raw, bytes | bytearray):
+                continue  # no pointer: a partition never committed, or one deleted by hand
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                self._broken.add((year, tile))  # reported by :meth:`current`
+                continue
+            out[tile] = self.store._version(year, tile, doc)
+            if tile not in indexed or indexed[tile].id != out[tile].id:
+                behind[tile] = doc
+        if behind:
+            self.reads["repaired"] += len(behind)
+            self.store._index_enter(year, behind)
+        return out
+
+    def current(self, year: str | int, tile: str) -> Version | None:
+        idx = self.index(year)
+        key = (str(year), str(tile))
+        if key in self._broken:
+            return self.store.current(year, tile)  # raises what is wrong with its pointer
+        if idx is None:
+            return None  # the year has no partition at all
+        entry = idx.get(str(tile))
+        if self.pointers or key not in self.fresh:
+            return entry
+        want = self.fresh[key]
+        if want is not None and entry is not None and entry.id == want:
+            return entry
+        self.reads["pointer"] += 1
+        doc = self.store.pointer(year, tile)
+        if doc is None:
+            return None
+        if entry is None or entry.id != doc.get("version"):
+            self.reads["repaired"] += 1
+            self.store._index_enter(year, {str(tile): doc})
+        return self.store._version(year, tile, doc)
+
+    def exists(self, year: str | int, tile: str) -> bool:
+        return self.current(year, tile) is not None
+
+    def partitions(self) -> list[PartitionRef]:
+        """Every indexed partition (one listing of the years, one read per year)."""
+        out: list[PartitionRef] = []
+        for y in self.store.years():
+            out += [PartitionRef(self.store.asset, y, t) for t in sorted(self.index(y) or {})]
+        return out
+
+
 _MANIFEST_CACHE: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+_INDEX_FIELDS = ("version", "manifest_sha256", "committed_at", "run_id", "summary", "integrity")
+
+
+def _index_entry(pointer: dict[str, Any]) -> dict[str, Any]:
+    """A pointer as the index keeps it: everything but its history."""
+    return {k: pointer[k] for k in _INDEX_FIELDS if k in pointer}
 
 
 # -- Zarr partitions ----------------------------------------------------------------------
@@ -937,11 +1158,7 @@ class ZarrStore(PartitionStore):
                     ds.attrs[LINEAGE_ATTR] = text
                 sub = self._write_dataset(f"{path}/{name}" if name else path, ds)
                 digests.update({f"{name}/{k}" if name else k: d for k, d in sub.items()})
-            summary = {
-                "fingerprints": (lineage or {}).get("fingerprints", {}),
-                "inputs": (lineage or {}).get("inputs", {}),
-            }
-            return self.commit(year, tile, vid, digests, lineage, summary=summary)
+            return self.commit(year, tile, vid, digests, lineage)
         except BaseException:
             with contextlib.suppress(Exception):
                 self._rm_tree(path)

@@ -169,3 +169,27 @@ def test_s3_url_is_fetched_once_into_the_node_cache(s3_server, tmp_path: Path, m
     assert resolve_checkpoint(url, _settings(tmp_path)).source == "cache"
     with pytest.raises(CheckpointError, match="no such object"):
         resolve_checkpoint(f"s3://{bucket}/missing.pth", _settings(tmp_path))
+
+
+def test_untrained_weights_are_made_once_per_node(tmp_path: Path) -> None:
+    """The full encoder's untrained weights take seconds to generate: the first process
+    writes them to the node cache (mode 0644) and the others map that file; the values
+    are the generated ones exactly, and a damaged cached file is made again."""
+    import torch
+
+    from agrifm_pipeline.checkpoint import untrained_tensors
+    from agrifm_pipeline.model.config import EncoderConfig
+    from agrifm_pipeline.model.weights import untrained_state_dict
+
+    settings = load_settings().replace(cache_dir=tmp_path / "cache")
+    made = untrained_tensors(3, (4, 2, 2), settings)
+    (cached,) = (tmp_path / "cache" / "untrained").glob("seed3-p422-*.pt")
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o644
+    again = untrained_tensors(3, (4, 2, 2), settings)
+    expected = untrained_state_dict(3, EncoderConfig(patch_size=(4, 2, 2)))
+    assert again.keys() == made.keys() == expected.keys()
+    assert all(torch.equal(again[k], expected[k]) for k in expected)
+    cached.write_bytes(b"not a checkpoint")
+    repaired = untrained_tensors(3, (4, 2, 2), settings)
+    assert all(torch.equal(repaired[k], expected[k]) for k in expected)
+    assert cached.stat().st_size > 1000  # replaced by the real thing

@@ -357,3 +357,41 @@ def test_audit_table_is_an_asset_in_the_ui(world) -> None:
     assert md["source_scenes"].value == "compared with the source"
     table = md["audit"].value
     assert "norm_mode changed" in table and TILES[0] in table
+
+
+def test_a_tick_judges_from_the_indexes_not_per_partition(world, monkeypatch) -> None:
+    """Each tick reads one index object and one listing per asset and year: no pointer
+    and no manifest per tile-year, except a partition materialised since the last tick
+    whose index entry names another version than Dagster recorded."""
+    from agrifm_pipeline import storage as storage_module
+    from agrifm_pipeline.storage import PartitionStore
+
+    pipe, ticker, ckpt = world
+    storage_module._MANIFEST_CACHE.clear()
+    reads = {"pointer": 0, "manifest": 0, "index": 0}
+    for name in reads:
+        original = getattr(PartitionStore, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):  # type: ignore[no-untyped-def]
+            reads[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(PartitionStore, name, counted)
+    res = _resources(pipe, ckpt)
+    first = ticker.tick(res)
+    assert first == [], [r.tags.get("agrifm/reason") for r in first]  # trusts the indexes
+    assert reads == {"pointer": 0, "manifest": 0, "index": 5 * len(YEARS)}
+    # A change makes the stale stages' manifests read, to say why (and nothing else).
+    changed = _resources(pipe, ckpt, norm_mode="unit_scale")
+    reads.update(pointer=0, manifest=0, index=0)
+    storage_module._MANIFEST_CACHE.clear()  # as in the daemon's process: nothing cached
+    reqs = ticker.tick(changed)
+    assert ticker.covered(reqs) == _everything(NORM)
+    # the two stages whose fingerprints moved (normalisation, embedding), per tile-year
+    assert reads["pointer"] == 0 and reads["manifest"] == 2 * len(TILES) * len(YEARS)
+    # After the re-runs, the partitions they made are fresh: their index entries agree
+    # with the versions Dagster recorded, so no pointer is read either.
+    assert all(ticker.execute(reqs, changed))
+    reads.update(pointer=0, manifest=0, index=0)
+    assert ticker.tick(changed) == []
+    assert reads["pointer"] == 0 and reads["manifest"] == 0

@@ -16,11 +16,14 @@ built:
 * ``region_files_sensor``: nothing changed;
 * ``audit_rows``: every partition of every stored asset.
 
-    python bench/bench_control_plane.py [--tiles 250 --years 8] [--postgres URL]
+    python bench/bench_control_plane.py [--tiles 250 --years 8] [--postgres URL] [--s3]
         [--json bench/results/bench_control_plane.json]
 
 The instance is SQLite under a temporary directory unless ``--postgres`` gives a
-database URL (``postgresql+psycopg2://…``; it must be empty).
+database URL (``postgresql+psycopg2://…``; it must be empty). With ``--s3`` the
+store, seeded locally, is uploaded to a moto S3 server on 127.0.0.1 and the sensors
+and the audit read it there. The stale sensor's cursor is carried from the first
+tick to the next, as the daemon does.
 """
 
 from __future__ import annotations
@@ -57,7 +60,45 @@ def _instance(home: Path, postgres: str | None) -> Any:
     return dg.DagsterInstance.from_config(str(home))
 
 
-def run(tiles: int, years: int, postgres: str | None) -> dict[str, Any]:
+def _s3_server() -> tuple[dict[str, Any], Any]:
+    """A moto S3 server on 127.0.0.1 (the dev extra installs it) and its client options."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+    }
+    return options, proc
+
+
+def _s3_bucket(options: dict[str, Any]) -> str:
+    import s3fs
+
+    s3fs.S3FileSystem(**options).mkdir("control-plane")
+    return "control-plane"
+
+
+def run(
+    tiles: int, years: int, postgres: str | None, s3: dict[str, Any] | None = None
+) -> dict[str, Any]:
     import dagster as dg
 
     from agrifm_pipeline.definitions import build_defs
@@ -139,7 +180,9 @@ def run(tiles: int, years: int, postgres: str | None) -> dict[str, Any]:
                     versions[(asset, tile, year)] = v.id
                     instance.report_runless_asset_event(
                         dg.AssetMaterialization(
-                            dg.AssetKey(asset), partition=str(tile_year_key(tile, year))
+                            dg.AssetKey(asset),
+                            partition=str(tile_year_key(tile, year)),
+                            metadata={"version": v.id},  # as the pipeline's steps record
                         )
                     )
         out["seed_s"] = round(time.perf_counter() - t0, 1)
@@ -164,10 +207,43 @@ def run(tiles: int, years: int, postgres: str | None) -> dict[str, Any]:
             )
         assert sorted(storage.registry().tiles_of("load_test")) == sorted(ids)
 
+        if s3 is not None:  # the same store, uploaded to S3; the sensors and audit read it there
+            t = time.perf_counter()
+            bucket = _s3_bucket(s3)
+            import s3fs
+
+            fs = s3fs.S3FileSystem(**s3)
+            # What the control plane reads: pointers, indexes, manifests, the registry.
+            # The versions' chunks stay behind (only reading data and `verify` touch them).
+            local = sorted(
+                p
+                for p in (tmp / "store").rglob("*")
+                if p.is_file()
+                and not p.name.endswith(".lock")
+                and p.relative_to(tmp / "store").parts[0] not in ("stac", "catalog.json")
+                and (p.name == "_manifest.json" or not any(q.startswith("v20") for q in p.parts))
+            )
+            fs.put(
+                [str(p) for p in local],
+                [f"{bucket}/store/{p.relative_to(tmp / 'store').as_posix()}" for p in local],
+            )
+            out["s3_upload_s"] = round(time.perf_counter() - t, 1)
+            out["s3_objects"] = len(local)
+            storage = ZarrStorage(
+                root=f"s3://{bucket}/store", regions_dir=str(tmp / "regions"), storage_options=s3
+            )
+            resources["storage"] = storage
+        cursors: dict[str, str | None] = {}
+
         def tick(sensor: Any) -> tuple[float, Any]:
-            ctx = dg.build_sensor_context(instance=instance, resources=resources)
+            name = sensor.name
+            ctx = dg.build_sensor_context(
+                instance=instance, resources=resources, cursor=cursors.get(name)
+            )
             t = time.perf_counter()
             result = sensor(ctx)
+            if isinstance(result, dg.SensorResult) and result.cursor is not None:
+                cursors[name] = result.cursor  # carried, as the daemon does
             return round(time.perf_counter() - t, 2), result
 
         for name, sensor in (
@@ -191,12 +267,13 @@ def run(tiles: int, years: int, postgres: str | None) -> dict[str, Any]:
             resources["tile_year"], resources["s2"], resources["model"]
         )
         t = time.perf_counter()
-        rows = audit_rows(instance, stage_stores(storage), current, unknown=unknown)
+        rows = audit_rows(instance, stage_stores(resources["storage"]), current, unknown=unknown)
         out["audit"] = {"s": round(time.perf_counter() - t, 2), "rows": len(rows)}
         out["audit"]["statuses"] = {
             s: sum(r.status == s for r in rows) for s in sorted({r.status for r in rows})
         }
     out["instance"] = "postgres" if postgres else "sqlite"
+    out["store"] = "s3 (moto server on 127.0.0.1)" if s3 is not None else "local directory"
     return out
 
 
@@ -205,9 +282,20 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=250)
     ap.add_argument("--years", type=int, default=8)
     ap.add_argument("--postgres", default=None, help="an empty database's URL")
+    ap.add_argument(
+        "--s3", action="store_true", help="judge the store on S3 (a moto server on 127.0.0.1)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    out = run(args.tiles, args.years, args.postgres)
+    server = None
+    options = None
+    if args.s3:
+        options, server = _s3_server()
+    try:
+        out = run(args.tiles, args.years, args.postgres, options)
+    finally:
+        if server is not None:
+            server.kill()
     out["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     out["command"] = " ".join(["python", *sys.argv])
     print(json.dumps(out, indent=1))

@@ -24,12 +24,15 @@ from agrifm_pipeline.audit import (
 )
 from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.scene_listing import BatchedListing
-from agrifm_pipeline.storage import PartitionStore, StorageError
+from agrifm_pipeline.storage import IndexedReader, PartitionStore, StorageError
+
+# partition key -> (run id, timestamp, version named in its metadata) of the latest one
+Latest = dict[str, tuple[str, float, str | None]]
 
 
 def audit_rows(
     instance: Any,
-    stores: dict[str, PartitionStore],
+    stores: dict[str, Any],
     current: Fingerprints | None,
     *,
     tiles: set[str] | None = None,
@@ -49,12 +52,13 @@ def audit_rows(
     from agrifm_pipeline.defs.partitions import split_key
 
     assets = [*STAGE_ASSET.values(), *(a for a in DERIVED if a in stores)]
+    latest = {a: latest_materialisations(instance, a) for a in assets}
+    # Every pointer read, a year's in one batch (concurrent requests on object stores).
+    stores = {a: IndexedReader(s, pointers=True) for a, s in stores.items()}
     keys: set[tuple[str, int]] = set()
     for asset in assets:
-        for pk in instance.get_materialized_partitions(dg.AssetKey(asset)):
-            keys.add(split_key(pk))
-        for ref in stores[asset].partitions():
-            keys.add((ref.tile, int(ref.year)))
+        keys.update(split_key(pk) for pk in latest[asset])
+        keys.update((ref.tile, int(ref.year)) for ref in stores[asset].partitions())
     keys = {
         (t, y) for t, y in keys if (tiles is None or t in tiles) and (year is None or y == year)
     }
@@ -70,7 +74,7 @@ def audit_rows(
         judged = [(stage, st) for stage, st in state.stages.items()]
         judged += [("embedding", st) for st in state.derived.values()]
         for stage, st in judged:
-            row = _audit_row(instance, st, t, y, stage)
+            row = _audit_row(latest[st.asset], st, t, y, stage)
             if row is None:
                 continue
             if row.status == "present":
@@ -91,19 +95,27 @@ def audit_rows(
     return rows
 
 
-def _latest_materialisation(instance: Any, asset: str, key: str) -> tuple[str, float] | None:
-    """(run id, timestamp) of Dagster's latest materialisation of one partition, or None."""
-    result = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1
-    )
-    if not result.records:
-        return None
-    rec = result.records[0]
-    return rec.run_id, rec.timestamp
+def latest_materialisations(instance: Any, asset: str, page: int = 5000) -> Latest:
+    """Dagster's latest materialisation of every partition of ``asset``: a few queries
+    for the whole asset (newest first, pages of ``page`` events), not one per partition."""
+    out: Latest = {}
+    cursor: str | None = None
+    while True:
+        result = instance.fetch_materializations(dg.AssetKey(asset), limit=page, cursor=cursor)
+        for rec in result.records:
+            key = rec.partition_key
+            if key is None or key in out:
+                continue
+            mat = rec.asset_materialization
+            version = mat.metadata.get("version") if mat is not None else None
+            out[key] = (rec.run_id, rec.timestamp, None if version is None else str(version.value))
+        if not result.has_more:
+            return out
+        cursor = result.cursor
 
 
 def _audit_row(
-    instance: Any, st: StageState, tile: str, year: int, stage: str, key: str | None = None
+    latest: Latest, st: StageState, tile: str, year: int, stage: str, key: str | None = None
 ) -> AuditRow | None:
     """The row of one partition with its lineage and Dagster's record beside it; status
     ``present`` for the caller to judge, ``missing-in-store`` when only Dagster has it,
@@ -111,7 +123,7 @@ def _audit_row(
     from agrifm_pipeline.defs.partitions import tile_year_key
 
     asset = st.asset
-    dagster = _latest_materialisation(instance, asset, key or str(tile_year_key(tile, year)))
+    dagster = latest.get(key or str(tile_year_key(tile, year)))
     if not st.present and dagster is None:
         return None
     lin = st.lineage
@@ -160,21 +172,22 @@ def _mosaic_rows(
     stale itself), missing-in-store when only Dagster has it."""
     from agrifm_pipeline.defs.partitions import REGION_DIM, region_year_key, split_key
 
-    mosaics, grids = stores["region_mosaic"], stores[STAGE_ASSET["embedding"]]
-    keys = {split_key(pk, REGION_DIM) for pk in instance.get_materialized_partitions(
-        dg.AssetKey("region_mosaic"))}  # fmt: skip
+    latest = latest_materialisations(instance, "region_mosaic")
+    mosaics = IndexedReader(stores["region_mosaic"], pointers=True)
+    grids = stores[STAGE_ASSET["embedding"]]
+    keys = {split_key(pk, REGION_DIM) for pk in latest}
     keys |= {(ref.tile, int(ref.year)) for ref in mosaics.partitions()}
     rows = []
     for region, y in sorted(keys, key=lambda k: (k[1], k[0])):
         if year is not None and y != year:
             continue
-        lineage, corrupt, vid = _current_lineage(mosaics, y, region)
+        lineage, corrupt, vid = _current_lineage(mosaics, y, region)  # type: ignore[arg-type]
         st = StageState("region_mosaic", lineage is not None, lineage=lineage or {})
         st.corrupt, st.version = corrupt, vid
         made = st.lineage.get("inputs", {}).get(grids.asset, {}).get("versions", {})
         if tiles is not None and lineage is not None and not set(made) & tiles:
             continue
-        row = _audit_row(instance, st, region, y, "embedding", str(region_year_key(region, y)))
+        row = _audit_row(latest, st, region, y, "embedding", str(region_year_key(region, y)))
         if row is None:
             continue
         if row.status == "present":

@@ -2,12 +2,15 @@
 
 import hashlib
 import json
+from typing import Any
 
 import dagster as dg
 
 from agrifm_pipeline.defs.partitions import regions_partitions, tiles_partitions
 from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
+from agrifm_pipeline.lineage import is_record
 from agrifm_pipeline.registry import RegionChange
+from agrifm_pipeline.storage import IndexedReader
 
 
 def register_regions(
@@ -59,9 +62,8 @@ def region_files_sensor(
     return dg.SensorResult(dynamic_partitions_requests=requests)
 
 
-def mosaic_inputs(storage: ZarrStorage, tiles: list[str], year: int) -> dict[str, str] | None:
+def mosaic_inputs(grids: Any, tiles: list[str], year: int) -> dict[str, str] | None:
     """tile -> its current grid version; None while any tile lacks a grid."""
-    grids = storage.store("agrifm_embedding_grid")
     out = {}
     for t in tiles:
         v = grids.current(year, t)
@@ -85,24 +87,23 @@ def region_mosaic_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     from agrifm_pipeline.defs.partitions import region_year_key, year_keys
 
-    mosaics = storage.store("region_mosaic")
+    # Both read through their per-year indexes: one read per year, not one per tile.
+    mosaics = IndexedReader(storage.store("region_mosaic"))
+    grids = IndexedReader(storage.store("agrifm_embedding_grid"))
     known = set(context.instance.get_dynamic_partitions(regions_partitions.name or "regions"))
     requests = []
     for region, entry in sorted(storage.registry().active_regions().items()):
         if region not in known:
             continue
         for year in map(int, year_keys()):
-            inputs = mosaic_inputs(storage, entry["tiles"], year)
+            inputs = mosaic_inputs(grids, entry["tiles"], year)
             if inputs is None:
                 continue
-            made = (
-                mosaics.lineage(year, region)
-                .get("inputs", {})
-                .get("agrifm_embedding_grid", {})
-                .get("versions")
-                if mosaics.exists(year, region)
-                else None
-            )
+            made = None
+            v = mosaics.current(year, region)
+            if v is not None:
+                lineage = v.summary if is_record(v.summary) else mosaics.lineage(year, region, v.id)
+                made = lineage.get("inputs", {}).get("agrifm_embedding_grid", {}).get("versions")
             if made == inputs:
                 continue
             stamp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]

@@ -30,10 +30,11 @@ from agrifm_pipeline.defs.resources import (
     run_fingerprints,
 )
 from agrifm_pipeline.errors import AgriFMError, CheckpointError
-from agrifm_pipeline.lineage import Fingerprints
+from agrifm_pipeline.lineage import Fingerprints, is_record
 from agrifm_pipeline.providers.base import BatchSceneIndexed, SceneIndexed
 from agrifm_pipeline.scene_listing import CURSOR_KEY, BatchedListing, recorded_in
 from agrifm_pipeline.settings import gee_list_per_tick, load_settings
+from agrifm_pipeline.storage import IndexedReader
 from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import scene_index
 
@@ -63,6 +64,11 @@ def stale_causes(state: Any, current: Fingerprints | None) -> frozenset[str]:
         causes.add("source")
     recorded = st.lineage.get("fingerprints", {}).get(stage, {}).get("inputs", {})
     now = current.for_stage(stage).inputs if current is not None else {}
+    if is_record(st.lineage) or (
+        current is not None and st.recorded == current.for_stage(stage).value
+    ):
+        # Its settings are those of now (a record is only kept whole where they differ).
+        recorded = now
     for key in sorted((set(recorded) | set(now)) - {"upstream"}):
         if recorded.get(key, "<absent>") == now.get(key, "<absent>"):
             continue
@@ -198,6 +204,55 @@ def stage_stores(storage: ZarrStorage) -> dict[str, Any]:
     }
 
 
+def materialised_since(
+    instance: dg.DagsterInstance, asset: str, after: int | None
+) -> tuple[dict[tuple[str, str], str | None], int | None]:
+    """Tile-year partitions of ``asset`` materialised after event storage id ``after``
+    (``(year, tile)`` -> the version the latest one names), and the newest storage id.
+    With no ``after`` (a first look) nothing is fresh: the store's indexes are trusted."""
+    key = dg.AssetKey(asset)
+    if after is None:
+        newest = instance.fetch_materializations(key, limit=1).records
+        return {}, (newest[0].storage_id if newest else 0)
+    fresh: dict[tuple[str, str], str | None] = {}
+    cursor: str | None = None
+    while True:
+        page = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, after_storage_id=after),
+            limit=1000,
+            cursor=cursor,
+            ascending=True,
+        )
+        for rec in page.records:
+            after = max(after, rec.storage_id)
+            mat = rec.asset_materialization
+            if rec.partition_key is None or mat is None:
+                continue
+            try:
+                tile, year = split_key(rec.partition_key)
+            except ValueError:
+                continue
+            version = mat.metadata.get("version")
+            fresh[(str(year), tile)] = str(version.value) if version is not None else None
+        if not page.has_more:
+            return fresh, after
+        cursor = page.cursor
+
+
+def judging_stores(
+    stores: dict[str, Any], instance: dg.DagsterInstance, seen: dict[str, int]
+) -> dict[str, Any]:
+    """The tile-year stores read through their per-year indexes (one read per asset and
+    year), the partitions materialised since the last tick (``seen``: asset -> the newest
+    event storage id judged, updated here) checked against their pointers where the
+    index names another version than Dagster recorded."""
+    out = dict(stores)
+    for asset in ORDER:
+        fresh, seen[asset] = materialised_since(instance, asset, seen.get(asset))  # type: ignore[assignment]
+        out[asset] = IndexedReader(stores[asset], fresh)
+    return out
+
+
 @dataclass
 class InFlight:
     """The sensor's requests still queued or running, what they cover, and what was let go."""
@@ -304,7 +359,8 @@ def stale_partitions_sensor(
         context.log.warning(f"embeddings not judged: {sha.removeprefix('unknown: ')}")
     unusable = ckpt[2] is not None  # a run could not load it: request nothing that needs it
     scenes = source_scenes(s2, tile_year, tick=cursor)
-    stores = stage_stores(storage)
+    seen = dict(cursor.get("seen", {}))
+    stores = judging_stores(stage_stores(storage), instance, seen)
     materialised: dict[str, set[tuple[str, int]]] = {}
     for asset in ORDER:
         materialised[asset] = {
@@ -359,7 +415,7 @@ def stale_partitions_sensor(
     if not groups:
         return dg.SensorResult(
             skip_reason=dg.SkipReason(_counts_message(counts, flight) + not_judged + scenes.note()),
-            cursor=json.dumps({"inflight": inflight, **scenes.cursor()}),
+            cursor=json.dumps({"inflight": inflight, "seen": seen, **scenes.cursor()}),
         )
     order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
     requests: list[dg.RunRequest] = []
@@ -390,7 +446,8 @@ def stale_partitions_sensor(
                 f"stale: {', '.join(selection)} for {len(block)} tile(s) of {year} ({why})"
             )
     return dg.SensorResult(
-        run_requests=requests, cursor=json.dumps({"inflight": inflight, **scenes.cursor()})
+        run_requests=requests,
+        cursor=json.dumps({"inflight": inflight, "seen": seen, **scenes.cursor()}),
     )
 
 
