@@ -79,7 +79,9 @@ class CorruptionError(StorageError):
 LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
 POINTER = "_current.json"
 MANIFEST = "_manifest.json"
-INDEX = "_index.json"  # per asset and year: every partition's pointer, without its history
+INDEX = "_index"  # per asset and year: every partition's pointer, without its history
+INDEX_SHARDS = 32  # documents per year's index: a commit rewrites one of them
+INDEX_MARK = "complete.json"  # written once the year's shards hold every partition
 HISTORY_LEN = 32  # committed versions remembered in the pointer
 # An uncommitted version (no manifest, or never named by the pointer) younger than this
 # may still be being written by a live writer, so sweeps leave it alone.
@@ -501,11 +503,13 @@ class PartitionStore:
     def pointer_path(self, year: str | int, tile: str) -> str:
         return f"{self.partition_path(year, tile)}/{POINTER}"
 
-    def index_path(self, year: str | int) -> str:
+    def index_path(self, year: str | int, shard: int | None = None) -> str:
+        """The year's index directory, or one shard of it (see :func:`index_shard`)."""
         y = check_name(year, "year")
         if not y.isdigit():
             raise StorageError(f"year {year!r} is not a year; use four digits such as 2019")
-        return f"{self.store_path}/{y}/{INDEX}"
+        base = f"{self.store_path}/{y}/{INDEX}"
+        return base if shard is None else f"{base}/{shard:02d}.json"
 
     def version_path(self, year: str | int, tile: str, version: str) -> str:
         if not _VERSION.match(version):
@@ -729,67 +733,117 @@ class PartitionStore:
         return self._version(year, tile, new)
 
     # -- the per-year index ----------------------------------------------------------------
-    # One small document per asset and year holding every partition's pointer (its history
-    # left out): what the stale sensor, the audit and the mosaic sensor judge from, so a tick
-    # reads one object per asset and year instead of a pointer and a manifest per partition.
+    # Every partition's pointer (its history left out), per asset and year, in
+    # INDEX_SHARDS small documents: what the stale sensor, the audit and the mosaic sensor
+    # judge from, so a tick reads a year's index in one batch instead of a pointer and a
+    # manifest per partition, and a commit rewrites 1/INDEX_SHARDS of its year's index.
     # The pointer stays the truth: the index is entered after it, so it can lag a commit
     # (a writer killed in between, or a lost update on a store without conditional writes),
     # never lead one. :meth:`rebuild_index` (``agrifm-pipeline verify``) rewrites it from
     # the pointers, and readers that know a partition changed read its pointer.
     def _index_enter(self, year: str | int, docs: dict[str, dict[str, Any]]) -> None:
         """Enter pointers (tile -> pointer document) in the year's index; an entry only
-        replaces one committed earlier (two commits of a partition may enter it in any order)."""
-        entries = {t: _index_entry(d) for t, d in docs.items()}
+        replaces one committed earlier (two commits of a partition may enter it in any order).
+        The first writer of a year without index (new, or written before indexes existed)
+        indexes the year's other partitions first."""
+        key = (self.url, str(year))
+        if key not in _INDEXED_YEARS:
+            if self._read(f"{self.index_path(year)}/{INDEX_MARK}") is None:
+                self.rebuild_index(year, replace=False)
+            _INDEXED_YEARS.add(key)
+        self._merge_index(str(year), {t: _index_entry(d) for t, d in docs.items()})
 
-        def enter(doc: dict[str, Any] | None) -> dict[str, Any]:
-            parts = dict((doc or {}).get("partitions", {}))
-            for tile, entry in entries.items():
-                old = parts.get(tile)
-                if old is None or str(old.get("committed_at", "")) <= entry["committed_at"]:
-                    parts[tile] = entry
-            return {
-                "asset": self.asset,
-                "year": str(year),
-                "partitions": dict(sorted(parts.items())),
-            }
+    def _merge_index(self, year: str, entries: dict[str, dict[str, Any]]) -> None:
+        by_shard: dict[int, dict[str, dict[str, Any]]] = {}
+        for tile, entry in entries.items():
+            by_shard.setdefault(index_shard(tile), {})[tile] = entry
+        for shard, part in sorted(by_shard.items()):
 
-        self.documents.update(self.index_path(year), enter, damaged=True)
+            def enter(
+                doc: dict[str, Any] | None, part: dict[str, Any] = part, shard: int = shard
+            ) -> dict[str, Any]:
+                parts = dict((doc or {}).get("partitions", {}))
+                for tile, entry in part.items():
+                    old = parts.get(tile)
+                    if old is None or str(old.get("committed_at", "")) <= entry["committed_at"]:
+                        parts[tile] = entry
+                return {"asset": self.asset, "year": year, "shard": shard, "partitions": parts}
+
+            self.documents.update(self.index_path(year, shard), enter, damaged=True)
 
     def index(self, year: str | int) -> dict[str, Version] | None:
         """Every indexed partition of ``year`` (tile -> its current version, with the
-        pointer's summary and integrity verdict), from one read; None when the year has no
-        index (written before indexes existed: :meth:`rebuild_index` makes one)."""
-        doc = self.documents.read(self.index_path(year), damaged=True)[0]
-        if doc is None or not isinstance(doc.get("partitions"), dict):
-            return None  # a damaged index is only a cache: rebuilt from the pointers
-        return {t: self._version(year, t, e) for t, e in doc.get("partitions", {}).items()}
+        pointer's summary and integrity verdict), from one batch of reads; None when the
+        year has no complete index (a shard missing or damaged, or never indexed:
+        :meth:`rebuild_index` makes one)."""
+        base = self.index_path(year)
+        paths = [f"{base}/{INDEX_MARK}"] + [self.index_path(year, i) for i in range(INDEX_SHARDS)]
+        got = self._read_many(paths)
+        out: dict[str, Version] = {}
+        for path in paths:
+            raw = got.get(path)
+            if not isinstance(raw, bytes | bytearray):
+                return None
+            doc = _loads(raw, damaged=True)
+            if doc is None:
+                return None  # only a cache: rebuilt from the pointers
+            parts = doc.get("partitions", {})
+            if not isinstance(parts, dict):
+                return None
+            out.update((t, self._version(year, t, e)) for t, e in parts.items())
+        return out
 
     def years(self) -> list[str]:
         """The years that have partitions (one listing)."""
         return [y for y in self._ls(self.store_path) if y.isdigit()]
 
-    def rebuild_index(self, year: str | int | None = None) -> int:
-        """Rewrite the index of ``year`` (every year by default) from the pointers;
-        the number of partitions indexed."""
+    def rebuild_index(self, year: str | int | None = None, *, replace: bool = True) -> int:
+        """Index ``year`` (every year by default) from the pointers; the number of
+        partitions indexed. ``replace``: entries whose pointer is gone are dropped (what
+        ``verify`` does); otherwise the pointers are merged into what is there."""
         n = 0
         years = self.years()
         for y in [y for y in years if y == str(year)] if year is not None else years:
-            docs: dict[str, dict[str, Any]] = {}
-            for tile in self._ls(f"{self.store_path}/{y}"):
-                if not _SAFE.match(tile):
-                    continue
-                with contextlib.suppress(StorageError):
-                    doc = self.pointer(y, tile)
-                    if doc is not None:
-                        docs[tile] = doc
-            entries = {t: _index_entry(d) for t, d in sorted(docs.items())}
+            tiles = [t for t in self._ls(f"{self.store_path}/{y}") if _SAFE.match(t)]
+            paths = {t: self.pointer_path(y, t) for t in tiles}
+            got = self._read_many(list(paths.values()))
+            entries: dict[str, dict[str, Any]] = {}
+            for tile, path in paths.items():
+                raw = got.get(path)
+                doc = _loads(raw, damaged=True) if isinstance(raw, bytes | bytearray) else None
+                if doc is not None and "version" in doc:
+                    entries[tile] = _index_entry(doc)
+            if replace:
+                by_shard: dict[int, dict[str, Any]] = {i: {} for i in range(INDEX_SHARDS)}
+                for tile, entry in entries.items():
+                    by_shard[index_shard(tile)][tile] = entry
+                for shard, part in by_shard.items():
+                    doc = {"asset": self.asset, "year": y, "shard": shard, "partitions": part}
+                    self.documents.update(
+                        self.index_path(y, shard), lambda _old, d=doc: d, damaged=True
+                    )
+            else:
+                self._merge_index(y, entries)
+                for shard in range(INDEX_SHARDS):  # every shard exists once complete
+                    path = self.index_path(y, shard)
+                    if self._read(path) is None:
+                        self._merge_index_shard_empty(y, shard)
+            mark = {"asset": self.asset, "year": y, "shards": INDEX_SHARDS, "indexed_at": _now()}
             self.documents.update(
-                self.index_path(y),
-                lambda _old, e=entries, y=y: {"asset": self.asset, "year": y, "partitions": e},
-                damaged=True,
+                f"{self.index_path(y)}/{INDEX_MARK}", lambda _old, m=mark: m, damaged=True
             )
+            _INDEXED_YEARS.add((self.url, y))
             n += len(entries)
         return n
+
+    def _merge_index_shard_empty(self, year: str, shard: int) -> None:
+        self.documents.update(
+            self.index_path(year, shard),
+            lambda doc: (
+                doc or {"asset": self.asset, "year": year, "shard": shard, "partitions": {}}
+            ),
+            damaged=True,
+        )
 
     def put_objects(
         self, year: str | int, tile: str, objects: dict[str, bytes], lineage: dict[str, Any] | None
@@ -1022,7 +1076,7 @@ class IndexedReader:
             self.reads["index"] += 1
             idx = self.store.index(y)
             if idx is None and listed:
-                self.store.rebuild_index(y)
+                self.store.rebuild_index(y, replace=False)  # merged: safe beside writers
                 idx = self.store.index(y)
             if idx is not None:
                 idx = {t: v for t, v in idx.items() if t in listed}
@@ -1089,6 +1143,14 @@ class IndexedReader:
 
 
 _MANIFEST_CACHE: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+_INDEXED_YEARS: set[tuple[str, str]] = set()  # (store url, year) known to have an index
+
+
+def index_shard(tile: str) -> int:
+    """Which of a year's :data:`INDEX_SHARDS` index documents holds ``tile``."""
+    return int(hashlib.sha256(tile.encode()).hexdigest()[:8], 16) % INDEX_SHARDS
+
+
 _INDEX_FIELDS = ("version", "manifest_sha256", "committed_at", "run_id", "summary", "integrity")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from agrifm_pipeline.lineage import is_record, lineage_record, scene_index_record
-from agrifm_pipeline.storage import INDEX, IndexedReader, ZarrStore
+from agrifm_pipeline.storage import INDEX, INDEX_SHARDS, IndexedReader, ZarrStore, index_shard
 from agrifm_pipeline_tests.object_store import StoreKind, child_script
 
 TILES = [f"32631_640m_E{e:04d}_N8784" for e in range(890, 898)]
@@ -80,6 +80,8 @@ def test_a_commit_enters_its_pointer_in_the_years_index(store_kind: StoreKind) -
     assert "inputs" not in rec["fingerprints"]["embedding"]
     assert rec["settings"] == {"n_frames": 8, "norm_mode": "agrifm_stats", "image_size": 224}
     assert len(json.dumps(rec)) < 700
+    # Each commit rewrites one shard of the year's index.
+    assert index_shard(TILES[1]) in range(INDEX_SHARDS)
     # A newer commit replaces the entry; the history stays in the pointer only.
     v2 = store.write(2019, TILES[1], _grid(5), _lineage(TILES[1], 5))
     assert store.index(2019)[TILES[1]].id == v2.id  # type: ignore[index]
@@ -117,9 +119,10 @@ def test_an_index_behind_its_pointer_is_caught_by_what_dagster_recorded(
     version Dagster recorded reads the pointer, and enters it again."""
     store = store_kind.zarr()
     store.write(2019, TILES[0], _grid(1), _lineage(TILES[0], 1))
-    stale_index = store.documents.read(store.index_path(2019))[0]
+    shard = store.index_path(2019, index_shard(TILES[0]))
+    stale_index = store.documents.read(shard)[0]
     v2 = store.write(2019, TILES[0], _grid(2), _lineage(TILES[0], 2))
-    store._put(store.index_path(2019), json.dumps(stale_index).encode())  # never entered
+    store._put(shard, json.dumps(stale_index).encode())  # never entered
     assert store.index(2019)[TILES[0]].id != v2.id  # type: ignore[index]
     # Trusted without news of a change; read from the pointer with it.
     assert IndexedReader(store).current(2019, TILES[0]).id != v2.id  # type: ignore[union-attr]
@@ -128,7 +131,7 @@ def test_an_index_behind_its_pointer_is_caught_by_what_dagster_recorded(
     assert reader.reads["pointer"] == 1 and reader.reads["repaired"] == 1
     assert store.index(2019)[TILES[0]].id == v2.id  # type: ignore[index]
     # The audit's reader reads every pointer and repairs too.
-    store._put(store.index_path(2019), json.dumps(stale_index).encode())
+    store._put(shard, json.dumps(stale_index).encode())
     audit = IndexedReader(store, pointers=True)
     assert audit.current(2019, TILES[0]).id == v2.id  # type: ignore[union-attr]
     assert audit.reads["repaired"] == 1 and store.index(2019)[TILES[0]].id == v2.id  # type: ignore[index]
@@ -139,13 +142,12 @@ def test_a_year_without_index_is_indexed_once(store_kind: StoreKind) -> None:
     store = store_kind.zarr()
     for i, t in enumerate(TILES[:4]):
         store.write(2019, t, _grid(i), _lineage(t, i))
-    path = store.index_path(2019)
-    store._rm_tree(path) if not store.local else Path(path).unlink()
+    store._rm_tree(store.index_path(2019))
     assert store.index(2019) is None
     reader = IndexedReader(store)
     assert sorted(v.tile for v in map(lambda t: reader.current(2019, t), TILES[:4])) == TILES[:4]
     assert sorted(store.index(2019) or {}) == TILES[:4]
-    store._put(path, b"{not json")
+    store._put(store.index_path(2019, 5), b"{not json")  # one shard damaged
     assert store.index(2019) is None and store.rebuild_index() == 4
     assert sorted(store.index(2019) or {}) == TILES[:4]
 
@@ -201,7 +203,8 @@ def test_concurrent_commits_all_reach_the_index(process_store_kind: StoreKind) -
 def test_index_file_is_not_a_partition(tmp_path: Path) -> None:
     store = ZarrStore(tmp_path, "grid")
     store.write(2019, TILES[0], _grid(1), _lineage(TILES[0], 1))
-    assert (tmp_path / "grid.zarr" / "2019" / INDEX).is_file()
+    shards = sorted((tmp_path / "grid.zarr" / "2019" / INDEX).glob("*.json"))
+    assert len(shards) == INDEX_SHARDS + 1  # and the mark of a complete index
     assert [p.tile for p in store.partitions()] == [TILES[0]]
 
 
@@ -211,7 +214,7 @@ def test_verify_rewrites_the_indexes(tmp_path: Path, capsys) -> None:
     store = ZarrStore(tmp_path / "store", "agrifm_embedding_grid")
     for i, t in enumerate(TILES[:3]):
         store.write(2019, t, _grid(i), _lineage(t, i))
-    Path(store.index_path(2019)).write_text("[]")  # damaged
+    Path(store.index_path(2019, 3)).write_text("[]")  # damaged
     assert store.index(2019) is None
     assert main(["verify", "--store", str(tmp_path / "store")]) == 0
     assert "3 partition(s) indexed" in capsys.readouterr().err
