@@ -349,7 +349,18 @@ class Documents:
 
     @contextlib.contextmanager
     def _lock(self, path: str) -> Iterator[None]:
-        if self.local and self.lock_files:
+        if not (self.local or _protocol(self.fs) == "memory"):
+            yield  # object stores: conditional writes, or the last writer wins
+            return
+        # Threads of this process take the path's thread lock: POSIX locks belong to the
+        # process (they keep other processes out, not other threads, and closing any
+        # descriptor of the file drops them), and memory:// lives in this process alone.
+        with _MEMORY_LOCKS_GUARD:
+            threads = _MEMORY_LOCKS.setdefault(path, threading.Lock())
+        with threads:
+            if not (self.local and self.lock_files):
+                yield
+                return
             parent = os.path.dirname(path)
             os.makedirs(parent, exist_ok=True)
             fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
@@ -367,13 +378,6 @@ class Documents:
                 with contextlib.suppress(OSError):
                     fcntl.lockf(fd, fcntl.LOCK_UN)
                 os.close(fd)
-        elif _protocol(self.fs) == "memory":
-            with _MEMORY_LOCKS_GUARD:
-                lock = _MEMORY_LOCKS.setdefault(path, threading.Lock())
-            with lock:
-                yield
-        else:
-            yield
 
     def read(self, path: str, *, damaged: bool = False) -> tuple[dict[str, Any] | None, str]:
         """The document and a token (its ETag on S3) for a conditional replace; with

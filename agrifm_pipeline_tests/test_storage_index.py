@@ -219,3 +219,20 @@ def test_verify_rewrites_the_indexes(tmp_path: Path, capsys) -> None:
     assert main(["verify", "--store", str(tmp_path / "store")]) == 0
     assert "3 partition(s) indexed" in capsys.readouterr().err
     assert sorted(store.index(2019) or {}) == TILES[:3]
+
+
+def test_threads_of_one_process_lose_no_index_entry(store_kind: StoreKind) -> None:
+    """POSIX locks keep other processes out, not other threads: the acquisition step's
+    threads commit partitions of one year at once, and every one reaches the index (it
+    used to lose one now and then, which the stale sensor took for a missing partition)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = store_kind.zarr()
+    store.write(2019, TILES[0], _grid(0), _lineage(TILES[0], 0))  # the year's index exists
+    # Twelve tiles of one shard, so that every commit races on the same document.
+    candidates = [f"32631_640m_E{e:04d}_N{n:04d}" for e in range(20) for n in range(40)]
+    work = [t for t in candidates if index_shard(t) == 7][:12]
+    assert len(work) == 12
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda t: store.write(2019, t, _grid(1), _lineage(t, 1)), work))
+    assert set(work) <= set(store.index(2019) or {})

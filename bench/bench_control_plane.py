@@ -186,6 +186,10 @@ def run(
                         )
                     )
         out["seed_s"] = round(time.perf_counter() - t0, 1)
+        index_files = list((tmp / "store").glob("*/*/_index/[0-9]*.json"))
+        out["index_bytes_per_partition"] = round(
+            sum(p.stat().st_size for p in index_files) / (tiles * years * (len(ZARR) + len(FILES)))
+        )
         # One region file whose tiles are exactly these, registered by the region sensor.
         import geopandas as gpd
         import shapely

@@ -34,6 +34,7 @@ runs them under it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from typing import Any
 
@@ -73,14 +74,21 @@ def effective_window(size: Size3, window: Size3, shift: Size3) -> tuple[Size3, S
 
 
 def relative_position_index(window: Size3) -> torch.Tensor:
-    """Pairwise index into the position-bias table for a full window: (N, N) int64."""
+    """Pairwise index into the position-bias table for a full window: (N, N) int64, on
+    the CPU whatever the default device (the model is built on ``meta``), made once per
+    window size and process."""
+    return _relative_position_index(tuple(window)).clone()  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=16)
+def _relative_position_index(window: Size3) -> torch.Tensor:
     wd, wh, ww = window
-    coords = torch.stack(
-        torch.meshgrid(torch.arange(wd), torch.arange(wh), torch.arange(ww), indexing="ij")
-    ).flatten(1)  # (3, N)
+    cpu = torch.device("cpu")
+    axes = (torch.arange(n, device=cpu) for n in (wd, wh, ww))
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # (3, N)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 3)
-    rel = rel + torch.tensor([wd - 1, wh - 1, ww - 1])
-    strides = torch.tensor([(2 * wh - 1) * (2 * ww - 1), 2 * ww - 1, 1])
+    rel = rel + torch.tensor([wd - 1, wh - 1, ww - 1], device=cpu)
+    strides = torch.tensor([(2 * wh - 1) * (2 * ww - 1), 2 * ww - 1, 1], device=cpu)
     return (rel * strides).sum(-1)  # (N, N)
 
 
