@@ -77,7 +77,7 @@ def relative_position_index(window: Size3) -> torch.Tensor:
     """Pairwise index into the position-bias table for a full window: (N, N) int64, on
     the CPU whatever the default device (the model is built on ``meta``), made once per
     window size and process."""
-    return _relative_position_index(tuple(window)).clone()  # type: ignore[arg-type]
+    return _relative_position_index(tuple(window)).clone()
 
 
 @functools.lru_cache(maxsize=16)
