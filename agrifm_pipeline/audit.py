@@ -187,16 +187,18 @@ def tile_year_state(
     the scenes that changed, appeared or went as the reason.
     """
     stages: dict[str, StageState] = {}
-    listed: list[Mapping[str, str] | None] = []  # the source's scenes, listed once
+    # the source's scenes and their digest, listed once
+    listed: list[tuple[Mapping[str, str] | None, str | None]] = []
 
     def scene_reasons(st: StageState) -> list[str]:
         recorded = st.lineage.get("acquisition", {}).get(SCENE_INDEX_KEY)
         if scenes is None or not isinstance(recorded, dict):
             return []  # not listed here, or made before scenes were recorded
         if not listed:
-            listed.append(scenes(tile, year))
-        now = listed[0]
-        if now is None or recorded.get("digest") == scene_digest(now):
+            now = scenes(tile, year)
+            listed.append((now, None if now is None else scene_digest(now)))
+        now, digest = listed[0]
+        if now is None or recorded.get("digest") == digest:
             return []
         full = _full_lineage(stores[st.asset], year, tile, st)
         recorded = full.get("acquisition", {}).get(SCENE_INDEX_KEY, {})

@@ -5,10 +5,10 @@ Both on the synthetic provider, the default tile geometry (16 chips of 224²), t
 full-size encoder with ``untrained:0`` weights in fp32 on the CPU, measured in the
 same invocation:
 
-1. **Stages**: on ``--stage-tile-years`` tile-years, the library calls the assets make
-   (acquire, write frames, normalise the frames read back, write, encode every chip,
-   write the grid, chip table and preview), the model built once outside the clock.
-   Tile-years/hour = 3600 / mean seconds.
+1. **Stages**: ``--stage-tile-years`` times, ``bench/bench_pipeline.py``'s stage-by-stage
+   measurement (acquire, write frames, normalise the frames read back, write, encode
+   every chip, write the grid, chip table and preview; the model built once outside
+   the clock). Tile-years/hour = 3600 / mean seconds.
 2. **Dagster**: ``dagster job execute`` of ``embed_tile_years`` in a fresh process on
    a temporary instance written by ``agrifm-pipeline home`` (SQLite, run monitoring),
    as a run worker would: one run of ``--tile-years`` tile-years (one run of a UI
@@ -60,55 +60,20 @@ def tile_ids(n: int) -> list[str]:
 
 
 def stage_seconds(n: int, root: Path) -> list[float]:
-    """Seconds per tile-year of the library calls the assets make (every chip encoded),
-    each stage reading its input back from the store as the asset does; the model is
-    built once, outside the clock, as a worker process keeps it."""
-    import numpy as np
+    """Seconds per tile-year, stage by stage, as ``bench/bench_pipeline.py`` measures them
+    (its own ``stages``: the library calls the assets make, every chip encoded, each stage
+    reading its input back from the store; the model built once, outside the clock), on
+    the synthetic provider: the sum of its stages, ``n`` times."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_pipeline import stages
 
-    from agrifm_pipeline.inference import EmbeddingEngine, InferenceOptions
     from agrifm_pipeline.providers import make_provider
-    from agrifm_pipeline.storage import ZarrStore
-    from agrifm_pipeline.tiles import Tile
-    from agrifm_pipeline.tileyear import (
-        TileYearSettings,
-        acquire,
-        band_frames,
-        chip_table,
-        embedding_grid,
-        frame_stack_dataset,
-        normalise_tile,
-        normalized_dataset,
-        preview_png,
-        valid_frames,
-    )
 
     provider = make_provider("synthetic", seed=0)
-    cfg = TileYearSettings()
-    engine = EmbeddingEngine.create(
-        "untrained:0", options=InferenceOptions(device="cpu", precision="float32", batch_size=8)
-    )
-    frames = ZarrStore(root / "stages", "s2_frame_stack")
-    tensors = ZarrStore(root / "stages", "normalized_tensors")
-    grids = ZarrStore(root / "stages", "agrifm_embedding_grid")
-    rgb = ["B4", "B3", "B2"]
     out = []
-    for tile_id in tile_ids(n):
-        tile = Tile.from_id(tile_id)
-        t0 = time.perf_counter()
-        stack = acquire(provider, tile, YEARS[0], cfg)
-        frames.write(YEARS[0], tile.id, frame_stack_dataset(stack, cfg.fill_value), {})
-        values = frames.open_version(frames.current(YEARS[0], tile.id))["frames"].values
-        tensor, _ = normalise_tile(values, cfg)
-        valid = valid_frames(values, cfg.fill_value)
-        tensors.write(
-            YEARS[0], tile.id, normalized_dataset(tensor, cfg, keep_tensors=False, valid=valid), {}
-        )
-        grid = embedding_grid(engine.embed(tensor), tile, cfg)
-        grids.write(YEARS[0], tile.id, grid.to_dataset(), {})
-        chip_table(grid, tile, YEARS[0], cfg)
-        stored = frames.open_version(frames.current(YEARS[0], tile.id))["frames"]
-        preview_png(band_frames(stored, rgb), np.asarray(grid.values), rgb)
-        out.append(time.perf_counter() - t0)
+    for i in range(n):
+        t = stages(provider, "float32", 8, root / f"stages-{i}", keep_tensors=False)
+        out.append(sum(v for k, v in t.items() if not k.startswith(("x_", "faults_", "bytes_"))))
     return out
 
 
