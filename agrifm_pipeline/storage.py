@@ -80,8 +80,7 @@ LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
 POINTER = "_current.json"
 MANIFEST = "_manifest.json"
 INDEX = "_index"  # per asset and year: every partition's pointer, without its history
-INDEX_SHARDS = 32  # documents per year's index: a commit rewrites one of them
-INDEX_MARK = "complete.json"  # written once the year's shards hold every partition
+INDEX_SHARDS = 8  # documents per year's index: a commit rewrites one, a reader reads all
 HISTORY_LEN = 32  # committed versions remembered in the pointer
 # An uncommitted version (no manifest, or never named by the pointer) younger than this
 # may still be being written by a live writer, so sweeps leave it alone.
@@ -738,9 +737,11 @@ class PartitionStore:
 
     # -- the per-year index ----------------------------------------------------------------
     # Every partition's pointer (its history left out), per asset and year, in
-    # INDEX_SHARDS small documents: what the stale sensor, the audit and the mosaic sensor
-    # judge from, so a tick reads a year's index in one batch instead of a pointer and a
-    # manifest per partition, and a commit rewrites 1/INDEX_SHARDS of its year's index.
+    # INDEX_SHARDS documents: what the stale sensor, the audit and the mosaic sensor judge
+    # from, so a tick reads a year's index in one batch instead of a pointer and a manifest
+    # per partition, and a commit rewrites 1/INDEX_SHARDS of its year's index. A shard is
+    # ``complete`` once a rebuild from the pointers went through it; a year's index is used
+    # only when all its shards are.
     # The pointer stays the truth: the index is entered after it, so it can lag a commit
     # (a writer killed in between, or a lost update on a store without conditional writes),
     # never lead one. :meth:`rebuild_index` (``agrifm-pipeline verify``) rewrites it from
@@ -752,15 +753,22 @@ class PartitionStore:
         indexes the year's other partitions first."""
         key = (self.url, str(year))
         if key not in _INDEXED_YEARS:
-            if self._read(f"{self.index_path(year)}/{INDEX_MARK}") is None:
+            raw = self._read(self.index_path(year, index_shard(next(iter(docs)))))
+            doc = _loads(raw, damaged=True) if raw is not None else None
+            if not (doc and doc.get("complete")):
                 self.rebuild_index(year, replace=False)
             _INDEXED_YEARS.add(key)
         self._merge_index(str(year), {t: _index_entry(d) for t, d in docs.items()})
 
-    def _merge_index(self, year: str, entries: dict[str, dict[str, Any]]) -> None:
+    def _merge_index(
+        self, year: str, entries: dict[str, dict[str, Any]], *, complete: bool = False
+    ) -> None:
+        """Merge entries into the year's shards; ``complete``: every shard, marked complete."""
         by_shard: dict[int, dict[str, dict[str, Any]]] = {}
         for tile, entry in entries.items():
             by_shard.setdefault(index_shard(tile), {})[tile] = entry
+        if complete:
+            by_shard = {i: by_shard.get(i, {}) for i in range(INDEX_SHARDS)}
         for shard, part in sorted(by_shard.items()):
 
             def enter(
@@ -771,17 +779,29 @@ class PartitionStore:
                     old = parts.get(tile)
                     if old is None or str(old.get("committed_at", "")) <= entry["committed_at"]:
                         parts[tile] = entry
-                return {"asset": self.asset, "year": year, "shard": shard, "partitions": parts}
+                done = complete or bool((doc or {}).get("complete"))
+                return self._shard_doc(year, shard, parts, done)
 
             self.documents.update(self.index_path(year, shard), enter, damaged=True)
+
+    def _shard_doc(
+        self, year: str, shard: int, parts: dict[str, Any], complete: bool
+    ) -> dict[str, Any]:
+        return {
+            "asset": self.asset,
+            "year": year,
+            "shard": shard,
+            "of": INDEX_SHARDS,
+            "complete": complete,
+            "partitions": parts,
+        }
 
     def index(self, year: str | int) -> dict[str, Version] | None:
         """Every indexed partition of ``year`` (tile -> its current version, with the
         pointer's summary and integrity verdict), from one batch of reads; None when the
-        year has no complete index (a shard missing or damaged, or never indexed:
-        :meth:`rebuild_index` makes one)."""
-        base = self.index_path(year)
-        paths = [f"{base}/{INDEX_MARK}"] + [self.index_path(year, i) for i in range(INDEX_SHARDS)]
+        year has no complete index (a shard missing, damaged or never completed by a
+        rebuild: :meth:`rebuild_index` makes one)."""
+        paths = [self.index_path(year, i) for i in range(INDEX_SHARDS)]
         got = self._read_many(paths)
         out: dict[str, Version] = {}
         for path in paths:
@@ -789,7 +809,7 @@ class PartitionStore:
             if not isinstance(raw, bytes | bytearray):
                 return None
             doc = _loads(raw, damaged=True)
-            if doc is None:
+            if doc is None or not doc.get("complete") or doc.get("of") != INDEX_SHARDS:
                 return None  # only a cache: rebuilt from the pointers
             parts = doc.get("partitions", {})
             if not isinstance(parts, dict):
@@ -804,7 +824,8 @@ class PartitionStore:
     def rebuild_index(self, year: str | int | None = None, *, replace: bool = True) -> int:
         """Index ``year`` (every year by default) from the pointers; the number of
         partitions indexed. ``replace``: entries whose pointer is gone are dropped (what
-        ``verify`` does); otherwise the pointers are merged into what is there."""
+        ``verify`` does); otherwise the pointers are merged into what is there, which is
+        safe beside concurrent writers."""
         n = 0
         years = self.years()
         for y in [y for y in years if y == str(year)] if year is not None else years:
@@ -822,32 +843,15 @@ class PartitionStore:
                 for tile, entry in entries.items():
                     by_shard[index_shard(tile)][tile] = entry
                 for shard, part in by_shard.items():
-                    doc = {"asset": self.asset, "year": y, "shard": shard, "partitions": part}
+                    doc = self._shard_doc(y, shard, part, True)
                     self.documents.update(
                         self.index_path(y, shard), lambda _old, d=doc: d, damaged=True
                     )
             else:
-                self._merge_index(y, entries)
-                for shard in range(INDEX_SHARDS):  # every shard exists once complete
-                    path = self.index_path(y, shard)
-                    if self._read(path) is None:
-                        self._merge_index_shard_empty(y, shard)
-            mark = {"asset": self.asset, "year": y, "shards": INDEX_SHARDS, "indexed_at": _now()}
-            self.documents.update(
-                f"{self.index_path(y)}/{INDEX_MARK}", lambda _old, m=mark: m, damaged=True
-            )
+                self._merge_index(y, entries, complete=True)
             _INDEXED_YEARS.add((self.url, y))
             n += len(entries)
         return n
-
-    def _merge_index_shard_empty(self, year: str, shard: int) -> None:
-        self.documents.update(
-            self.index_path(year, shard),
-            lambda doc: (
-                doc or {"asset": self.asset, "year": year, "shard": shard, "partitions": {}}
-            ),
-            damaged=True,
-        )
 
     def put_objects(
         self, year: str | int, tile: str, objects: dict[str, bytes], lineage: dict[str, Any] | None
@@ -1074,7 +1078,9 @@ class IndexedReader:
         if y in self._indexes:
             return self._indexes[y]
         listed = self._listed(y)
-        if self.pointers:
+        if not listed:
+            idx = None  # the year has no partition: nothing to read
+        elif self.pointers:
             idx = self._from_pointers(y, listed)
         else:
             self.reads["index"] += 1

@@ -204,7 +204,8 @@ def test_index_file_is_not_a_partition(tmp_path: Path) -> None:
     store = ZarrStore(tmp_path, "grid")
     store.write(2019, TILES[0], _grid(1), _lineage(TILES[0], 1))
     shards = sorted((tmp_path / "grid.zarr" / "2019" / INDEX).glob("*.json"))
-    assert len(shards) == INDEX_SHARDS + 1  # and the mark of a complete index
+    assert len(shards) == INDEX_SHARDS
+    assert all(json.loads(p.read_text())["complete"] for p in shards)
     assert [p.tile for p in store.partitions()] == [TILES[0]]
 
 
