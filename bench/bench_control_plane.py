@@ -96,13 +96,95 @@ def _s3_bucket(options: dict[str, Any]) -> str:
     return "control-plane"
 
 
+def judge(
+    tmp: Path, instance: Any, resources: dict[str, Any], s3: Any, out: dict[str, Any]
+) -> None:
+    """Each sensor's first and next tick, and the audit, over the store seeded under ``tmp``
+    (uploaded to S3 first with ``s3``)."""
+    import dagster as dg
+
+    from agrifm_pipeline.defs.audit import audit_rows
+    from agrifm_pipeline.defs.resources import ZarrStorage
+    from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
+    from agrifm_pipeline.defs.staleness import (
+        current_fingerprints,
+        stage_stores,
+        stale_partitions_sensor,
+    )
+
+    if s3 is not None:  # the same store, uploaded to S3; the sensors and audit read it there
+        t = time.perf_counter()
+        bucket = _s3_bucket(s3)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**s3)
+        # What the control plane reads: pointers, indexes, manifests, the registry.
+        # The versions' chunks stay behind (only reading data and `verify` touch them).
+        local = sorted(
+            p
+            for p in (tmp / "store").rglob("*")
+            if p.is_file()
+            and not p.name.endswith(".lock")
+            and p.relative_to(tmp / "store").parts[0] not in ("stac", "catalog.json")
+            and (p.name == "_manifest.json" or not any(q.startswith("v20") for q in p.parts))
+        )
+        fs.put(
+            [str(p) for p in local],
+            [f"{bucket}/store/{p.relative_to(tmp / 'store').as_posix()}" for p in local],
+        )
+        out["s3_upload_s"] = round(time.perf_counter() - t, 1)
+        out["s3_objects"] = len(local)
+        storage = ZarrStorage(
+            root=f"s3://{bucket}/store", regions_dir=str(tmp / "regions"), storage_options=s3
+        )
+        resources["storage"] = storage
+    cursors: dict[str, str | None] = {}
+
+    def tick(sensor: Any) -> tuple[float, Any]:
+        name = sensor.name
+        ctx = dg.build_sensor_context(
+            instance=instance, resources=resources, cursor=cursors.get(name)
+        )
+        t = time.perf_counter()
+        result = sensor(ctx)
+        if isinstance(result, dg.SensorResult) and result.cursor is not None:
+            cursors[name] = result.cursor  # carried, as the daemon does
+        return round(time.perf_counter() - t, 2), result
+
+    for name, sensor in (
+        ("stale_partitions_sensor", stale_partitions_sensor),
+        ("region_mosaic_sensor", region_mosaic_sensor),
+        ("region_files_sensor", region_files_sensor),
+    ):
+        cold, result = tick(sensor)
+        warm, _ = tick(sensor)
+        requests = len(getattr(result, "run_requests", None) or [])
+        skip = getattr(result, "skip_reason", None) or (
+            result if isinstance(result, dg.SkipReason) else None
+        )
+        out[name] = {
+            "first_tick_s": cold,
+            "next_tick_s": warm,
+            "run_requests": requests,
+            "skip": getattr(skip, "skip_message", None),
+        }
+    current, unknown, _ = current_fingerprints(
+        resources["tile_year"], resources["s2"], resources["model"]
+    )
+    t = time.perf_counter()
+    rows = audit_rows(instance, stage_stores(resources["storage"]), current, unknown=unknown)
+    out["audit"] = {"s": round(time.perf_counter() - t, 2), "rows": len(rows)}
+    out["audit"]["statuses"] = {
+        s: sum(r.status == s for r in rows) for s in sorted({r.status for r in rows})
+    }
+
+
 def run(
     tiles: int, years: int, postgres: str | None, s3: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     import dagster as dg
 
     from agrifm_pipeline.definitions import build_defs
-    from agrifm_pipeline.defs.audit import audit_rows
     from agrifm_pipeline.defs.partitions import tile_year_key
     from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
     from agrifm_pipeline.defs.resources import (
@@ -111,12 +193,7 @@ def run(
         TileYearConfig,
         ZarrStorage,
     )
-    from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
-    from agrifm_pipeline.defs.staleness import (
-        current_fingerprints,
-        stage_stores,
-        stale_partitions_sensor,
-    )
+    from agrifm_pipeline.defs.sensors import region_files_sensor
     from agrifm_pipeline.tiles import Tile
 
     os.environ["RS_EMBED_AGRIFM_CKPT_MIN_BYTES"] = "1000"
@@ -211,72 +288,30 @@ def run(
             )
         assert sorted(storage.registry().tiles_of("load_test")) == sorted(ids)
 
-        if s3 is not None:  # the same store, uploaded to S3; the sensors and audit read it there
-            t = time.perf_counter()
-            bucket = _s3_bucket(s3)
-            import s3fs
-
-            fs = s3fs.S3FileSystem(**s3)
-            # What the control plane reads: pointers, indexes, manifests, the registry.
-            # The versions' chunks stay behind (only reading data and `verify` touch them).
-            local = sorted(
-                p
-                for p in (tmp / "store").rglob("*")
-                if p.is_file()
-                and not p.name.endswith(".lock")
-                and p.relative_to(tmp / "store").parts[0] not in ("stac", "catalog.json")
-                and (p.name == "_manifest.json" or not any(q.startswith("v20") for q in p.parts))
-            )
-            fs.put(
-                [str(p) for p in local],
-                [f"{bucket}/store/{p.relative_to(tmp / 'store').as_posix()}" for p in local],
-            )
-            out["s3_upload_s"] = round(time.perf_counter() - t, 1)
-            out["s3_objects"] = len(local)
-            storage = ZarrStorage(
-                root=f"s3://{bucket}/store", regions_dir=str(tmp / "regions"), storage_options=s3
-            )
-            resources["storage"] = storage
-        cursors: dict[str, str | None] = {}
-
-        def tick(sensor: Any) -> tuple[float, Any]:
-            name = sensor.name
-            ctx = dg.build_sensor_context(
-                instance=instance, resources=resources, cursor=cursors.get(name)
-            )
-            t = time.perf_counter()
-            result = sensor(ctx)
-            if isinstance(result, dg.SensorResult) and result.cursor is not None:
-                cursors[name] = result.cursor  # carried, as the daemon does
-            return round(time.perf_counter() - t, 2), result
-
-        for name, sensor in (
-            ("stale_partitions_sensor", stale_partitions_sensor),
-            ("region_mosaic_sensor", region_mosaic_sensor),
-            ("region_files_sensor", region_files_sensor),
-        ):
-            cold, result = tick(sensor)
-            warm, _ = tick(sensor)
-            requests = len(getattr(result, "run_requests", None) or [])
-            skip = getattr(result, "skip_reason", None) or (
-                result if isinstance(result, dg.SkipReason) else None
-            )
-            out[name] = {
-                "first_tick_s": cold,
-                "next_tick_s": warm,
-                "run_requests": requests,
-                "skip": getattr(skip, "skip_message", None),
-            }
-        current, unknown, _ = current_fingerprints(
-            resources["tile_year"], resources["s2"], resources["model"]
-        )
-        t = time.perf_counter()
-        rows = audit_rows(instance, stage_stores(resources["storage"]), current, unknown=unknown)
-        out["audit"] = {"s": round(time.perf_counter() - t, 2), "rows": len(rows)}
-        out["audit"]["statuses"] = {
-            s: sum(r.status == s for r in rows) for s in sorted({r.status for r in rows})
-        }
+        judge(tmp, instance, resources, s3, out)
     out["instance"] = "postgres" if postgres else "sqlite"
+    out["store"] = "s3 (moto server on 127.0.0.1)" if s3 is not None else "local directory"
+    return out
+
+
+def rejudge(tmp: Path, tiles: int, years: int, s3: Any) -> dict[str, Any]:
+    """:func:`judge` again over a directory :func:`run` seeded (its SQLite instance)."""
+    import dagster as dg
+
+    from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+
+    os.environ["RS_EMBED_AGRIFM_CKPT_MIN_BYTES"] = "1000"
+    resources = {
+        "tile_year": TileYearConfig(chip_px=32, chips_per_side=1, image_size=32, n_frames=4),
+        "s2": S2Source(backend="synthetic"),
+        "model": AgriFMModel(checkpoint=str(TINY), device="cpu"),
+        "storage": ZarrStorage(root=str(tmp / "store"), regions_dir=str(tmp / "regions")),
+    }
+    out: dict[str, Any] = {"tiles": tiles, "years": years, "tile_years": tiles * years}
+    out["reused"] = str(tmp)
+    with dg.DagsterInstance.from_config(str(tmp / "dagster")) as instance:
+        judge(tmp, instance, resources, s3, out)
+    out["instance"] = "sqlite"
     out["store"] = "s3 (moto server on 127.0.0.1)" if s3 is not None else "local directory"
     return out
 
@@ -289,6 +324,11 @@ def main() -> None:
     ap.add_argument(
         "--s3", action="store_true", help="judge the store on S3 (a moto server on 127.0.0.1)"
     )
+    ap.add_argument(
+        "--reuse",
+        default=None,
+        help="judge the store and SQLite instance an earlier run seeded in this directory",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     server = None
@@ -296,7 +336,10 @@ def main() -> None:
     if args.s3:
         options, server = _s3_server()
     try:
-        out = run(args.tiles, args.years, args.postgres, options)
+        if args.reuse:
+            out = rejudge(Path(args.reuse), args.tiles, args.years, options)
+        else:
+            out = run(args.tiles, args.years, args.postgres, options)
     finally:
         if server is not None:
             server.kill()

@@ -97,7 +97,7 @@ def stages(
     # s2_frame_stack
     stack = clock("acquire", lambda: acquire(provider, tile, YEAR, cfg))
     lineage = {"run_id": "bench"}
-    clock(
+    written = clock(
         "write_frames",
         lambda: frames_store.write(YEAR, tile.id, frame_stack_dataset(stack), lineage),
     )
@@ -106,7 +106,11 @@ def stages(
         "normalise",
         lambda: normalise_tile(frames_store.open(YEAR, tile.id)["frames"].values, cfg),
     )
-    norm_lineage = {"settings": cfg.as_record(), "inputs": {"s2_frame_stack": lineage}}
+    # It names the frames version it read, as the asset's lineage does.
+    norm_lineage = {
+        "settings": cfg.as_record(),
+        "inputs": {"s2_frame_stack": {**lineage, "version": written.id}},
+    }
     clock(
         "write_normalized",
         lambda: tensors_store.write(
