@@ -761,9 +761,15 @@ class PartitionStore:
         self._merge_index(str(year), {t: _index_entry(d) for t, d in docs.items()})
 
     def _merge_index(
-        self, year: str, entries: dict[str, dict[str, Any]], *, complete: bool = False
+        self,
+        year: str,
+        entries: dict[str, dict[str, Any]],
+        *,
+        complete: bool = False,
+        replace: bool = False,
     ) -> None:
-        """Merge entries into the year's shards; ``complete``: every shard, marked complete."""
+        """Merge entries into the year's shards; ``complete``: every shard, marked complete;
+        ``replace``: the shards hold exactly ``entries`` afterwards."""
         by_shard: dict[int, dict[str, dict[str, Any]]] = {}
         for tile, entry in entries.items():
             by_shard.setdefault(index_shard(tile), {})[tile] = entry
@@ -774,7 +780,7 @@ class PartitionStore:
             def enter(
                 doc: dict[str, Any] | None, part: dict[str, Any] = part, shard: int = shard
             ) -> dict[str, Any]:
-                parts = dict((doc or {}).get("partitions", {}))
+                parts = {} if replace else dict((doc or {}).get("partitions", {}))
                 for tile, entry in part.items():
                     old = parts.get(tile)
                     if old is None or str(old.get("committed_at", "")) <= entry["committed_at"]:
@@ -821,6 +827,27 @@ class PartitionStore:
         """The years that have partitions (one listing)."""
         return [y for y in self._ls(self.store_path) if y.isdigit()]
 
+    def _read_pointers(
+        self, year: str, tiles: list[str]
+    ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """The pointers of ``tiles`` read in one batch (concurrent requests on object
+        stores): tile -> pointer document, and the tiles whose pointer is not JSON. A tile
+        without a pointer (never committed, or deleted by hand) is in neither."""
+        paths = {t: self.pointer_path(year, t) for t in sorted(tiles)}
+        got = self._read_many(list(paths.values()))
+        docs: dict[str, dict[str, Any]] = {}
+        broken: list[str] = []
+        for tile, path in paths.items():
+            raw = got.get(path)
+            if not isinstance(raw, bytes | bytearray):
+                continue
+            doc = _loads(raw, damaged=True)
+            if doc is None or "version" not in doc:
+                broken.append(tile)
+            else:
+                docs[tile] = doc
+        return docs, broken
+
     def rebuild_index(self, year: str | int | None = None, *, replace: bool = True) -> int:
         """Index ``year`` (every year by default) from the pointers; the number of
         partitions indexed. ``replace``: entries whose pointer is gone are dropped (what
@@ -830,25 +857,9 @@ class PartitionStore:
         years = self.years()
         for y in [y for y in years if y == str(year)] if year is not None else years:
             tiles = [t for t in self._ls(f"{self.store_path}/{y}") if _SAFE.match(t)]
-            paths = {t: self.pointer_path(y, t) for t in tiles}
-            got = self._read_many(list(paths.values()))
-            entries: dict[str, dict[str, Any]] = {}
-            for tile, path in paths.items():
-                raw = got.get(path)
-                doc = _loads(raw, damaged=True) if isinstance(raw, bytes | bytearray) else None
-                if doc is not None and "version" in doc:
-                    entries[tile] = _index_entry(doc)
-            if replace:
-                by_shard: dict[int, dict[str, Any]] = {i: {} for i in range(INDEX_SHARDS)}
-                for tile, entry in entries.items():
-                    by_shard[index_shard(tile)][tile] = entry
-                for shard, part in by_shard.items():
-                    doc = self._shard_doc(y, shard, part, True)
-                    self.documents.update(
-                        self.index_path(y, shard), lambda _old, d=doc: d, damaged=True
-                    )
-            else:
-                self._merge_index(y, entries, complete=True)
+            docs, _ = self._read_pointers(y, tiles)
+            entries = {t: _index_entry(d) for t, d in docs.items()}
+            self._merge_index(y, entries, complete=True, replace=replace)
             _INDEXED_YEARS.add((self.url, y))
             n += len(entries)
         return n
@@ -1096,24 +1107,12 @@ class IndexedReader:
     def _from_pointers(self, year: str, listed: set[str]) -> dict[str, Version] | None:
         if not listed:
             return None
-        paths = {t: self.store.pointer_path(year, t) for t in sorted(listed)}
-        got = self.store._read_many(list(paths.values()))
-        self.reads["pointer"] += len(paths)
+        docs, broken = self.store._read_pointers(year, list(listed))
+        self.reads["pointer"] += len(listed)
+        self._broken.update((year, t) for t in broken)  # reported by :meth:`current`
         indexed = self.store.index(year) or {}
-        out: dict[str, Version] = {}
-        behind: dict[str, dict[str, Any]] = {}
-        for tile, path in paths.items():
-            raw = got.get(path)
-            if not isinstance(raw, bytes | bytearray):
-                continue  # no pointer: a partition never committed, or one deleted by hand
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                self._broken.add((year, tile))  # reported by :meth:`current`
-                continue
-            out[tile] = self.store._version(year, tile, doc)
-            if tile not in indexed or indexed[tile].id != out[tile].id:
-                behind[tile] = doc
+        out = {t: self.store._version(year, t, d) for t, d in docs.items()}
+        behind = {t: d for t, d in docs.items() if t not in indexed or indexed[t].id != out[t].id}
         if behind:
             self.reads["repaired"] += len(behind)
             self.store._index_enter(year, behind)

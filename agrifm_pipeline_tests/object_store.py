@@ -52,14 +52,9 @@ class S3Server:
         return name
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A moto S3 server in its own process on 127.0.0.1 (``pip install 'moto[server]'``)."""
-    try:
-        import moto.server  # noqa: F401
-        import s3fs  # noqa: F401
-    except ImportError as exc:  # the dev extra installs both
-        pytest.fail(f"the S3 store tests need moto[server] and s3fs (the dev extra): {exc}")
+def start_s3_server(timeout_s: float = 60) -> S3Server:
+    """A moto S3 server in its own process on 127.0.0.1 (``pip install 'moto[server]'``),
+    answering; raises RuntimeError when it does not (the caller kills ``proc``)."""
     port = _free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     proc = subprocess.Popen(
@@ -68,23 +63,36 @@ def s3_server() -> Iterator[S3Server]:
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    deadline = time.time() + 60
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return S3Server(f"http://127.0.0.1:{port}", proc)
         except OSError:
             if proc.poll() is not None:
-                pytest.fail("the moto S3 server exited at start")
+                raise RuntimeError("the moto S3 server exited at start") from None
             time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("the moto S3 server did not answer within 60 s")
+    proc.kill()
+    raise RuntimeError(f"the moto S3 server did not answer within {timeout_s:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server for the session (see :func:`start_s3_server`)."""
     try:
-        yield S3Server(f"http://127.0.0.1:{port}", proc)
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError as exc:  # the dev extra installs both
+        pytest.fail(f"the S3 store tests need moto[server] and s3fs (the dev extra): {exc}")
+    try:
+        server = start_s3_server()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
     finally:
-        proc.kill()
-        proc.wait()
+        server.proc.kill()
+        server.proc.wait()
 
 
 @dataclass

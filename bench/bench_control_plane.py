@@ -62,31 +62,10 @@ def _instance(home: Path, postgres: str | None) -> Any:
 
 def _s3_server() -> tuple[dict[str, Any], Any]:
     """A moto S3 server on 127.0.0.1 (the dev extra installs it) and its client options."""
-    import socket
-    import subprocess
+    from agrifm_pipeline_tests.object_store import start_s3_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-    }
-    return options, proc
+    server = start_s3_server()
+    return server.options(), server.proc
 
 
 def _s3_bucket(options: dict[str, Any]) -> str:
