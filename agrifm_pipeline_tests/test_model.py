@@ -583,3 +583,42 @@ def test_shape_cache_keeps_the_most_recent_and_follows_its_source() -> None:
         assert cache.get("t", lambda: table * 2, depends_on=table).requires_grad  # not cached
     cache.clear()
     assert len(cache) == 0
+
+
+def test_loading_takes_the_checkpoints_tensors_without_a_second_copy(
+    fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The encoder is built without storage and the tensors read from a checkpoint become
+    its parameters (no copy of the weights); a state dict handed in by a caller is copied,
+    so changing it afterwards leaves the model alone; a tensor in another dtype is
+    converted; and the outputs are the reference ones either way."""
+    import agrifm_pipeline.checkpoint as ckpt
+
+    path = fixtures_dir / "tiny_p444.pth"
+    read: dict[str, dict[str, torch.Tensor]] = {}
+
+    def keep(resolved: object) -> dict[str, torch.Tensor]:
+        read["tensors"] = ckpt.read_checkpoint(path)
+        return read["tensors"]
+
+    monkeypatch.setattr(ckpt, "checkpoint_tensors", keep)
+    model = load_encoder(path)
+    weight = read["tensors"]["encoder.S2_patch_emd.weights"]
+    assert model.patch_embed.proj.weight.data_ptr() == weight.data_ptr()
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert not any(p.requires_grad for p in model.parameters())
+
+    state = dict(torch.load(path, weights_only=True))
+    given = load_encoder(state)
+    before = given.patch_embed.proj.weight.clone()
+    state["encoder.S2_patch_emd.weights"].zero_()
+    assert torch.equal(given.patch_embed.proj.weight, before)
+
+    doubled = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    assert load_encoder(doubled).patch_embed.proj.weight.dtype == torch.float32
+
+    ref = tiny_case("p444", "t8_64x64")
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            model(torch.from_numpy(ref.x)).numpy(), ref["encoder_features"], atol=ATOL, rtol=RTOL
+        )

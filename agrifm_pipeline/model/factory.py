@@ -105,9 +105,19 @@ def checkpoint_filter_fn(
 
 
 def load_state_dict_strict(
-    model: AgriFMEncoder, state_dict: Mapping[str, torch.Tensor], *, source: str
+    model: AgriFMEncoder,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    assign: bool = False,
 ) -> None:
-    """Strict load that reports every missing, unexpected and mis-shaped tensor at once."""
+    """Strict load that reports every missing, unexpected and mis-shaped tensor at once.
+
+    ``assign=True`` makes the given tensors the model's parameters instead of copying
+    them into the model's own storage (a model built on the meta device has none): a
+    tensor already in the parameter's dtype and contiguous is taken as it is, others
+    are converted. The caller hands over tensors nobody else changes.
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -132,11 +142,13 @@ def load_state_dict_strict(
             f"{source} does not fit the AgriFM S2 encoder ({model.cfg.patch_label}); "
             + "; ".join(parts)
         )
-    model.load_state_dict(dict(state_dict), strict=True)
+    if assign:
+        state_dict = {k: v.to(dtype=own[k].dtype).contiguous() for k, v in state_dict.items()}
+    model.load_state_dict(dict(state_dict), strict=True, assign=assign)
 
 
 def _rebuild_index_buffers(model: AgriFMEncoder) -> None:
-    """Fill the position-index buffers, which are not in the state dict (after ``to_empty``)."""
+    """Fill the position-index buffers, which are not in the state dict."""
     for module in model.modules():
         if isinstance(module, WindowAttention3D):
             module.relative_position_index = relative_position_index(module.window)
@@ -196,9 +208,16 @@ def load_encoder(
     with torch.device("meta"):
         model = AgriFMEncoder(cfg, cpu_matmul=matmul)
     state, info = checkpoint_filter_fn(raw, model, source=source)
-    model = model.to_empty(device="cpu")
+    if resolved is None:  # the caller's tensors: the model gets its own copies
+        state = {k: v.clone() for k, v in state.items()}
+    # The model was built without storage and takes the checkpoint's tensors as its
+    # parameters (no second copy of 88 M values; from the node's cache of untrained
+    # weights they stay mapped pages shared by every process on the node).
+    load_state_dict_strict(model, state, source=source, assign=True)
     _rebuild_index_buffers(model)
-    load_state_dict_strict(model, state, source=source)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # pragma: no cover - a model attribute neither in the state dict nor rebuilt
+        raise RuntimeError(f"encoder tensors without storage after loading: {left[:5]}")
     model = model.to(dev).eval()
     model.requires_grad_(False)
     model.checkpoint_info = {
