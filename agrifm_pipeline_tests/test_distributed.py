@@ -2,8 +2,8 @@
 127.0.0.1, each worker in its own working directory with its own checkpoint cache,
 sharing only the store.
 
-A Dagster run of 4 tile-years hands its tile-years to the cluster: both workers do
-work, the workers write the partitions themselves, and the step records what they
+The shared store is a directory, or a bucket on S3 (moto on 127.0.0.1). A Dagster
+run of 4 tile-years hands its tile-years to the cluster: both workers do work, the workers write the partitions themselves, and the step records what they
 return. A worker killed with SIGKILL in the middle of the run loses and duplicates
 nothing: the run completes and every partition has exactly one current version,
 made by that run, and no partition was committed twice.
@@ -28,6 +28,7 @@ from agrifm_pipeline.compute import Compute
 from agrifm_pipeline.definitions import build_defs
 from agrifm_pipeline.defs.partitions import tile_year_key
 from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
+from agrifm_pipeline.defs.resources import ZarrStorage
 from agrifm_pipeline_tests.pipeline_helpers import TILES, YEARS, make_resources
 from agrifm_pipeline_tests.process_group import stop_group
 
@@ -95,8 +96,22 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             stop_group(proc)
 
 
-def _pipeline(root: Path, address: str):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["local", "s3"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> ZarrStorage:
+    """The only thing the step and the workers share: a directory, or an S3 bucket."""
+    if request.param == "local":
+        return ZarrStorage(root=str(tmp_path / "store"), regions_dir=str(tmp_path / "regions"))
+    server = request.getfixturevalue("s3_server")
+    return ZarrStorage(
+        root=f"s3://{server.bucket()}/agrifm",
+        storage_options=server.options(),
+        regions_dir=str(tmp_path / "regions"),
+    )
+
+
+def _pipeline(root: Path, address: str, storage: ZarrStorage):  # type: ignore[no-untyped-def]
     resources = make_resources(root)
+    resources["storage"] = storage
     resources["compute"] = Compute(address=address)
     defs = build_defs(resources)
     instance = dg.DagsterInstance.ephemeral()
@@ -141,8 +156,10 @@ def _assert_one_version_each(storage, run_id: str) -> None:  # type: ignore[no-u
                 assert pointer["run_id"] == run_id and pointer["history"] == [], (asset, pointer)
 
 
-def test_a_run_is_spread_over_both_workers(cluster: Cluster, tmp_path: Path) -> None:
-    resources, defs, instance = _pipeline(tmp_path, cluster.address)
+def test_a_run_is_spread_over_both_workers(
+    cluster: Cluster, shared_store: ZarrStorage, tmp_path: Path
+) -> None:
+    resources, defs, instance = _pipeline(tmp_path, cluster.address, shared_store)
     result = _materialise(defs, instance)
     assert result.success
     used = _task_workers(instance, result.run_id)
@@ -162,12 +179,16 @@ def test_a_run_is_spread_over_both_workers(cluster: Cluster, tmp_path: Path) -> 
     assert {str(e.partition) for e in finite} == wanted and all(e.passed for e in finite)
     # Each worker kept its own checkpoint cache and working directory; the store is shared.
     assert not any((d / "store").exists() for d in cluster.dirs.values())
+    if shared_store.root.startswith("s3://"):  # and on S3 nothing went to a local default
+        assert not (tmp_path / "store").exists()
+        grid = resources["storage"].store("agrifm_embedding_grid").current(YEARS[0], TILES[0])
+        assert grid.url.startswith(shared_store.root + "/")
 
 
 def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, shared_store: ZarrStorage, tmp_path: Path
 ) -> None:
-    resources, defs, instance = _pipeline(tmp_path, cluster.address)
+    resources, defs, instance = _pipeline(tmp_path, cluster.address, shared_store)
     box: dict[str, dg.ExecuteInProcessResult] = {}
     run = threading.Thread(target=lambda: box.update(result=_materialise(defs, instance)))
     run.start()
