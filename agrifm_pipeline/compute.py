@@ -102,6 +102,9 @@ class Compute(dg.ConfigurableResource):
     retries: int = Field(
         default=1, description="extra tries of a task that raised (a dead worker is retried anyway)"
     )
+    connect_timeout_s: float = Field(
+        default=30.0, description="how long to wait for the scheduler at address to answer"
+    )
 
     @property
     def uses_cluster(self) -> bool:
@@ -126,11 +129,14 @@ class Compute(dg.ConfigurableResource):
 
         if self.address:
             try:
-                return Client(self.address, timeout="30s", set_as_default=False)
+                return Client(
+                    self.address, timeout=f"{self.connect_timeout_s}s", set_as_default=False
+                )
             except (OSError, TimeoutError) as exc:
                 raise SettingsError(
-                    f"compute.address={self.address!r}: no dask scheduler answers there "
-                    f"({exc}); start one (`dask scheduler`) or unset it for the embedded cluster"
+                    f"compute.address={self.address!r} (AGRIFM_PIPELINE_DASK_ADDRESS): no dask "
+                    f"scheduler answers there ({exc}); start one (`dask scheduler`), or unset it "
+                    "to do the work in the run's own process ('local': an embedded LocalCluster)"
                 ) from None
         gpus = local_gpus()
         n_workers = self.n_workers or max(1, gpus)

@@ -11,6 +11,7 @@ made by that run, and no partition was committed twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,6 +60,15 @@ def _start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subproc
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with _cluster(tmp_path) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def _cluster(tmp_path: Path, gpu_workers: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """A scheduler and workers ``worker-a`` and ``worker-b``; those named in
+    ``gpu_workers`` declare the worker resource ``GPU=1`` (a resource is only a
+    scheduling label to dask, so a CPU host can declare one in a test)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     sched_file = tmp_path / "scheduler.json"
     scheduler = _start(
@@ -78,10 +88,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             (home / "cache").mkdir(parents=True)
             dirs[name] = home
             wenv = {**env, "RS_EMBED_AGRIFM_CACHE_DIR": str(home / "cache")}
+            gpu = ["--resources", "GPU=1"] if name in gpu_workers else []
             workers[name] = _start(
                 [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
                  str(sched_file), "--name", name, "--nworkers", "1", "--nthreads", "1",
-                 "--no-dashboard", "--no-nanny", "--local-directory", str(home / "dask")],
+                 "--no-dashboard", "--no-nanny", "--local-directory", str(home / "dask"), *gpu],
                 home, wenv, home / "worker.log",
             )  # fmt: skip
         import json
@@ -232,3 +243,102 @@ def test_tasks_use_the_checkpoint_the_step_names(monkeypatch, tmp_path: Path) ->
     )
     assert explicit.model is not None and explicit.model.checkpoint == "untrained:7"
     assert sent.storage.root == storage.root
+
+
+def test_encoding_tasks_go_to_the_workers_that_declare_a_gpu(tmp_path: Path) -> None:
+    """Where some workers declare ``GPU=1``, every encoding task runs on them (one at a
+    time per GPU) and acquisition still uses every worker."""
+    with _cluster(tmp_path, gpu_workers=("worker-b",)) as cluster:
+        storage = ZarrStorage(root=str(tmp_path / "store"), regions_dir=str(tmp_path / "regions"))
+        resources, defs, instance = _pipeline(tmp_path, cluster.address, storage)
+        assert resources["compute"].has_gpu_workers()
+        result = _materialise(defs, instance)
+        assert result.success
+        used = _task_workers(instance, result.run_id)
+        with cluster.client() as client:
+            by_name = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+        assert used["embed"] == {by_name["worker-b"]}
+        assert used["acquisition"] <= set(by_name.values())
+        logs = [e.user_message or "" for e in instance.all_logs(result.run_id)]
+        assert any("2 worker(s), 2 thread(s), 1 GPU(s)" in m for m in logs)
+        _assert_one_version_each(resources["storage"], result.run_id)
+
+
+def test_acquisition_leases_bound_the_whole_cluster(cluster: Cluster) -> None:
+    """``acquisition_slot`` is a cluster-wide semaphore: with a limit of 1, tasks on two
+    worker processes never hold it at the same time (without it they overlap)."""
+    from agrifm_pipeline.compute import acquisition_slot
+
+    def hold(i: int, limit: int | None) -> tuple[float, float, str]:
+        import time as t
+
+        from distributed import get_worker
+
+        with acquisition_slot(limit) if limit else contextlib.nullcontext():
+            start = t.time()
+            t.sleep(0.4)
+            return start, t.time(), get_worker().address
+
+    def most_at_once(spans: list[tuple[float, float, str]]) -> int:
+        return max(sum(s <= start < e for s, e, _ in spans) for start, _, _ in spans)
+
+    with cluster.client() as client:
+        for limit, expected in ((None, 2), (1, 1)):
+            futures = [client.submit(hold, i, limit, pure=False) for i in range(6)]
+            spans = client.gather(futures)
+            assert len({w for _, _, w in spans}) == 2  # both workers ran some
+            assert most_at_once(spans) == expected, (limit, spans)
+
+
+def test_the_embedded_local_cluster_runs_the_tasks_in_its_own_worker_processes(
+    tmp_path: Path,
+) -> None:
+    """``AGRIFM_PIPELINE_DASK_ADDRESS=local``: a LocalCluster of worker processes sized
+    to the machine; unset: no cluster, the step does the work in the run's process."""
+    from agrifm_pipeline.compute import _CLIENTS, compute_from_env, machine_cores
+
+    assert compute_from_env({"AGRIFM_PIPELINE_DASK_ADDRESS": "local"}) == Compute(
+        local_cluster=True
+    )
+    assert compute_from_env({"AGRIFM_PIPELINE_DASK_ADDRESS": " tcp://h:8786 "}).address == (
+        "tcp://h:8786"
+    )
+    assert not compute_from_env({}).uses_cluster
+    compute = Compute(local_cluster=True)
+    storage = ZarrStorage(root=str(tmp_path / "store"), regions_dir=str(tmp_path / "regions"))
+    resources = {**make_resources(tmp_path), "compute": compute, "storage": storage}
+    defs = build_defs(resources)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("tiles", TILES)
+    try:
+        result = _materialise(defs, instance)
+        assert result.success
+        workers = compute.client().scheduler_info()["workers"]
+        assert len(workers) == 1  # no GPU here: one worker with every core
+        used = _task_workers(instance, result.run_id)
+        assert used["acquisition"] == used["embed"] == set(workers)
+        logs = [e.user_message or "" for e in instance.all_logs(result.run_id)]
+        cores = machine_cores()
+        assert any(
+            f"embedded LocalCluster: 1 worker(s), {cores} thread(s), 0 GPU(s)" in m for m in logs
+        )
+        _assert_one_version_each(storage, result.run_id)
+    finally:
+        client = _CLIENTS.pop(compute._key(), None)
+        if client is not None:
+            cluster = client.cluster
+            client.close()
+            cluster.close()
+
+
+def test_an_address_without_a_scheduler_is_a_settings_error() -> None:
+    import socket
+
+    from agrifm_pipeline.errors import SettingsError
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    compute = Compute(address=f"tcp://127.0.0.1:{port}", connect_timeout_s=2)
+    with pytest.raises(SettingsError, match=f"tcp://127.0.0.1:{port}.*no dask scheduler"):
+        compute.client()
