@@ -130,14 +130,18 @@ def _pipeline(root: Path, address: str, storage: ZarrStorage):  # type: ignore[n
     return resources, defs, instance
 
 
-def _materialise(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+def _materialise(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    years: tuple[int, int] = (YEARS[0], YEARS[-1]),
+) -> dg.ExecuteInProcessResult:
     job = defs.resolve_job_def("embed_tile_years")
     return job.execute_in_process(
         instance=instance,
         raise_on_error=False,
         tags={
-            RANGE_START: str(tile_year_key(TILES[0], YEARS[0])),
-            RANGE_END: str(tile_year_key(TILES[-1], YEARS[-1])),
+            RANGE_START: str(tile_year_key(TILES[0], years[0])),
+            RANGE_END: str(tile_year_key(TILES[-1], years[-1])),
         },
     )
 
@@ -342,3 +346,28 @@ def test_an_address_without_a_scheduler_is_a_settings_error() -> None:
     compute = Compute(address=f"tcp://127.0.0.1:{port}", connect_timeout_s=2)
     with pytest.raises(SettingsError, match=f"tcp://127.0.0.1:{port}.*no dask scheduler"):
         compute.client()
+
+
+def test_each_worker_loads_the_model_once_for_every_run(cluster: Cluster, tmp_path: Path) -> None:
+    """Workers outlive runs: the second run's tasks use the engine each worker process
+    loaded in the first (keyed by the checkpoint's sha256), none is loaded again."""
+    storage = ZarrStorage(root=str(tmp_path / "store"), regions_dir=str(tmp_path / "regions"))
+    resources, defs, instance = _pipeline(tmp_path, cluster.address, storage)
+
+    def engines() -> list[tuple[str, int]]:
+        from agrifm_pipeline import inference
+
+        return [(str(key[0]), id(engine)) for key, engine in inference._ENGINES.items()]
+
+    loaded = []
+    for year in YEARS:
+        result = _materialise(defs, instance, (year, year))
+        assert result.success
+        assert _task_workers(instance, result.run_id)["embed"]
+        with cluster.client() as client:
+            loaded.append(client.run(engines))
+    sha = resources["model"].resolved().sha256
+    for worker, held in loaded[0].items():  # a worker's engine of run 1 is the one of run 2
+        assert not held or loaded[1][worker] == held, worker
+    assert all(held == [] or [k for k, _ in held] == [sha] for held in loaded[1].values())
+    assert any(loaded[0].values())
