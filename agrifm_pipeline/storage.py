@@ -577,10 +577,16 @@ class PartitionStore:
                 self.fs.rm(path, recursive=True)
 
     def _ls(self, path: str) -> list[str]:
+        """The names in ``path``, listed now: never fsspec's cached listing, which a
+        long-lived process (the sensors') would otherwise keep from its first look."""
         try:
             if self.local:
                 return sorted(e.name for e in os.scandir(path))
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+            try:
+                names = self.fs.ls(path, detail=False, refresh=True)
+            except TypeError:  # a filesystem whose ls takes no refresh
+                names = self.fs.ls(path, detail=False)
+            return sorted(posixpath.basename(p.rstrip("/")) for p in names)
         except (FileNotFoundError, NotADirectoryError):
             return []
 
@@ -1069,16 +1075,7 @@ class IndexedReader:
 
     def _listed(self, year: str) -> set[str]:
         self.reads["listing"] += 1
-        path = f"{self.store.store_path}/{year}"
-        if self.store.local:
-            return {n for n in self.store._ls(path) if _SAFE.match(n)}
-        try:  # never a cached listing: the sensor's process lives for days
-            names = self.store.fs.ls(path, detail=False, refresh=True)
-        except FileNotFoundError:
-            return set()
-        except TypeError:
-            names = self.store.fs.ls(path, detail=False)
-        return {b for b in (posixpath.basename(n.rstrip("/")) for n in names) if _SAFE.match(b)}
+        return {n for n in self.store._ls(f"{self.store.store_path}/{year}") if _SAFE.match(n)}
 
     def index(self, year: str | int) -> dict[str, Version] | None:
         """The year's partitions (tile -> current version), found once: the index, less
@@ -1096,7 +1093,7 @@ class IndexedReader:
         else:
             self.reads["index"] += 1
             idx = self.store.index(y)
-            if idx is None and listed:
+            if idx is None:
                 self.store.rebuild_index(y, replace=False)  # merged: safe beside writers
                 idx = self.store.index(y)
             if idx is not None:
@@ -1104,9 +1101,7 @@ class IndexedReader:
         self._indexes[y] = idx
         return idx
 
-    def _from_pointers(self, year: str, listed: set[str]) -> dict[str, Version] | None:
-        if not listed:
-            return None
+    def _from_pointers(self, year: str, listed: set[str]) -> dict[str, Version]:
         docs, broken = self.store._read_pointers(year, list(listed))
         self.reads["pointer"] += len(listed)
         self._broken.update((year, t) for t in broken)  # reported by :meth:`current`

@@ -110,13 +110,14 @@ def load_state_dict_strict(
     *,
     source: str,
     assign: bool = False,
+    copy: bool = False,
 ) -> None:
     """Strict load that reports every missing, unexpected and mis-shaped tensor at once.
 
     ``assign=True`` makes the given tensors the model's parameters instead of copying
     them into the model's own storage (a model built on the meta device has none): a
     tensor already in the parameter's dtype and contiguous is taken as it is, others
-    are converted. The caller hands over tensors nobody else changes.
+    are converted; ``copy=True`` copies every one (tensors the caller keeps and may change).
     """
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -143,7 +144,9 @@ def load_state_dict_strict(
             + "; ".join(parts)
         )
     if assign:
-        state_dict = {k: v.to(dtype=own[k].dtype).contiguous() for k, v in state_dict.items()}
+        state_dict = {
+            k: v.to(dtype=own[k].dtype, copy=copy).contiguous() for k, v in state_dict.items()
+        }
     model.load_state_dict(dict(state_dict), strict=True, assign=assign)
 
 
@@ -208,12 +211,11 @@ def load_encoder(
     with torch.device("meta"):
         model = AgriFMEncoder(cfg, cpu_matmul=matmul)
     state, info = checkpoint_filter_fn(raw, model, source=source)
-    if resolved is None:  # the caller's tensors: the model gets its own copies
-        state = {k: v.clone() for k, v in state.items()}
     # The model was built without storage and takes the checkpoint's tensors as its
     # parameters (no second copy of 88 M values; from the node's cache of untrained
-    # weights they stay mapped pages shared by every process on the node).
-    load_state_dict_strict(model, state, source=source, assign=True)
+    # weights they stay mapped pages shared by every process on the node). A state dict
+    # handed in by the caller is the caller's: the model gets its own copies.
+    load_state_dict_strict(model, state, source=source, assign=True, copy=resolved is None)
     _rebuild_index_buffers(model)
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:  # pragma: no cover - a model attribute neither in the state dict nor rebuilt
