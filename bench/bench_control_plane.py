@@ -75,6 +75,20 @@ def _s3_bucket(options: dict[str, Any]) -> str:
     return "control-plane"
 
 
+def _resources(tmp: Path) -> dict[str, Any]:
+    """The load test's resources over ``tmp``: a small tile geometry (one 32 px chip, 4
+    frames), the synthetic source and the tiny reference checkpoint."""
+    from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+
+    os.environ["RS_EMBED_AGRIFM_CKPT_MIN_BYTES"] = "1000"
+    return {
+        "tile_year": TileYearConfig(chip_px=32, chips_per_side=1, image_size=32, n_frames=4),
+        "s2": S2Source(backend="synthetic"),
+        "model": AgriFMModel(checkpoint=str(TINY), device="cpu"),
+        "storage": ZarrStorage(root=str(tmp / "store"), regions_dir=str(tmp / "regions")),
+    }
+
+
 def judge(
     tmp: Path, instance: Any, resources: dict[str, Any], s3: Any, out: dict[str, Any]
 ) -> None:
@@ -167,22 +181,13 @@ def run(
     from agrifm_pipeline.defs.partitions import tile_year_key
     from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
     from agrifm_pipeline.defs.resources import (
-        AgriFMModel,
-        S2Source,
-        TileYearConfig,
         ZarrStorage,
     )
     from agrifm_pipeline.defs.sensors import region_files_sensor
     from agrifm_pipeline.tiles import Tile
 
-    os.environ["RS_EMBED_AGRIFM_CKPT_MIN_BYTES"] = "1000"
     tmp = Path(tempfile.mkdtemp(prefix="agrifm-cp-"))
-    resources = {
-        "tile_year": TileYearConfig(chip_px=32, chips_per_side=1, image_size=32, n_frames=4),
-        "s2": S2Source(backend="synthetic"),
-        "model": AgriFMModel(checkpoint=str(TINY), device="cpu"),
-        "storage": ZarrStorage(root=str(tmp / "store"), regions_dir=str(tmp / "regions")),
-    }
+    resources = _resources(tmp)
     storage: ZarrStorage = resources["storage"]
     ids = [Tile(32631, 320, 1800 + i % 50, 17000 + i // 50).id for i in range(tiles)]
     year_list = list(range(2018, 2018 + years))
@@ -277,15 +282,7 @@ def rejudge(tmp: Path, tiles: int, years: int, s3: Any) -> dict[str, Any]:
     """:func:`judge` again over a directory :func:`run` seeded (its SQLite instance)."""
     import dagster as dg
 
-    from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
-
-    os.environ["RS_EMBED_AGRIFM_CKPT_MIN_BYTES"] = "1000"
-    resources = {
-        "tile_year": TileYearConfig(chip_px=32, chips_per_side=1, image_size=32, n_frames=4),
-        "s2": S2Source(backend="synthetic"),
-        "model": AgriFMModel(checkpoint=str(TINY), device="cpu"),
-        "storage": ZarrStorage(root=str(tmp / "store"), regions_dir=str(tmp / "regions")),
-    }
+    resources = _resources(tmp)
     out: dict[str, Any] = {"tiles": tiles, "years": years, "tile_years": tiles * years}
     out["reused"] = str(tmp)
     with dg.DagsterInstance.from_config(str(tmp / "dagster")) as instance:
