@@ -111,6 +111,31 @@ def test_a_partition_deleted_by_hand_is_gone_for_the_reader(store_kind: StoreKin
     assert [p.tile for p in reader.partitions()] == [TILES[0], TILES[2]]
 
 
+def test_a_long_lived_reader_lists_what_other_clients_wrote_since(store_kind: StoreKind) -> None:
+    """A sensor's store lives for days: its listings of years and partitions are made
+    anew each time, so a year and a tile another client wrote after its first look are
+    seen (on S3 the writer is a separate client, with its own listing cache)."""
+    store = store_kind.zarr()
+    store.write(2019, TILES[0], _grid(0), _lineage(TILES[0], 0))
+    assert store.years() == ["2019"]
+    assert [p.tile for p in IndexedReader(store).partitions()] == [TILES[0]]
+    options = store_kind.storage_options
+    other = ZarrStore(
+        store_kind.root,
+        "grid",
+        storage_options={**options, "skip_instance_cache": True} if options else {},
+        commit_lock=store_kind.commit_lock,
+    )
+    other.write(2020, TILES[1], _grid(1), _lineage(TILES[1], 1))
+    other.write(2019, TILES[2], _grid(2), _lineage(TILES[2], 2))
+    assert store.years() == ["2019", "2020"]
+    assert [(p.year, p.tile) for p in IndexedReader(store).partitions()] == [
+        ("2019", TILES[0]),
+        ("2019", TILES[2]),
+        ("2020", TILES[1]),
+    ]
+
+
 def test_an_index_behind_its_pointer_is_caught_by_what_dagster_recorded(
     store_kind: StoreKind,
 ) -> None:
