@@ -151,9 +151,7 @@ def _current_lineage(
         v = store.current(year, tile)
         if v is None:
             return None, "", ""
-        lineage = (
-            v.summary if is_record(v.summary) else store.lineage(year, tile, v.id)
-        )  # a manifest is cached per version: versions never change
+        lineage = store.judged_lineage(v)  # a manifest is cached: versions never change
     except StorageError as exc:
         return {}, str(exc), ""
     mark = v.integrity  # in the pointer already read: no extra request

@@ -65,7 +65,7 @@ import numpy as np
 import xarray as xr
 
 from agrifm_pipeline.errors import AgriFMError
-from agrifm_pipeline.lineage import lineage_record
+from agrifm_pipeline.lineage import is_record, lineage_record
 
 
 class StorageError(AgriFMError):
@@ -915,6 +915,12 @@ class PartitionStore:
         v = self.resolve(year, tile, version)
         out = self._cached_manifest(v).get("lineage", {})
         return out
+
+    def judged_lineage(self, v: Version) -> dict[str, Any]:
+        """What judging ``v`` reads of its lineage: the record its pointer (or the year's
+        index) keeps (:func:`~agrifm_pipeline.lineage.lineage_record`), no manifest read;
+        for a version committed before records were kept, the whole lineage."""
+        return v.summary if is_record(v.summary) else self.lineage(v.year, v.tile, v.id)
 
     def _cached_manifest(self, v: Version) -> dict[str, Any]:
         key = (self.url, v.year, v.tile, v.id)

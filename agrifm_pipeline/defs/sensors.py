@@ -8,7 +8,6 @@ import dagster as dg
 
 from agrifm_pipeline.defs.partitions import regions_partitions, tiles_partitions
 from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
-from agrifm_pipeline.lineage import is_record
 from agrifm_pipeline.registry import RegionChange
 from agrifm_pipeline.storage import IndexedReader
 
@@ -102,8 +101,8 @@ def region_mosaic_sensor(
             made = None
             v = mosaics.current(year, region)
             if v is not None:
-                lineage = v.summary if is_record(v.summary) else mosaics.lineage(year, region, v.id)
-                made = lineage.get("inputs", {}).get("agrifm_embedding_grid", {}).get("versions")
+                read = mosaics.judged_lineage(v).get("inputs", {})
+                made = read.get("agrifm_embedding_grid", {}).get("versions")
             if made == inputs:
                 continue
             stamp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
