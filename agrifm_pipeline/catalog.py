@@ -24,7 +24,14 @@ from typing import Any
 
 import pystac
 
-from agrifm_pipeline.storage import Documents, Version, check_name, filesystem, gdal_path
+from agrifm_pipeline.storage import (
+    DamagedPointerError,
+    Documents,
+    Version,
+    check_name,
+    filesystem,
+    gdal_path,
+)
 
 STAC_DIR = "stac"
 JSON = "application/json"
@@ -217,7 +224,10 @@ class StacCatalog:
         n = 0
         for store in stores:
             for ref in store.partitions():
-                v = store.current(ref.year, ref.tile)
+                try:
+                    v = store.current(ref.year, ref.tile)
+                except DamagedPointerError:
+                    continue  # no current version to describe until verify or a run repairs it
                 if v is not None:
                     self.record(v, store.lineage(ref.year, ref.tile, v.id))
                     n += 1

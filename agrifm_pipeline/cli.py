@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agrifm_pipeline.errors import AgriFMError, InputContractError
+from agrifm_pipeline.errors import AgriFMError, InputContractError, SettingsError
 from agrifm_pipeline.runtime import retain_freed_memory
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "s2_sample"
@@ -403,41 +403,44 @@ def _storage(args: argparse.Namespace) -> Any:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-hash stored versions against their manifests; non-zero exit on any mismatch."""
-    from agrifm_pipeline.storage import StorageError
+    """Re-hash stored versions against their manifests. Exit 0: all verified; 1: a
+    problem was found (mismatch, missing object, damaged pointer); 2: verification
+    could not run (bad arguments, unreachable store)."""
+    from agrifm_pipeline.storage import verify_stores
 
     storage = _storage(args)
-    checked = bad = swept = indexed = 0
-    for store in storage.all_stores():
-        if args.asset and store.asset != args.asset:
-            continue
-        if not args.tile:  # the per-year indexes, rewritten from the pointers
-            indexed += store.rebuild_index(args.year)
-        for ref in store.partitions():
-            if (args.year and int(ref.year) != args.year) or (args.tile and ref.tile != args.tile):
-                continue
-            if args.sweep:
-                swept += len(store.sweep(ref.year, ref.tile))
-            current = store.current(ref.year, ref.tile)
-            ids = store.versions(ref.year, ref.tile) if args.all_versions else [current.id]
-            for vid in ids:
-                try:
-                    v = current if vid == current.id else store.version(ref.year, ref.tile, vid)
-                except StorageError:
-                    continue  # an uncommitted version: nothing to verify, swept when old
-                problems = store.verify(v)
-                checked += 1
-                if v.id == current.id:
-                    store.mark_integrity(v, problems)
-                for p in problems:
-                    bad += 1
-                    print(f"CORRUPT {p}")
-    print(
-        f"{checked} version(s) verified, {bad} problem(s), {swept} orphaned version(s) swept, "
-        f"{indexed} partition(s) indexed",
-        file=sys.stderr,
+    stores = _selected_stores(storage, args.asset)
+    report = verify_stores(
+        stores,
+        year=args.year,
+        tile=args.tile,
+        all_versions=args.all_versions,
+        sweep=args.sweep,
+        on_problem=lambda p: print(f"{'DAMAGED' if p.what == 'damaged' else 'CORRUPT'} {p}"),
     )
-    return 1 if bad else 0
+    print(str(report), file=sys.stderr)
+    if (args.year is not None or args.tile) and not report.matched:
+        raise SettingsError(
+            f"no partition matches --year {args.year} --tile {args.tile} in "
+            f"{', '.join(s.asset for s in stores)} under {storage.root}; "
+            "`agrifm-pipeline audit` lists the partitions there are"
+        )
+    return 0 if report.ok else 1
+
+
+def _selected_stores(storage: Any, asset: str | None) -> list[Any]:
+    """Every stored asset's store, or the one ``--asset`` names (an error naming the
+    assets there are when it names none of them)."""
+    stores = storage.all_stores()
+    if asset is None:
+        return stores
+    chosen = [s for s in stores if s.asset == asset]
+    if not chosen:
+        raise SettingsError(
+            f"--asset {asset!r} is not a stored asset; use one of "
+            + ", ".join(s.asset for s in stores)
+        )
+    return chosen
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -459,7 +462,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_catalog(args: argparse.Namespace) -> int:
     """Rewrite the STAC catalog from the current versions (it is also kept at each commit)."""
+    from agrifm_pipeline.storage import ReadOnlyStoreError
+
     storage = _storage(args)
+    if not storage.all_stores()[0].writable():
+        raise ReadOnlyStoreError(
+            f"the store {storage.root} cannot be written here (read-only mount, permissions "
+            "or credentials), so its catalog cannot be rewritten; the catalog already there "
+            "is kept at each commit: read it as it is, or run this where the store is writable"
+        )
     n = storage.catalog().rebuild(storage.all_stores())
     print(f"{n} item(s) written; catalog at {storage.root.rstrip('/')}/catalog.json")
     return 0
@@ -551,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", default=None, help="storage root (default <home>/store)")
 
     p = sub.add_parser(
-        "verify", help="re-hash stored versions against their manifests (exit 1 on a mismatch)"
+        "verify",
+        help="re-hash stored versions against their manifests (exit 0: all verified, 1: a "
+        "problem found, 2: could not run); works on a read-only store",
     )
     p.add_argument("--asset", default=None)
     p.add_argument("--year", type=int, default=None)
@@ -584,11 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    retain_freed_memory()
     try:
+        retain_freed_memory()
         return int(args.func(args))
     except AgriFMError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the system's own words, without a traceback: could not run
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
         return 2
 
 

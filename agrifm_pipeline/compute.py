@@ -259,8 +259,14 @@ class TaskContext:
 
 def committed_by_run(store: Any, year: int, tile: str, run_id: str) -> Any:
     """The current version of a partition when this run already committed it (a task run
-    again after its worker died), else None."""
-    version = store.current(year, tile)
+    again after its worker died), else None (also when the pointer is damaged: the task's
+    own commit sets it aside)."""
+    from agrifm_pipeline.storage import DamagedPointerError
+
+    try:
+        version = store.current(year, tile)
+    except DamagedPointerError:
+        return None
     if version is None:
         return None
     if store.lineage(year, tile, version.id).get("run_id") == run_id:

@@ -76,6 +76,36 @@ class CorruptionError(StorageError):
     """A stored object's bytes differ from its manifest's checksum."""
 
 
+class DamagedPointerError(StorageError):
+    """A partition's pointer document is not JSON (a torn or hand-edited file).
+
+    Readers stop at it; the next commit of the partition, or ``agrifm-pipeline
+    verify``, moves its bytes aside (``_current.json.damaged-<time>``) and the
+    partition is then re-made like a missing one."""
+
+
+class StorageWriteError(StorageError, OSError):
+    """Writing to the store failed (full disk, read-only mount, lost permission): the
+    message names the store path and the partition; ``errno`` is the system's."""
+
+
+class IndexLagError(StorageError):
+    """A version was committed but the year's index could not be told: the version is
+    current and safe; the index lags until ``agrifm-pipeline verify`` rebuilds it."""
+
+    def __init__(self, message: str, version: str = ""):
+        super().__init__(message)
+        self.version = version
+
+
+class ReadOnlyStoreError(StorageError):
+    """A command that must write was pointed at a store it cannot write."""
+
+
+# errno values meaning "this store cannot be written here" rather than a transient fault
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 LINEAGE_ATTR = "agrifm_lineage"  # JSON string: the full lineage record
 POINTER = "_current.json"
 MANIFEST = "_manifest.json"
@@ -156,6 +186,11 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
             else "use a local path or a URL fsspec knows (s3://, gs://, memory://)"
         )
         raise StorageError(f"storage root {url!r} cannot be opened ({exc}); {hint}") from None
+    except OSError as exc:  # a file system that connects when made (ftp://, sftp://…)
+        raise StorageError(
+            f"storage root {url!r} cannot be reached ({_why(exc)}); check the host name and "
+            "the network, or use a local path or an object store (s3://, gs://)"
+        ) from None
 
 
 def gdal_path(url: str) -> str:
@@ -331,6 +366,22 @@ def _loads(raw: bytes, damaged: bool) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) or not damaged else None
 
 
+def _why(exc: BaseException) -> str:
+    """An error in a few words: the system's text for an OSError, else its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        name = errno.errorcode.get(exc.errno or 0)
+        return f"{exc.strerror} ({name})" if name else str(exc.strerror)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _pointer_doc(raw: bytes) -> dict[str, Any] | None:
+    """A pointer document, or None when the bytes are not one (not JSON, or no version)."""
+    doc = _loads(raw, damaged=True)
+    if doc is None or not _VERSION.match(str(doc.get("version", ""))):
+        return None
+    return doc
+
+
 class Documents:
     """Small JSON documents (pointers, catalogs) replaced whole, and updated by
     read-modify-write without losing a concurrent update where the store allows it:
@@ -382,6 +433,11 @@ class Documents:
         """The document and a token (its ETag on S3) for a conditional replace; with
         ``damaged``, a document that is not JSON reads as None (with its token, so that
         it can be replaced) instead of raising."""
+        raw, token = self.read_raw(path)
+        return (None if raw is None else _loads(raw, damaged)), token
+
+    def read_raw(self, path: str) -> tuple[bytes | None, str]:
+        """The document's bytes (None when there is none) and its token."""
         if self.conditional:
             bucket, key, _ = self.fs.split_path(path)
             fs = self.fs
@@ -393,15 +449,23 @@ class Documents:
                 return data, str(resp.get("ETag", ""))
 
             try:
-                data, etag = fsspec.asyn.sync(fs.loop, get)
+                return fsspec.asyn.sync(fs.loop, get)
             except FileNotFoundError:
                 return None, ""
-            return _loads(data, damaged), etag
         try:
-            raw = Path(path).read_bytes() if self.local else self.fs.cat_file(path)
+            return (Path(path).read_bytes() if self.local else self.fs.cat_file(path)), ""
         except FileNotFoundError:
             return None, ""
-        return _loads(raw, damaged), ""
+
+    def set_aside(self, path: str, raw: bytes) -> str:
+        """Keep a damaged document's bytes beside it (``<name>.damaged-<time>``), for a
+        person to look at; the path of the copy."""
+        aside = f"{path}.damaged-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}Z"
+        if self.local:
+            _write_local_atomic(Path(aside), raw)
+        else:
+            self.fs.pipe_file(aside, raw)
+        return aside
 
     def write(self, path: str, doc: dict[str, Any], token: str = "") -> bool:
         """Replace the document; False where a conditional write found a newer one."""
@@ -436,13 +500,24 @@ class Documents:
         *,
         attempts: int = 64,
         damaged: bool = False,
+        parse: Any = None,
     ) -> dict[str, Any]:
         """``mutate(old or None) -> new``, written without losing a concurrent update;
-        with ``damaged`` a document that is not JSON is replaced as if absent."""
+        with ``damaged`` a document that is not JSON is replaced as if absent. ``parse``
+        (bytes -> document or None) reads the document instead: one it calls damaged
+        (None) is kept beside it (:meth:`set_aside`), then replaced as if absent."""
         put = write or self.write
         for _ in range(attempts):
             with self._lock(path):
-                doc, token = self.read(path, damaged=damaged)
+                raw, token = self.read_raw(path)
+                if raw is None:
+                    doc = None
+                elif parse is not None:
+                    doc = parse(raw)
+                    if doc is None:
+                        self.set_aside(path, raw)
+                else:
+                    doc = _loads(raw, damaged)
                 new: dict[str, Any] = mutate(doc)
                 if put(path, new, token):
                     return new
@@ -600,13 +675,39 @@ class PartitionStore:
         return self.documents.write(path, doc, token)
 
     def pointer(self, year: str | int, tile: str) -> dict[str, Any] | None:
-        try:
-            return self.documents.read(self.pointer_path(year, tile))[0]  # one GET on S3
-        except json.JSONDecodeError as exc:
-            raise StorageError(
-                f"{self.asset} {year}/{tile}: the pointer {POINTER} is not JSON ({exc}); "
-                "run `agrifm-pipeline verify` and re-materialise the partition"
-            ) from None
+        """The partition's pointer document (one GET on S3); None when never committed;
+        :class:`DamagedPointerError` when the file is not a pointer."""
+        path = self.pointer_path(year, tile)
+        raw, _ = self.documents.read_raw(path)
+        if raw is None:
+            return None
+        doc = _pointer_doc(raw)
+        if doc is None:
+            raise DamagedPointerError(
+                f"{self.asset} {year}/{tile}: the pointer {self._to_url(path)} is not a "
+                f"pointer document ({len(raw)} bytes: {raw[:40]!r}); run `agrifm-pipeline "
+                "verify` to set it aside (its bytes are kept beside it), then re-materialise "
+                "the partition (the stale sensor requests it by itself)"
+            )
+        return doc
+
+    def set_aside_pointer(self, year: str | int, tile: str) -> str | None:
+        """Move a damaged pointer out of the way, its bytes kept beside it
+        (``_current.json.damaged-<time>``): the partition then reads as never committed,
+        and is made again like a missing one. The copy's path; None when the pointer is
+        not damaged (a commit replaced it meanwhile) or absent."""
+        path = self.pointer_path(year, tile)
+        docs = self.documents
+        with docs._lock(path):
+            raw, _ = docs.read_raw(path)
+            if raw is None or _pointer_doc(raw) is not None:
+                return None
+            aside = docs.set_aside(path, raw)
+            if self.local:
+                os.unlink(path)
+            else:
+                self.fs.rm_file(path)
+        return self._to_url(aside)
 
     def current(self, year: str | int, tile: str) -> Version | None:
         """The current version, or None when the partition was never committed."""
@@ -680,6 +781,27 @@ class PartitionStore:
             return os.path.exists(path)
         return bool(self.fs.exists(path))
 
+    def writable(self) -> bool:
+        """Whether this process can write the store (one probe object, written and
+        removed): False on a read-only mount, without write permission, or with
+        read-only credentials."""
+        probe = f"{self._root_path}/.agrifm-write-probe-{uuid.uuid4().hex}"
+        try:
+            if self.local:
+                os.makedirs(self._root_path, exist_ok=True)
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.unlink(probe)
+            else:
+                self.fs.pipe_file(probe, b"")
+                self.fs.rm_file(probe)
+        except PermissionError:
+            return False
+        except OSError as exc:
+            if exc.errno in READ_ONLY_ERRNOS:
+                return False
+            raise
+        return True
+
     def versions(self, year: str | int, tile: str) -> list[str]:
         """Every version directory of the partition, committed or not, oldest first."""
         return [v for v in self._ls(self.partition_path(year, tile)) if _VERSION.match(v)]
@@ -737,9 +859,78 @@ class PartitionStore:
                 "history": history[-HISTORY_LEN:],
             }
 
-        new = self.documents.update(self.pointer_path(year, tile), advance, self._write_pointer)
-        self._index_enter(year, {str(tile): new})
+        new = self.documents.update(
+            self.pointer_path(year, tile), advance, self._write_pointer, parse=_pointer_doc
+        )
+        # Committed: from here on nothing may remove the version (see IndexLagError).
+        try:
+            self._index_enter(year, {str(tile): new})
+        except Exception as exc:
+            raise IndexLagError(
+                f"{self.asset} {year}/{tile}: version {version} is committed (the pointer "
+                f"names it) but entering it in the year's index {self._to_url(self.index_path(year))} "
+                f"failed: {_why(exc)}; the version is safe. Fix the cause, then run "
+                "`agrifm-pipeline verify` to rebuild the index",
+                version,
+            ) from exc
         return self._version(year, tile, new)
+
+    @contextlib.contextmanager
+    def _writing(self, year: str | int, tile: str, version: str) -> Iterator[None]:
+        """Around the write of an uncommitted version: on failure the version is removed
+        (unless its commit went through, see :meth:`_discard`) and an OSError becomes a
+        :class:`StorageWriteError` naming the partition and the path; a failure after the
+        commit (:class:`IndexLagError`) leaves the version in place."""
+        try:
+            yield
+        except IndexLagError:
+            raise  # committed: the version stays
+        except BaseException as exc:
+            self._discard(year, tile, version)
+            err = self._failed_write(exc, year, tile, version)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _failed_write(
+        self, exc: BaseException, year: str | int, tile: str, version: str
+    ) -> BaseException:
+        """What a failed write of an uncommitted version raises: an OSError becomes a
+        :class:`StorageWriteError` naming the partition and the path."""
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            where = getattr(exc, "filename", None) or self.version_path(year, tile, version)
+            err = StorageWriteError(
+                exc.errno,
+                f"{self.asset} {year}/{tile}: writing version {version} failed at "
+                f"{self._to_url(str(where))}: {_why(exc)}; nothing was committed and the "
+                "previous version stays current"
+                + (
+                    " (the store is read-only here: check the mount and permissions)"
+                    if exc.errno in READ_ONLY_ERRNOS
+                    else " (free space on the store, then run again)"
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    else ""
+                ),
+            )
+            return err
+        return exc
+
+    def _discard(self, year: str | int, tile: str, version: str) -> None:
+        """Remove a version whose write failed, unless the pointer names it (a failure
+        after the commit) or the pointer cannot be read to tell: then the version stays,
+        for the sweep or :func:`collect_garbage` to judge."""
+        try:
+            raw, _ = self.documents.read_raw(self.pointer_path(year, tile))
+        except Exception:
+            return
+        doc = _pointer_doc(raw) if raw is not None else None
+        if doc is not None and (
+            doc["version"] == version
+            or any(h.get("version") == version for h in doc.get("history", []))
+        ):
+            return
+        with contextlib.suppress(Exception):
+            self._rm_tree(self.version_path(year, tile, version))
 
     # -- the per-year index ----------------------------------------------------------------
     # Every partition's pointer (its history left out), per asset and year, in
@@ -847,8 +1038,8 @@ class PartitionStore:
             raw = got.get(path)
             if not isinstance(raw, bytes | bytearray):
                 continue
-            doc = _loads(raw, damaged=True)
-            if doc is None or "version" not in doc:
+            doc = _pointer_doc(raw)
+            if doc is None:
                 broken.append(tile)
             else:
                 docs[tile] = doc
@@ -877,16 +1068,14 @@ class PartitionStore:
         vid, path = self.begin(year, tile)
         for name in objects:
             check_name(name.replace(".", "_"), "object name")
-        try:
+        with self._writing(year, tile, vid):
             self._put_many({f"{path}/{name}": data for name, data in objects.items()})
             digests = {
                 name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                 for name, data in objects.items()
             }
-            return self.commit(year, tile, vid, digests, lineage)
-        except BaseException:
-            self._rm_tree(path)
-            raise
+            committed = self.commit(year, tile, vid, digests, lineage)
+        return committed
 
     # -- reading and verifying -----------------------------------------------------------
     def manifest(self, v: Version) -> dict[str, Any]:
@@ -1003,11 +1192,17 @@ class PartitionStore:
     def sweep(self, year: str | int, tile: str, grace_s: float | None = None) -> list[str]:
         """Remove this partition's uncommitted versions older than the grace period.
 
-        Uncommitted: no manifest (the writer died while writing), or a manifest that the
-        pointer never named (the writer died before its commit). Only stores whose commits
-        keep a complete history (locked or conditional) can tell the second kind apart; on
-        others they wait for :func:`collect_garbage`. Also removes temporary files a killed
-        pointer write left.
+        Uncommitted: no manifest (the writer died while writing: the manifest is written
+        before the commit), or a manifest that the pointer never named (the writer died
+        before its commit). The second kind is told apart only where the pointer's history
+        is known to be complete: on stores whose commits keep it whole (locked or
+        conditional), and only for versions newer than the oldest one the history still
+        remembers. An older version with a manifest may have been committed and have left
+        the history (it keeps :data:`HISTORY_LEN` entries), and a current downstream
+        version may still read it: it waits for :func:`collect_garbage`, which keeps what
+        a current downstream version names. Without a readable pointer (none yet, or a
+        damaged one) only versions without a manifest go. Also removes temporary files a
+        killed pointer write left.
         """
         grace = self.orphan_grace_s if grace_s is None else grace_s
         part = self.partition_path(year, tile)
@@ -1016,9 +1211,17 @@ class PartitionStore:
             n.startswith(".tmp-") for n in names
         ):
             return []
-        doc = self.pointer(year, tile) or {}
-        committed = {doc.get("version")} | {h["version"] for h in doc.get("history", [])}
-        complete_history = self.documents.complete
+        try:
+            doc = self.pointer(year, tile)
+        except DamagedPointerError:
+            doc = None  # repaired by the next commit or by verify; nothing is judged by it
+        committed: set[str] = set()
+        if doc is not None:
+            committed = {str(doc["version"])} | {
+                str(h["version"]) for h in doc.get("history", []) if h.get("version")
+            }
+        # History is complete from its oldest entry on (and only on such stores).
+        since = min(committed) if committed and self.documents.complete else None
         removed: list[str] = []
         now = time.time()
         for name in names:
@@ -1032,7 +1235,7 @@ class PartitionStore:
             if version_age_s(name, now) <= grace:
                 continue
             has_manifest = self._exists(f"{part}/{name}/{MANIFEST}")
-            if has_manifest and not complete_history:
+            if has_manifest and (since is None or name < since):
                 continue
             self._rm_tree(f"{part}/{name}")
             removed.append(name)
@@ -1221,7 +1424,7 @@ class ZarrStore(PartitionStore):
         vid, path = self.begin(year, tile)
         text = json.dumps(lineage, default=_json_default, sort_keys=True) if lineage else None
         digests: dict[str, dict[str, Any]] = {}
-        try:
+        with self._writing(year, tile, vid):
             if "" not in groups:
                 digests.update(self._root_group(path, text))
             for name, ds in sorted(groups.items()):
@@ -1230,11 +1433,8 @@ class ZarrStore(PartitionStore):
                     ds.attrs[LINEAGE_ATTR] = text
                 sub = self._write_dataset(f"{path}/{name}" if name else path, ds)
                 digests.update({f"{name}/{k}" if name else k: d for k, d in sub.items()})
-            return self.commit(year, tile, vid, digests, lineage)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self._rm_tree(path)
-            raise
+            committed = self.commit(year, tile, vid, digests, lineage)
+        return committed
 
     def _root_group(self, path: str, text: str | None) -> dict[str, dict[str, Any]]:
         import zarr
@@ -1395,17 +1595,120 @@ class FileStore(PartitionStore):
 
 
 # -- garbage collection across assets ------------------------------------------------------
+# -- verification across assets -------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    """What :func:`verify_stores` found and did."""
+
+    checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    swept: int = 0
+    indexed: int = 0
+    matched: int = 0  # partitions the filters selected
+    set_aside: list[str] = field(default_factory=list)  # damaged pointers moved aside
+    read_only: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        text = (
+            f"{self.checked} version(s) verified, {len(self.problems)} problem(s), "
+            f"{self.swept} orphaned version(s) swept, {self.indexed} partition(s) indexed"
+        )
+        if self.set_aside:
+            text += f", {len(self.set_aside)} damaged pointer(s) set aside"
+        if self.read_only:
+            text += (
+                " (read-only store: nothing swept, no verdict recorded, indexes and "
+                "damaged pointers left as they are)"
+            )
+        return text
+
+
+def verify_stores(
+    stores: list[PartitionStore],
+    *,
+    year: int | None = None,
+    tile: str | None = None,
+    all_versions: bool = False,
+    sweep: bool = True,
+    on_problem: Any = None,
+) -> VerifyReport:
+    """Re-hash the current version (or every version) of each partition in ``stores``.
+
+    Where the store can be written, each verdict is recorded in the pointer (for the
+    audit and the stale sensor), orphans of dead writers are swept (``sweep``), a
+    damaged pointer is set aside with its bytes kept beside it (the partition then
+    reads as missing and is re-made), and the years' indexes are rebuilt from the
+    pointers. On a read-only store (mount, permissions or credentials) it only reads
+    and reports. One damaged document never stops the others: it is a problem of its
+    own partition. ``on_problem(problem)`` is told each problem as it is found."""
+    report = VerifyReport()
+    writable = all(s.writable() for s in stores[:1])
+    report.read_only = not writable
+
+    def found(p: Problem) -> None:
+        report.problems.append(p)
+        if on_problem is not None:
+            on_problem(p)
+
+    for store in stores:
+        for ref in store.partitions():
+            if (year is not None and int(ref.year) != year) or (tile and ref.tile != tile):
+                continue
+            report.matched += 1
+            if sweep and writable:
+                report.swept += len(store.sweep(ref.year, ref.tile))
+            try:
+                current = store.current(ref.year, ref.tile)
+            except DamagedPointerError as exc:
+                aside = store.set_aside_pointer(ref.year, ref.tile) if writable else None
+                detail = str(exc) if aside is None else f"set aside to {aside}"
+                if aside is not None:
+                    report.set_aside.append(aside)
+                found(Problem(store.asset, ref.year, ref.tile, "-", POINTER, "damaged", detail))
+                continue
+            if current is None:
+                continue  # removed since the listing
+            ids = store.versions(ref.year, ref.tile) if all_versions else [current.id]
+            for vid in ids:
+                try:
+                    v = current if vid == current.id else store.version(ref.year, ref.tile, vid)
+                except StorageError:
+                    continue  # an uncommitted version: nothing to verify, swept when old
+                problems = store.verify(v)
+                report.checked += 1
+                if v.id == current.id and writable:
+                    store.mark_integrity(v, problems)
+                for p in problems:
+                    found(p)
+        if writable and not tile:  # the per-year indexes, rewritten from the pointers
+            report.indexed += store.rebuild_index(year)
+    return report
+
+
+# -- garbage collection across assets ------------------------------------------------------
 @dataclass
 class GCReport:
     removed: list[tuple[str, str, str, str]] = field(default_factory=list)
     kept_referenced: int = 0
     kept_recent: int = 0
+    damaged: list[str] = field(default_factory=list)  # partitions left alone: pointer damaged
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"removed {len(self.removed)} version(s); kept {self.kept_referenced} named by a "
             f"current downstream version and {self.kept_recent} within the retention"
         )
+        if self.damaged:
+            text += (
+                f"; {len(self.damaged)} partition(s) with a damaged pointer left whole "
+                f"({', '.join(self.damaged[:3])}{'…' if len(self.damaged) > 3 else ''}: run "
+                "`agrifm-pipeline verify`)"
+            )
+        return text
 
 
 def referenced_versions(lineage: dict[str, Any]) -> set[tuple[str, str, str, str]]:
@@ -1445,20 +1748,38 @@ def collect_garbage(
     """
     referenced: set[tuple[str, str, str, str]] = set()
     currents: dict[tuple[str, str, str], str] = {}
+    report = GCReport()
+    damaged: set[tuple[str, str, str]] = set()
     for store in stores:
         for ref in store.partitions():
-            v = store.current(ref.year, ref.tile)
+            try:
+                v = store.current(ref.year, ref.tile)
+            except DamagedPointerError:
+                # Which version it named is unknown: nothing of the partition is removed.
+                damaged.add((store.asset, ref.year, ref.tile))
+                report.damaged.append(f"{store.asset} {ref.year}/{ref.tile}")
+                continue
             if v is None:
                 continue
             currents[(store.asset, ref.year, ref.tile)] = v.id
             referenced |= referenced_versions(store.lineage(ref.year, ref.tile, v.id))
-    report = GCReport()
+    if not dry_run and stores and not stores[0].writable():
+        raise ReadOnlyStoreError(
+            f"the store {stores[0].root} cannot be written here (read-only mount, "
+            "permissions or credentials): nothing was removed; run gc where it is writable, "
+            "or use --dry-run to see what it would remove"
+        )
     now = time.time()
     for store in stores:
         for ref in store.partitions():
+            if (store.asset, ref.year, ref.tile) in damaged:
+                continue
             cur = currents.get((store.asset, ref.year, ref.tile))
             part = store.partition_path(ref.year, ref.tile)
-            doc = store.pointer(ref.year, ref.tile) or {}
+            try:
+                doc = store.pointer(ref.year, ref.tile) or {}
+            except DamagedPointerError:
+                continue  # damaged since the first pass
             history = {h["version"] for h in doc.get("history", [])}
             kept = 0
             for vid in reversed(store.versions(ref.year, ref.tile)):  # newest first

@@ -296,6 +296,30 @@ def test_partition_deleted_outside_the_pipeline_is_reported_and_remade(world) ->
     assert ticker.covered(reqs) == {(a, TILES[1], 2019) for a in NORM}
 
 
+def test_damaged_pointer_is_repaired_by_the_stale_sensor_after_verify(world) -> None:
+    """A pointer that is not JSON: the audit (which reads every pointer) names it, `verify`
+    sets it aside with its bytes kept beside it, and the stale sensor then re-makes that
+    tile-year and nothing else, with no hand work. (The sensor judges from the indexes,
+    which still name the last good version until `verify` rebuilds them.)"""
+    pipe, ticker, ckpt = world
+    res = _resources(pipe, ckpt)
+    part = Path(pipe.storage.root) / "s2_frame_stack.zarr" / "2019" / TILES[0]
+    (part / "_current.json").write_bytes(b'{"version": "v2026')
+    current, unknown, _ = current_fingerprints(res["tile_year"], res["s2"], res["model"])
+    rows = audit_rows(pipe.instance, stage_stores(pipe.storage), current, unknown=unknown)
+    bad = {(r.asset, r.tile, r.year, r.status) for r in rows if r.status != "current"}
+    assert ("s2_frame_stack", TILES[0], 2019, "corrupt") in bad
+    assert {(a, t, y) for a, t, y, _ in bad} <= {(a, TILES[0], 2019) for a in ALL}
+    assert cli_main(["verify", "--store", pipe.storage.root]) == 1
+    assert not (part / "_current.json").exists()
+    reqs = ticker.tick(res)
+    assert ticker.covered(reqs) == {(a, TILES[0], 2019) for a in ALL}
+    assert all(ticker.execute(reqs, res))
+    assert ticker.tick(res) == []
+    assert [p.name for p in part.iterdir() if ".damaged-" in p.name]
+    assert cli_main(["verify", "--store", pipe.storage.root]) == 0
+
+
 def test_fingerprints_depend_on_exactly_their_settings() -> None:
     base = TileYearConfig(chip_px=64, chips_per_side=2).resolve()
     kw: dict[str, Any] = {
