@@ -141,12 +141,12 @@ def stalled(self, *a, **k):
 storage.PartitionStore._write_pointer = stalled  # after the version, before its pointer
 """
 PAUSE_IN_POINTER_LOCAL = """
-real_replace = storage.os.replace
+real_replace = storage.fs.os.replace
 def stalled(src, dst):
     if str(dst).endswith(storage.POINTER):
         print("paused", flush=True); time.sleep(600)
     real_replace(src, dst)
-storage.os.replace = stalled
+storage.fs.os.replace = stalled
 """
 PAUSE_IN_POINTER_REMOTE = """
 fs = store.fs  # fsspec mirrors its sync methods onto each instance
@@ -430,7 +430,7 @@ def test_files_follow_the_umask_and_failed_writes_leave_nothing(
         def full(*a, **k):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr("agrifm_pipeline.storage.os.replace", full)
+        monkeypatch.setattr("agrifm_pipeline.storage.fs.os.replace", full)
         with pytest.raises(OSError, match="No space"):
             write_file_atomic(str(target), b'{"new": 1}')
         assert target.read_bytes() == b"{}"

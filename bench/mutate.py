@@ -452,7 +452,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "pointer_without_manifest_hash",
         "storage: the pointer does not bind the manifest",
-        "agrifm_pipeline/storage.py",
+        "agrifm_pipeline/storage/versions.py",
         '"manifest_sha256": hashlib.sha256(raw).hexdigest(),',
         '"manifest_sha256": "",',
         T_STORE,
@@ -460,7 +460,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "objects_not_verified",
         "storage: objects read without checking their sha256",
-        "agrifm_pipeline/storage.py",
+        "agrifm_pipeline/storage/versions.py",
         'if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:',
         'if False and hashlib.sha256(data).hexdigest() != meta["sha256"]:',
         T_STORE,
@@ -468,7 +468,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "history_keeps_oldest",
         "storage: pointer history keeps the oldest versions",
-        "agrifm_pipeline/storage.py",
+        "agrifm_pipeline/storage/versions.py",
         '"history": history[-HISTORY_LEN:],',
         '"history": history[:HISTORY_LEN],',
         T_STORE,
