@@ -176,6 +176,35 @@ def describe_non_checkpoint(path: Path) -> str | None:
     return f"a text file (it begins {begins!r})"
 
 
+def not_a_checkpoint(path: Path) -> str | None:
+    """What the file is when its first bytes show it is no torch checkpoint: what
+    :func:`describe_non_checkpoint` names, or a zip archive of other files, a
+    gzip file, other binary data. None when it may be one: torch's zip layout or a
+    pickle stream (a damaged zip is left to the loader, which calls it damaged)."""
+    what = describe_non_checkpoint(path)
+    if what is not None or looks_like_torch_checkpoint(path):
+        return what
+    with Path(path).open("rb") as fh:
+        head = fh.read(16)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile:
+            return None
+        shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        return (
+            f"a zip archive of other files ({len(names)}: {shown or 'none'}), not torch's "
+            "layout (no data.pkl)"
+        )
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file; unpack it (gunzip) if the weights are inside"
+    return (
+        "a binary file that is neither a zip archive in torch's layout nor a pickle stream "
+        f"(it begins {head[:8]!r})"
+    )
+
+
 def _unpickler_reason(exc: BaseException) -> str:
     """The reason inside torch's weights-only refusal, without its advice on unsafe loading."""
     text = str(exc)
@@ -252,7 +281,7 @@ def checkpoint_problem(
 
 def _judge(path: Path, settings: AgriFMSettings) -> str | None:
     try:
-        what = describe_non_checkpoint(path)
+        what = not_a_checkpoint(path)
         if what is not None:
             return f"{path} is {what}, not a torch checkpoint; {_REFETCH}"
         size = path.stat().st_size

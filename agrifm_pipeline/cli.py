@@ -77,10 +77,14 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from agrifm_pipeline.checkpoint import resolve_checkpoint
+    """Resolve the checkpoint and check that the encoder can use it (a web page, a
+    file of other tensors or one too small is a CheckpointError), then print it."""
+    from agrifm_pipeline.checkpoint import resolve_checkpoint, validate_checkpoint
     from agrifm_pipeline.settings import load_settings
 
-    resolved = resolve_checkpoint(args.checkpoint, load_settings(), progress=True)
+    settings = load_settings()
+    resolved = resolve_checkpoint(args.checkpoint, settings, progress=True)
+    validate_checkpoint(resolved, settings)
     _print_json(resolved.as_record())
     return 0
 
@@ -273,29 +277,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"region mosaic:\n  {out['mosaic']}")
     print("chip vectors (GeoParquet):\n  " + "\n  ".join(out["chips"]))
     print("previews (PNG):\n  " + "\n  ".join(out["previews"]))
-    for line in open_commands(out["mosaic"], out["dagster_home"], out.get("home")):
+    for line in open_commands(
+        out["mosaic"], out["dagster_home"], out.get("home"), out.get("checkpoint_setting")
+    ):
         print(line)
     return 0
 
 
-def open_commands(mosaic: str, dagster_home: str, home: str | None = None) -> list[str]:
-    """How to open the demo's outputs, as commands that work as printed: this
-    interpreter's own paths (no virtual environment to activate first)."""
+def open_commands(
+    mosaic: str, dagster_home: str, home: str | None = None, checkpoint: str | None = None
+) -> list[str]:
+    """How to open the demo's outputs and look after its home, as commands that work as
+    printed, offline too: this interpreter's own paths (no virtual environment to
+    activate first), the demo's home and Dagster home where they are not the defaults,
+    and the checkpoint the demo ran with (also in ``<home>/demo.env``, which `make ui`
+    and the audit read)."""
+    import shlex
+
     python = sys.executable
-    rio = Path(python).parent / "rio"
+    bindir = Path(python).parent
+    rio = bindir / "rio"
     rio_cmd = str(rio) if rio.exists() else f"{python} -m rasterio.rio.main"
+    cli = bindir / "agrifm-pipeline"
+    cli_cmd = shlex.quote(str(cli)) if cli.exists() else f"{python} -m agrifm_pipeline.cli"
     gdal_path = f'ZARR:"{mosaic}":/embedding'
     repo = DEMO_DATA.parent.parent
-    ui = "make ui" if Path.cwd().resolve() == repo else f"make -C {repo} ui"
+    ui = "make ui" if Path.cwd().resolve() == repo else f"make -C {shlex.quote(str(repo))} ui"
+    own_dagster_home = home is None or (
+        Path(dagster_home).resolve() != (Path(home) / "dagster").resolve()
+    )
+    dh = f"DAGSTER_HOME={shlex.quote(str(dagster_home))} " if own_dagster_home else ""
+    env = dh
     if home is not None and Path(home).resolve() != repo / ".agrifm":
-        ui = f"AGRIFM_PIPELINE_HOME={home} {ui}"
+        env = f"AGRIFM_PIPELINE_HOME={shlex.quote(str(home))} {dh}"
+    if checkpoint:
+        ui += f" CHECKPOINT={shlex.quote(checkpoint)}"
+    audit = f"{dh}{cli_cmd} audit" + (f" --home {shlex.quote(str(home))}" if home else "")
     return [
         "\nopen them:",
         f'  {python} -c "import xarray as xr, rioxarray; '
         f"print(xr.open_zarr('{mosaic}', decode_coords='all'))\"",
         f"  {rio_cmd} info '{gdal_path}'   # rasterio's own GDAL (3.10)",
         f"  gdalinfo '{gdal_path}'   # a system GDAL >= 3.10 (Debian 12's 3.6 cannot)",
-        f"  {ui}   # the Dagster UI on this home ({dagster_home}), with the demo's settings",
+        f"  {env}{ui}   # the Dagster UI on this home ({dagster_home}), with the demo's "
+        "settings (PORT=3001 for another port)",
+        f"  {audit}   # every stored partition: current or stale, and why",
     ]
 
 

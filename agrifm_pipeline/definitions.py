@@ -20,6 +20,7 @@ from agrifm_pipeline.defs.sensors import all_sensors
 from agrifm_pipeline.defs.staleness import all_staleness_sensors, lineage_audit
 from agrifm_pipeline.errors import SettingsError
 from agrifm_pipeline.providers import PROVIDER_NAMES
+from agrifm_pipeline.settings import CHIP_PX_ENV, CHIPS_PER_SIDE_ENV, check_tile_geometry
 
 embed_tile_years = dg.define_asset_job(
     "embed_tile_years",
@@ -57,18 +58,21 @@ def _s2_from_env(env: Mapping[str, str]) -> S2Source:
 
 def _tile_year_from_env(env: Mapping[str, str]) -> TileYearConfig:
     """The tile geometry: ``AGRIFM_PIPELINE_CHIP_PX`` / ``_CHIPS_PER_SIDE`` (the demo's
-    home sets them for its one-chip grid), else the design's 4 x 4 chips of 224 px."""
-    given: dict[str, Any] = {}
-    for field, var in (
-        ("chip_px", "AGRIFM_PIPELINE_CHIP_PX"),
-        ("chips_per_side", "AGRIFM_PIPELINE_CHIPS_PER_SIDE"),
-    ):
-        if env.get(var):
-            try:
-                given[field] = int(env[var])
-            except ValueError:
-                raise SettingsError(f"{var}={env[var]!r}; use a whole number") from None
-    return TileYearConfig(**given)
+    home sets them for its one-chip grid), else the design's 4 x 4 chips of 224 px.
+    Checked here, naming the variables: the region sensor tiles with these values."""
+    raw = {
+        "chip_px": env.get(CHIP_PX_ENV, "").strip(),
+        "chips_per_side": env.get(CHIPS_PER_SIDE_ENV, "").strip(),
+    }
+    defaults = TileYearConfig()
+    chip_px, chips_per_side = check_tile_geometry(
+        raw["chip_px"] or defaults.chip_px,
+        raw["chips_per_side"] or defaults.chips_per_side,
+        chip_px_name=CHIP_PX_ENV,
+        chips_per_side_name=CHIPS_PER_SIDE_ENV,
+    )
+    checked: dict[str, Any] = {"chip_px": chip_px, "chips_per_side": chips_per_side}
+    return TileYearConfig(**{k: v for k, v in checked.items() if raw[k]})
 
 
 def default_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -46,6 +46,18 @@ def demo_env() -> dict[str, str]:
     }
 
 
+def demo_checkpoint(checkpoint: str | None = None) -> str | None:
+    """The checkpoint setting the demo ran with, for ``<home>/demo.env``: ``--checkpoint``,
+    else ``RS_EMBED_AGRIFM_CKPT`` (a file as an absolute path, so the commands that read the
+    home work from anywhere); None when the demo used the chain's cache or download, which
+    the UI and the audit find again the same way."""
+    given = checkpoint or os.environ.get("RS_EMBED_AGRIFM_CKPT") or None
+    if given is None or given.startswith("untrained:"):
+        return given
+    path = Path(given).expanduser()
+    return str(path.resolve()) if path.exists() else given
+
+
 def load_home_env(home: str | Path | None = None) -> dict[str, str]:
     """The settings ``<home>/demo.env`` records (written by the demo), set in this
     process's environment where not already set; returns what it set."""
@@ -301,14 +313,20 @@ def run_demo(
     home = pipeline_home(home)
     dagster_home = prepare_home(home)
     # The demo's grid and region, for this process and (through <home>/demo.env, which
-    # `make ui` reads) for the UI's code location: the stale sensor and the region
-    # sensor then judge the demo's partitions with the settings that made them.
+    # `make ui` and the audit read) for the UI's code location: the stale sensor and the
+    # region sensor then judge the demo's partitions with the settings that made them,
+    # the checkpoint included (offline, untrained:0 is found again, not the download).
     os.environ.update(demo_env())
+    recorded = dict(demo_env())
+    ckpt = demo_checkpoint(checkpoint)
+    if ckpt is not None:
+        recorded["RS_EMBED_AGRIFM_CKPT"] = ckpt
     home.mkdir(parents=True, exist_ok=True)
     (home / DEMO_ENV_FILE).write_text(
-        "# written by `agrifm-pipeline demo`: the demo's grid and region files; `make ui`\n"
-        "# reads this file. Delete it to open the UI on the default grid.\n"
-        + "".join(f"{k}={v}\n" for k, v in demo_env().items())
+        "# written by `agrifm-pipeline demo`: the demo's grid, region files and checkpoint;\n"
+        "# `make ui` and `agrifm-pipeline audit` read this file (a variable already set in\n"
+        "# the environment wins). Delete it to open the UI on the default settings.\n"
+        + "".join(f"{k}={v}\n" for k, v in recorded.items())
     )
 
     import dagster as dg
@@ -326,6 +344,7 @@ def run_demo(
     with dg.DagsterInstance.get() as instance:
         out = _materialise(defs, instance, resources, storage, dagster_home, region, year)
     out["home"] = str(home.resolve())
+    out["checkpoint_setting"] = ckpt
     return out
 
 

@@ -15,6 +15,18 @@ read as longitude/latitude because it declares no CRS).
 
 A region that would register more tiles than ``AGRIFM_PIPELINE_MAX_REGION_TILES``
 (default 10,000) is refused with its tile count; raise the variable to accept it.
+The limit is applied before tiles are listed, so a region of a continent is refused
+at once rather than after minutes of counting (a region sensor's tick has 60 s):
+
+* from its area: the tiles whose interiors meet a region cover it, so a region of
+  area A needs at least A / side² of them. One whose area alone is over the limit
+  is refused without counting a tile. This bound never refuses a region that fits.
+* then by blocks: each zone's grid is searched from coarse blocks of tiles down to
+  tiles, and only where the region's edge runs (a block inside the region counts
+  all its tiles at once, a block outside it none). The work follows the region's
+  tiles and the length of its edge, not its bounding box: two small fields at
+  either end of a zone cost what two small fields cost. Counting stops at four
+  times the limit (a region with a long, ragged edge), and the error says so.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from shapely.geometry import LineString, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from agrifm_pipeline.errors import RegionError
-from agrifm_pipeline.settings import MAX_REGION_TILES_ENV, max_region_tiles
+from agrifm_pipeline.settings import MAX_REGION_TILES_ENV, check_tile_geometry, max_region_tiles
 from agrifm_pipeline.tiles import (
     DEFAULT_CHIP_PX,
     DEFAULT_CHIPS_PER_SIDE,
@@ -225,8 +237,10 @@ def tiles_for_region(
     """Every grid tile whose interior meets the region, sorted and without duplicates.
 
     Raises RegionError when there would be more than ``max_tiles`` of them
-    (default: ``AGRIFM_PIPELINE_MAX_REGION_TILES``, else 10,000).
+    (default: ``AGRIFM_PIPELINE_MAX_REGION_TILES``, else 10,000): from the
+    region's area before any tile is counted, or while counting (see the module).
     """
+    check_tile_geometry(chip_px, chips_per_side)  # a typo'd geometry is no region's fault
     gdf = read_region(source)
     label = _label(source)
     size = tile_size_m(chip_px, chips_per_side, scale_m)
@@ -240,40 +254,151 @@ def tiles_for_region(
         )
     # Cut at 180° geometry by geometry: a crossing one is not valid in WGS84 as it stands.
     region = shapely.union_all([_normalise_longitudes(g, label) for g in wgs84.values])
-    tiles: set[Tile] = set()
-    for epsg, part in _zone_parts(region):
-        projected = gpd.GeoSeries([part], crs="EPSG:4326").to_crs(f"EPSG:{epsg}").iloc[0]
-        tiles.update(_cover(projected, epsg, size))
-    if not tiles:
-        raise RegionError(f"region {label} covers no tile (is it a point or a line?)")
-    if len(tiles) > limit:
-        zones = sorted({t.epsg for t in tiles})
+    parts = [
+        (epsg, gpd.GeoSeries([part], crs="EPSG:4326").to_crs(f"EPSG:{epsg}").iloc[0])
+        for epsg, part in _zone_parts(region)
+    ]
+    zones = len({epsg for epsg, _ in parts})
+    fix = (
+        "check that it is the region you meant (its CRS, its extent), or raise "
+        f"{MAX_REGION_TILES_ENV}"
+    )
+    # 1. From the area alone, before a tile is counted: the tiles cover the region.
+    area_m2 = sum(float(p.area) for _, p in parts)
+    at_least = math.floor(area_m2 / float(size) ** 2)
+    if at_least > limit:
         raise RegionError(
-            f"region {label} would register {len(tiles):,} tiles of {size} m in "
-            f"{len(zones)} UTM zone(s), more than the limit of {limit:,}; check that it is "
-            f"the region you meant (its CRS, its extent), or raise {MAX_REGION_TILES_ENV} "
-            f"to at least {len(tiles)} to accept it"
+            f"region {label} would register at least {at_least:,} tiles of {size} m in "
+            f"{zones} UTM zone(s) (its area, {area_m2 / 1e6:,.0f} km², over {size} m "
+            f"squares), more than the limit of {limit:,}; refused from its area, before "
+            f"counting tiles: {fix} above {at_least} to accept it"
         )
+    # 2. Block by block, counting at most four times the limit.
+    cap = 4 * limit
+    budget = _Budget(cap)
+    try:
+        found = [(epsg, _cover_blocks(part, size, budget)) for epsg, part in parts]
+    except _TooMany:
+        raise RegionError(
+            f"region {label} would register more than {cap:,} tiles of {size} m in {zones} "
+            f"UTM zone(s), more than the limit of {limit:,} (counting stopped there; its "
+            f"area alone needs {at_least:,}, the rest is its long edge); {fix} well above "
+            f"{cap} to accept it"
+        ) from None
+    if budget.count == 0:
+        raise RegionError(f"region {label} covers no tile (is it a point or a line?)")
+    if budget.count > limit:
+        raise RegionError(
+            f"region {label} would register {budget.count:,} tiles of {size} m in "
+            f"{zones} UTM zone(s), more than the limit of {limit:,}; {fix} "
+            f"to at least {budget.count} to accept it"
+        )
+    tiles = {
+        Tile(epsg, size, int(c), int(r))
+        for epsg, blocks in found
+        for level, bc, br in blocks
+        for c, r in _block_cells(level, bc, br)
+    }
     return sorted(tiles)
 
 
-# Candidate cells tested per batch: bounds the memory a very large region takes.
+# Candidate cells (or blocks) tested per batch: bounds the memory a very large region takes.
 _BATCH_CELLS = 1 << 18
+# Blocks of the coarsest level across a zone part's bounds: the search starts from these.
+_TOP_BLOCKS = 1 << 10
 
 
-def _cover(geom: BaseGeometry, epsg: int, size: int) -> list[Tile]:
+class _TooMany(Exception):
+    """Raised by :func:`_cover_blocks` when the tiles found pass the budget."""
+
+
+class _Budget:
+    """Tiles found so far across a region's zone parts, and the most it may count."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+        if self.count > self.cap:
+            raise _TooMany(self.count)
+
+
+# (level, block columns, block rows): blocks of 2**level x 2**level tiles, all in the region.
+_Blocks = list[tuple[int, np.ndarray, np.ndarray]]
+
+
+def _block_cells(level: int, bc: np.ndarray, br: np.ndarray) -> Any:
+    """The (col, row) of every tile of the blocks ``bc``, ``br`` at ``level``."""
+    n = 1 << level
+    offs = np.arange(n)
+    cols = (bc[:, None, None] * n + offs[None, None, :]).repeat(n, axis=1).ravel()
+    rows = (br[:, None, None] * n + offs[None, :, None]).repeat(n, axis=2).ravel()
+    return zip(cols.tolist(), rows.tolist(), strict=True)
+
+
+def _cover_blocks(geom: BaseGeometry, size: int, budget: _Budget) -> _Blocks:
+    """The tiles of ``size`` m whose interiors meet ``geom`` (projected), as blocks.
+
+    Searched from coarse blocks down: a block whose interior does not meet the
+    region holds no such tile and is dropped; one the region covers holds only
+    such tiles and is kept whole; the others are split in four, down to single
+    tiles, which are tested as tiles. Every block is aligned to the tile grid,
+    so a tile is never tested against coordinates other than its own edges.
+    Counts into ``budget`` as it goes (raising :class:`_TooMany` past its cap).
+    """
     x0, y0, x1, y1 = geom.bounds
-    cols = np.arange(max(0, math.floor(x0 / size)), math.floor(x1 / size) + 1)
-    rows = np.arange(max(0, math.floor(y0 / size)), math.floor(y1 / size) + 1)
+    c0, c1 = max(0, math.floor(x0 / size)), math.floor(x1 / size)
+    r0, r1 = max(0, math.floor(y0 / size)), math.floor(y1 / size)
+    if c1 < c0 or r1 < r0:
+        return []
+    level = 0
+    while ((c1 >> level) - (c0 >> level) + 1) * ((r1 >> level) - (r0 >> level) + 1) > _TOP_BLOCKS:
+        level += 1
+    bc, br = (
+        a.ravel()
+        for a in np.meshgrid(
+            np.arange(c0 >> level, (c1 >> level) + 1), np.arange(r0 >> level, (r1 >> level) + 1)
+        )
+    )
     shapely.prepare(geom)
-    out: list[Tile] = []
-    step = max(1, _BATCH_CELLS // max(1, len(cols)))
-    for start in range(0, len(rows), step):
-        cc, rr = (a.ravel() for a in np.meshgrid(cols, rows[start : start + step]))
-        cells = shapely.box(cc * size, rr * size, (cc + 1) * size, (rr + 1) * size)
-        # Interior intersection: a tile that only touches the region's edge is not needed.
-        hit = shapely.intersects(geom, cells) & ~shapely.touches(geom, cells)
-        out.extend(Tile(epsg, size, int(c), int(r)) for c, r in zip(cc[hit], rr[hit], strict=True))
+    out: _Blocks = []
+    while len(bc):
+        n = 1 << level
+        split_c: list[np.ndarray] = []
+        split_r: list[np.ndarray] = []
+        for start in range(0, len(bc), _BATCH_CELLS):
+            c, r = bc[start : start + _BATCH_CELLS], br[start : start + _BATCH_CELLS]
+            side = float(n * size)
+            cells = shapely.box(c * side, r * side, (c + 1) * side, (r + 1) * side)
+            # Interior intersection: a tile that only touches the region's edge is not needed.
+            hit = shapely.intersects(geom, cells) & ~shapely.touches(geom, cells)
+            if level == 0:
+                whole = hit
+            else:
+                # A block is kept whole only when every one of its tiles is in range.
+                inside = (c * n >= c0) & ((c + 1) * n - 1 <= c1)
+                inside &= (r * n >= r0) & ((r + 1) * n - 1 <= r1)
+                whole = hit & inside
+                whole[whole] = shapely.covers(geom, cells[whole])
+                split_c.append(c[hit & ~whole])
+                split_r.append(r[hit & ~whole])
+            if whole.any():
+                out.append((level, c[whole], r[whole]))
+                budget.add(int(whole.sum()) * n * n)
+        if level == 0:
+            break
+        # The four children of each split block, those that reach the region's range.
+        level -= 1
+        n = 1 << level
+        pc, pr = np.concatenate(split_c), np.concatenate(split_r)
+        dc = np.array([0, 1, 0, 1])
+        dr = np.array([0, 0, 1, 1])
+        bc = (pc[:, None] * 2 + dc[None, :]).ravel()
+        br = (pr[:, None] * 2 + dr[None, :]).ravel()
+        keep = (bc * n <= c1) & ((bc + 1) * n - 1 >= c0) & (br * n <= r1) & ((br + 1) * n - 1 >= r0)
+        bc, br = bc[keep], br[keep]
     return out
 
 

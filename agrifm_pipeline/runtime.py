@@ -29,6 +29,7 @@ import platform
 import weakref
 from typing import Any
 
+from agrifm_pipeline.errors import SettingsError
 from agrifm_pipeline.settings import env_flag
 
 M_TRIM_THRESHOLD = -1
@@ -65,7 +66,13 @@ def retain_freed_memory() -> bool:
     global _applied
     if _applied is not None:
         return _applied
-    opted_out = env_flag(OPT_OUT)  # SettingsError for a value that is not a yes/no word
+    try:
+        opted_out = env_flag(OPT_OUT)
+    except SettingsError as exc:  # one line naming the variable, its value and the words
+        raise SettingsError(
+            f"{exc} (yes keeps the C library's allocator as it is; no, or unset, lets "
+            "this process keep freed buffers for reuse)"
+        ) from None
     _applied = False
     if opted_out or any(k in os.environ for k in _GLIBC_ENV):
         return False

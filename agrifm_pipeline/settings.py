@@ -54,17 +54,25 @@ def canonical_norm_mode(value: str, *, name: str = "norm_mode") -> str:
     return NORM_ALIASES[key]
 
 
-def _parse_int(name: str, raw: Any, minimum: int) -> int:
+def _parse_int(name: str, raw: Any, minimum: int, maximum: int | None = None, why: str = "") -> int:
+    """``raw`` as a whole number in [minimum, maximum]; ``why`` says what the maximum
+    protects, in the error for a value above it."""
+    accepted = f">= {minimum}" if maximum is None else f">= {minimum} and <= {maximum}"
     if isinstance(raw, bool):
-        raise SettingsError(f"{name}={raw!r} is not an integer; use a whole number >= {minimum}")
+        raise SettingsError(f"{name}={raw!r} is not an integer; use a whole number {accepted}")
     try:
         value = int(str(raw).strip()) if not isinstance(raw, int) else raw
     except ValueError:
         raise SettingsError(
-            f"{name}={raw!r} is not an integer; use a whole number >= {minimum}"
+            f"{name}={raw!r} is not an integer; use a whole number {accepted}"
         ) from None
     if value < minimum:
-        raise SettingsError(f"{name}={raw!r} is too small; use a whole number >= {minimum}")
+        raise SettingsError(f"{name}={raw!r} is too small; use a whole number {accepted}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(
+            f"{name}={raw!r} is too large; use a whole number {accepted}"
+            + (f": {why}" if why else "")
+        )
     return value
 
 
@@ -116,11 +124,42 @@ def _int_at_least(minimum: int) -> Callable[[str, Any], int]:
     return lambda name, raw: _parse_int(name, raw, minimum)
 
 
+def _int_between(minimum: int, maximum: int, why: str) -> Callable[[str, Any], int]:
+    return lambda name, raw: _parse_int(name, raw, minimum, maximum, why)
+
+
+# Upper bounds: past them a value is a typo or a unit mistake, and would only surface
+# later as memory exhausted or a provider overwhelmed, far from the setting.
+MAX_FRAMES = 366
+MAX_IMAGE_SIZE = 1024
+MAX_FETCH_WORKERS = 128
+
 _FIELDS: dict[str, _Field] = {
-    "n_frames": _Field("FRAMES", _int_at_least(1)),
-    "image_size": _Field("IMG", _int_at_least(MIN_IMAGE_SIZE)),
+    "n_frames": _Field(
+        "FRAMES",
+        _int_between(
+            1, MAX_FRAMES, "the frames split one year into windows, each at least a day long"
+        ),
+    ),
+    "image_size": _Field(
+        "IMG",
+        _int_between(
+            MIN_IMAGE_SIZE,
+            MAX_IMAGE_SIZE,
+            "every chip frame is resized to it, so memory grows with its square (at 1024 px "
+            "one chip of 8 frames is 320 MiB of float32); AgriFM was trained at 224",
+        ),
+    ),
     "norm_mode": _Field("NORM", lambda name, raw: canonical_norm_mode(raw, name=name)),
-    "fetch_workers": _Field("FETCH_WORKERS", _int_at_least(1)),
+    "fetch_workers": _Field(
+        "FETCH_WORKERS",
+        _int_between(
+            1,
+            MAX_FETCH_WORKERS,
+            "each is a thread with its own requests to the provider; more only queue there "
+            "and hold memory",
+        ),
+    ),
     "checkpoint": _Field("CKPT", _parse_ckpt),
     "auto_download": _Field("AUTO_DOWNLOAD", _parse_bool),
     "cache_dir": _Field("CACHE_DIR", _parse_path),
@@ -228,6 +267,51 @@ DEFAULT_PIPELINE_HOME = ".agrifm"
 PIPELINE_STORAGE_ENV = "AGRIFM_PIPELINE_STORAGE"
 MAX_REGION_TILES_ENV = "AGRIFM_PIPELINE_MAX_REGION_TILES"
 DEFAULT_MAX_REGION_TILES = 10_000
+
+
+CHIP_PX_ENV = "AGRIFM_PIPELINE_CHIP_PX"
+CHIPS_PER_SIDE_ENV = "AGRIFM_PIPELINE_CHIPS_PER_SIDE"
+MIN_CHIP_PX = 16
+MAX_CHIP_PX = 1024
+MAX_CHIPS_PER_SIDE = 16
+MAX_TILE_PX = 4096
+
+
+def check_tile_geometry(
+    chip_px: Any,
+    chips_per_side: Any,
+    *,
+    chip_px_name: str = "chip_px",
+    chips_per_side_name: str = "chips_per_side",
+) -> tuple[int, int]:
+    """(chip_px, chips_per_side) as whole numbers within their bounds, else SettingsError
+    naming the setting (``*_name``: the variable or field it came from), the bound and
+    why: a tile-year holds its whole tile in memory at once."""
+    chip_px = _parse_int(
+        chip_px_name,
+        chip_px,
+        MIN_CHIP_PX,
+        MAX_CHIP_PX,
+        "a chip is one encoder input, resized to RS_EMBED_AGRIFM_IMG (224 by default); a "
+        "much larger chip only loses its detail in the resize",
+    )
+    chips_per_side = _parse_int(
+        chips_per_side_name,
+        chips_per_side,
+        1,
+        MAX_CHIPS_PER_SIDE,
+        "a tile-year holds all its chips at once (16 x 16 chips of 8 frames at 224 px are "
+        "about 4 GB of float32), and the design uses 4",
+    )
+    if chip_px * chips_per_side > MAX_TILE_PX:
+        side = chip_px * chips_per_side
+        raise SettingsError(
+            f"{chip_px_name}={chip_px} x {chips_per_side_name}={chips_per_side} makes tiles "
+            f"of {side:,} px a side, more than {MAX_TILE_PX:,}: a tile-year's frame stack "
+            f"(8 frames x 10 bands of uint16) would be {side * side * 160 / 1e9:,.1f} GB; use "
+            "fewer or smaller chips (the design: 4 x 224 px)"
+        )
+    return chip_px, chips_per_side
 
 
 def pipeline_home(home: str | Path | None = None) -> Path:

@@ -42,7 +42,12 @@ from agrifm_pipeline.providers.base import (
     Provider,
     SceneIndexed,
 )
-from agrifm_pipeline.settings import AgriFMSettings, canonical_norm_mode, load_settings
+from agrifm_pipeline.settings import (
+    AgriFMSettings,
+    canonical_norm_mode,
+    check_tile_geometry,
+    load_settings,
+)
 from agrifm_pipeline.specs import AGRIFM_S2_BANDS, SensorSpec
 from agrifm_pipeline.tiles import DEFAULT_CHIP_PX, DEFAULT_CHIPS_PER_SIDE, Tile, tile_size_m
 
@@ -84,11 +89,7 @@ class TileYearSettings:
         object.__setattr__(self, "scl_classes", tuple(sorted(set(self.scl_classes))))
         if self.n_frames < 1:
             raise SettingsError(f"n_frames={self.n_frames}; use a whole number >= 1")
-        if self.chip_px < 16 or self.chips_per_side < 1:
-            raise SettingsError(
-                f"chip_px={self.chip_px}, chips_per_side={self.chips_per_side}; "
-                "use chip_px >= 16 and at least one chip per side"
-            )
+        check_tile_geometry(self.chip_px, self.chips_per_side)
         if not 0.0 <= self.min_chip_coverage <= 1.0:
             raise SettingsError(
                 f"min_chip_coverage={self.min_chip_coverage}; use a share between 0 and 1 "

@@ -9,14 +9,20 @@ provider gets with what Earth Engine's documented semantics give:
 
 - collections: ``ImageCollection.load`` / ``fromImages``, ``Collection.filter``
   (bounds, date range, property comparisons, ``inList``/``listContains``, ``not``/``and``),
-  ``Collection.map``, ``Collection.limit`` (sort), ``ImageCollection.merge``,
-  ``Collection.size``, ``AggregateFeatureCollection.array``;
+  ``Collection.map``, ``Collection.limit`` (sort), ``Collection.size``,
+  ``AggregateFeatureCollection.array``;
 - images: load, select, rename, addBands, mask/updateMask/unmask, remap,
   per-pixel ``Image.reduce`` over bands, comparisons and logic, ``round`` and
   the integer casts (truncate, then clamp to the type's range);
 - per-pixel reductions of a collection: ``reduce.median`` (masked pixels
-  excluded; an even count gives the mean of the two middle values, a float),
-  ``reduce.count``, ``ImageCollection.mosaic`` (last unmasked image on top).
+  excluded; an even count gives the mean of the two middle values, a float,
+  which ``round`` takes half up as Earth Engine documents: 10.5 -> 11) and
+  ``ImageCollection.mosaic`` (last unmasked image on top).
+
+Only what the provider and the stand-in's own tests send is implemented:
+anything else answers 501, and a failure of the stand-in itself answers 400
+naming it (never a dropped connection, which the provider would retry as
+transient), so a new call fails loudly until it is modelled here and tested.
 
 Earth Engine's band-less images are reproduced: a reduction or mosaic of an
 empty collection has no bands, and using it where bands are needed fails with
@@ -418,11 +424,6 @@ def _from_images(ev: Evaluator, images: list[Image]) -> list[Image]:
     return list(images)
 
 
-@_alg("ImageCollection.merge")
-def _merge(ev: Evaluator, collection1: list[Image], collection2: list[Image]) -> list[Image]:
-    return [*collection1, *collection2]
-
-
 @_alg("Collection.map")
 def _map(ev: Evaluator, collection: list[Image], baseAlgorithm: Any, **_: Any) -> list[Image]:
     return [ev.call(baseAlgorithm, img) for img in collection]
@@ -746,7 +747,7 @@ def _image_reduce(ev: Evaluator, image: Image, reducer: str) -> Image:
     return Image(bands, image.props, image.granule)
 
 
-for _name in ("min", "max", "sum", "median", "count"):
+for _name in ("min", "max", "sum", "median"):
     _FUNCTIONS[f"Reducer.{_name}"] = lambda ev, _n=_name, **_: _n
 
 
@@ -849,11 +850,6 @@ def _median_of(values: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.where(has, (lo + hi) / 2.0, 0.0), has
 
 
-def _count_of(values: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = ok.sum(axis=0).astype(np.float64)
-    return n, n > 0
-
-
 def _mosaic_of(values: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out, has = np.zeros(values.shape[1:]), np.zeros(values.shape[1:], bool)
     for v, m in zip(values, ok, strict=True):  # later images on top
@@ -865,11 +861,6 @@ def _mosaic_of(values: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarr
 @_alg("reduce.median")
 def _reduce_median(ev: Evaluator, collection: list[Image]) -> Image:
     return _reduction("ImageCollection.median", collection, _median_of, "double")
-
-
-@_alg("reduce.count")
-def _reduce_count(ev: Evaluator, collection: list[Image]) -> Image:
-    return _reduction("ImageCollection.count", collection, _count_of, "int32")
 
 
 @_alg("ImageCollection.mosaic")
@@ -1088,6 +1079,8 @@ def ee_standin(
                     self._error(404, f"no such path {self.path}")
             except EEError as exc:
                 self._error(exc.status, exc.message)
+            except Exception as exc:  # the stand-in's own failure: loud, never retried
+                self._error(400, f"ee_standin failed: {type(exc).__name__}: {exc}")
             finally:
                 with s.lock:
                     s.in_flight -= 1

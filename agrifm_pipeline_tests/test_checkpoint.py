@@ -185,3 +185,78 @@ def test_untrained_is_never_a_fallback(tmp_path: Path) -> None:
     s = load_settings({}, cache_dir=tmp_path, auto_download=False)
     with pytest.raises(CheckpointError):
         load_encoder(None, settings=s)
+
+
+# --- `agrifm-pipeline checkpoint` on a file that is not weights -------------------------------
+
+
+@pytest.fixture
+def offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in list(os.environ):
+        if name.startswith("RS_EMBED_AGRIFM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("RS_EMBED_AGRIFM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RS_EMBED_AGRIFM_AUTO_DOWNLOAD", "0")
+    monkeypatch.setenv("RS_EMBED_AGRIFM_CKPT_MIN_BYTES", "1000")
+    return tmp_path
+
+
+def _zip_of_other_files(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("weights/README.txt", "the weights are elsewhere" * 100)
+
+
+def _gzip(path: Path, weights: bytes) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(weights))
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "said"),
+    [
+        (
+            "page.html",
+            lambda p, w: p.write_bytes(
+                b"<!DOCTYPE html>\n<html><head><title>Wi-Fi login</title></head></html>\n" * 40
+            ),
+            "is an HTML page (it begins '<!DOCTYPE html>",
+        ),
+        ("AgriFM.zip", lambda p, w: _zip_of_other_files(p), "is a zip archive of other files"),
+        ("AgriFM.pth.gz", lambda p, w: _gzip(p, w), "is a gzip-compressed file"),
+        (
+            "noise.pth",
+            lambda p, w: p.write_bytes(bytes(range(128, 256)) * 20),
+            "is a binary file that is neither a zip archive in torch's layout nor a pickle",
+        ),
+    ],
+)
+def test_checkpoint_command_refuses_a_file_that_is_not_weights(
+    offline_env: Path, weights: bytes, capsys: pytest.CaptureFixture[str], name, write, said: str
+) -> None:
+    """It used to print the file's sha256 and exit 0, as if the weights were there."""
+    from agrifm_pipeline.cli import main
+
+    path = offline_env / name
+    write(path, weights)
+    assert main(["checkpoint", "--checkpoint", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err  # one line, no traceback
+    assert err.startswith(f"error: CheckpointError: {path} {said}"), err
+    assert "not a torch checkpoint" in err and "RS_EMBED_AGRIFM_CKPT" in err
+
+
+def test_checkpoint_command_accepts_real_weights(
+    offline_env: Path, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from agrifm_pipeline.cli import main
+
+    tiny = fixtures_dir / "tiny_p444.pth"
+    assert main(["checkpoint", "--checkpoint", str(tiny)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["path"] == str(tiny) and record["sha256"] == sha256_file(tiny)
+    assert main(["checkpoint", "--checkpoint", "untrained:0"]) == 0

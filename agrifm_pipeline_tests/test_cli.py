@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
+import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,22 +75,64 @@ def test_code_location_loads() -> None:
     assert defs is not None
 
 
-def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
+# What the demo sets in its process (and <home>/demo.env records), and where the homes are.
+DEMO_SETTINGS = (
+    "AGRIFM_PIPELINE_CHIP_PX",
+    "AGRIFM_PIPELINE_CHIPS_PER_SIDE",
+    "AGRIFM_PIPELINE_REGIONS_DIR",
+    "AGRIFM_PIPELINE_S2_LOCAL_ROOT",
+    "RS_EMBED_AGRIFM_CKPT",
+    "AGRIFM_PIPELINE_HOME",
+)
+
+
+def _unset(mp: pytest.MonkeyPatch, *names: str) -> None:
+    """Unset ``names`` so that the undo also removes what the code under test sets later
+    (a plain delenv of an unset variable records nothing to undo)."""
+    for name in names:
+        mp.setenv(name, "")
+        mp.delenv(name)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    dir: Path  # where it ran (its working directory)
+    home: Path  # --home
+    out: str  # what it printed
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    """`make demo CHECKPOINT=untrained:0` once, in a directory of its own, with none of its
+    settings in the environment and DAGSTER_HOME elsewhere than its home (all restored
+    afterwards), for the tests that read what it made and printed."""
+    from agrifm_pipeline.demo import demo_env
+
+    tmp = tmp_path_factory.mktemp("demo")
+    home = tmp / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(tmp / "dagster"))
+        _unset(mp, *DEMO_SETTINGS, *demo_env())
+        mp.chdir(tmp)  # the demo finds its data from anywhere
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(
+                ["demo", "--checkpoint", "untrained:0", "--device", "cpu", "--home", str(home)]
+            )
+        assert rc == 0, buf.getvalue()
+    yield DemoRun(tmp, home, buf.getvalue())
+
+
+def test_main_job_demo_on_local_defaults(demo_run: DemoRun, monkeypatch, capsys) -> None:
     """`make demo`'s command: the demo region for 2019 through every asset, untrained weights."""
     import xarray as xr
 
     from agrifm_pipeline.demo import demo_env
 
+    tmp_path, home, out = demo_run.dir, demo_run.home, demo_run.out
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-    for var in demo_env():  # the demo sets them for its process; restored afterwards
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)  # the demo finds its data from anywhere
-    home = tmp_path / "home"
-    assert (
-        main(["demo", "--checkpoint", "untrained:0", "--device", "cpu", "--home", str(home)]) == 0
-    )
-    out = capsys.readouterr().out
-    assert "untrained=True" in out and " ui   # the Dagster UI on this home" in out
+    _unset(monkeypatch, *DEMO_SETTINGS, *demo_env())  # the audit sets them from demo.env
+    assert "untrained=True" in out and " ui CHECKPOINT=untrained:0   # the Dagster UI" in out
     # The demo's grid is fitted to the sample: one 64 px chip, nearly all of it data.
     assert "coverage 32631_640m_E0898_N8784: data in 87.9%" in out and "1 of 1 chip" in out
     # Progress: plain lines (the output is not a terminal) that reach 100 %.
@@ -104,8 +152,11 @@ def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
     # The runs are in the SQLite instance that `dagster dev` will read.
     assert (tmp_path / "dagster" / "dagster.yaml").is_file()
     assert any((tmp_path / "dagster").rglob("*.db"))
-    # The UI reads the demo's settings from the home; the audit was materialised.
-    assert "AGRIFM_PIPELINE_CHIP_PX=64" in (home / "demo.env").read_text()
+    # The UI reads the demo's settings from the home, the checkpoint included; the audit
+    # was materialised.
+    recorded = (home / "demo.env").read_text()
+    assert "AGRIFM_PIPELINE_CHIP_PX=64" in recorded
+    assert "RS_EMBED_AGRIFM_CKPT=untrained:0" in recorded
     import dagster as dg
 
     with dg.DagsterInstance.get() as instance:
@@ -121,6 +172,90 @@ def test_main_job_demo_on_local_defaults(tmp_path, monkeypatch, capsys) -> None:
     summary = capsys.readouterr().err
     after = summary.split("current checkpoint ", 1)[1].split("\n")[0]
     assert after.endswith("…") or len(after) > 17, summary  # a hash, or the whole reason
+
+
+def _printed(out: str, marker: str) -> str:
+    """The one command the demo printed that contains ``marker``, without its comment."""
+    (line,) = [ln for ln in out.splitlines() if marker in ln and "   # " in ln]
+    return line.split("   # ")[0].strip()
+
+
+def test_demo_follow_up_commands_work_as_printed_offline(demo_run: DemoRun, tmp_path) -> None:
+    """After `make demo CHECKPOINT=untrained:0`, the commands the demo prints (`make ui`,
+    the audit, and those that open the mosaic) work as printed, in a fresh shell (no checkpoint, demo setting or Dagster home
+    in its environment) with no way to download or find the official checkpoint: `make
+    ui` names the checkpoint and its code location resolves the one the demo used (the
+    stand-in for `dagster` reports what `dagster dev` would load, with PORT passed as
+    -p), and the audit judges every partition, none "unknown" for want of a checkpoint.
+    (Before, `make ui` was printed without the checkpoint and the audit called the
+    embedding's partitions unknown.)"""
+    from agrifm_pipeline.demo import demo_env
+
+    out = demo_run.out
+    sha = re.search(r"checkpoint: .* sha256 ([0-9a-f]{16})… untrained=True", out)
+    assert sha, out
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {*DEMO_SETTINGS, *demo_env(), "DAGSTER_HOME"}
+    }
+    env |= {
+        "RS_EMBED_AGRIFM_AUTO_DOWNLOAD": "0",  # offline: no download, nothing cached
+        "RS_EMBED_AGRIFM_CACHE_DIR": str(tmp_path / "empty-cache"),
+    }
+
+    ui = _printed(out, " ui CHECKPOINT=")
+    assert "CHECKPOINT=untrained:0" in ui and f"DAGSTER_HOME={demo_run.dir / 'dagster'}" in ui
+    report = tmp_path / "dagster_dev.json"
+    stand_in = tmp_path / "dagster"
+    stand_in.write_text(
+        f"#!/bin/sh\nexec {sys.executable} - \"$@\" <<'EOF'\n"
+        "import json, os, sys\n"
+        "from agrifm_pipeline.definitions import defs\n"
+        "from agrifm_pipeline.defs.staleness import checkpoint_state\n"
+        "sha, source, problem = checkpoint_state(defs.resources['model'])\n"
+        "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(),\n"
+        "           'DAGSTER_HOME': os.environ.get('DAGSTER_HOME'),\n"
+        "           'chip_px': defs.resources['tile_year'].chip_px,\n"
+        "           'sha': sha, 'problem': problem},\n"
+        f"          open({str(report)!r}, 'w'))\n"
+        "EOF\n"
+    )
+    stand_in.chmod(0o755)
+    done = subprocess.run(
+        f"{ui} PORT=3001 DAGSTER_BIN={stand_in}",
+        shell=True,
+        cwd=demo_run.dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(report.read_text())
+    assert seen["argv"] == ["dev", "-w", "workspace.yaml", "-p", "3001"], seen
+    assert seen["DAGSTER_HOME"] == str(demo_run.dir / "dagster")
+    assert seen["chip_px"] == 64  # the demo's grid, from demo.env
+    assert seen["problem"] is None and str(seen["sha"]).startswith(sha.group(1)), seen
+
+    # The commands that open the mosaic (but gdalinfo: a system GDAL >= 3.10 may be absent).
+    (xarray,) = [ln.strip() for ln in out.splitlines() if f"{sys.executable} -c" in ln]
+    for command, says in ((xarray, "embedding"), (_printed(out, " info 'ZARR:"), '"count": 1024')):
+        done = subprocess.run(
+            command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0 and says in done.stdout, (command, done.stderr)
+
+    audit = _printed(out, " audit")
+    done = subprocess.run(
+        audit, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = [ln.split("|") for ln in done.stdout.splitlines() if ln.count("|") > 3]
+    header, rows = [c.strip() for c in table[0]], table[1:]
+    status = header.index("status")
+    assert len(rows) == 6 and {r[status].strip() for r in rows} == {"current"}, done.stdout
+    assert f"current checkpoint {sha.group(1)}…" in done.stderr, done.stderr
 
 
 def test_home_sets_pool_limits(tmp_path, monkeypatch, capsys) -> None:

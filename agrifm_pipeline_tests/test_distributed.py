@@ -192,6 +192,17 @@ def test_a_run_is_spread_over_both_workers(
     assert {str(m.partition) for m in grids} == wanted
     finite = [e for e in result.get_asset_check_evaluations() if e.check_name == "embedding_finite"]
     assert {str(e.partition) for e in finite} == wanted and all(e.passed for e in finite)
+    # Recorded after the step's results, each names the materialization it judged (so the
+    # check's Partitions tab in the UI counts it; see test_webserver).
+    made = {
+        r.partition_key: r.storage_id
+        for r in instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("agrifm_embedding_grid")), limit=100
+        ).records
+        if r.run_id == result.run_id
+    }
+    targets = {str(e.partition): e.target_materialization_data for e in finite}
+    assert {k: t.storage_id for k, t in targets.items() if t is not None} == made
     # Each worker kept its own checkpoint cache and working directory; the store is shared.
     assert not any((d / "store").exists() for d in cluster.dirs.values())
     if shared_store.root.startswith("s3://"):  # and on S3 nothing went to a local default

@@ -115,6 +115,42 @@ def test_system_malloc_other_values_are_an_error(fresh_allocator, word: str) -> 
     assert "'true'" in msg and "'false'" in msg  # the accepted words
 
 
+def test_system_malloc_bad_value_is_one_line_from_the_cli(
+    fresh_allocator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to print a traceback from every command (the call was outside main's try)."""
+    from agrifm_pipeline.cli import main
+
+    fresh_allocator.setenv(runtime.OPT_OUT, "maybe")
+    for argv in (["settings"], ["checkpoint", "--checkpoint", "untrained:0"]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(
+            "error: SettingsError: AGRIFM_PIPELINE_SYSTEM_MALLOC='maybe' is not a boolean"
+        )
+        assert "'yes'" in err and "'no'" in err and "unset" in err
+
+
+def test_system_malloc_bad_value_from_the_command_line(tmp_path: Path) -> None:
+    """The reproduction itself: the installed command, in a process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, runtime.OPT_OUT: "maybe", "AGRIFM_PIPELINE_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "agrifm_pipeline.cli", "settings"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "AGRIFM_PIPELINE_SYSTEM_MALLOC='maybe'" in proc.stderr
+
+
 # --- a tile that no scene covers -----------------------------------------------------------
 
 

@@ -88,6 +88,10 @@ def test_empty_variables_take_the_default() -> None:
         ("RS_EMBED_AGRIFM_AUTO_DOWNLOAD_REPO", "2", "'false'"),
         ("RS_EMBED_AGRIFM_FETCH_WORKERS", "-1", ">= 1"),
         ("RS_EMBED_AGRIFM_CKPT_MIN_BYTES", "lots", ">= 0"),
+        # Upper bounds (they used to be accepted and fail far away, out of memory).
+        ("RS_EMBED_AGRIFM_FRAMES", "1000", "<= 366: the frames split one year"),
+        ("RS_EMBED_AGRIFM_IMG", "100000", "<= 1024: every chip frame is resized to it"),
+        ("RS_EMBED_AGRIFM_FETCH_WORKERS", "100000", "<= 128: each is a thread"),
     ],
 )
 def test_bad_values_name_variable_value_and_what_is_accepted(
@@ -123,3 +127,65 @@ def test_bad_values_in_code_are_caught_too() -> None:
 )
 def test_norm_aliases(alias: str, mode: str) -> None:
     assert canonical_norm_mode(alias) == mode
+
+
+def test_the_largest_values_are_accepted() -> None:
+    s = load_settings(
+        {"RS_EMBED_AGRIFM_FRAMES": "366", "RS_EMBED_AGRIFM_IMG": "1024"}, fetch_workers=128
+    )
+    assert (s.n_frames, s.image_size, s.fetch_workers) == (366, 1024, 128)
+
+
+# --- the tile geometry: AGRIFM_PIPELINE_CHIP_PX / _CHIPS_PER_SIDE ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        (
+            {"AGRIFM_PIPELINE_CHIPS_PER_SIDE": "100000"},
+            "AGRIFM_PIPELINE_CHIPS_PER_SIDE='100000' is too large; use a whole number >= 1 and "
+            "<= 16: a tile-year holds all its chips at once",
+        ),
+        (
+            {"AGRIFM_PIPELINE_CHIP_PX": "100000"},
+            "AGRIFM_PIPELINE_CHIP_PX='100000' is too large; use a whole number >= 16 and <= 1024",
+        ),
+        (
+            {"AGRIFM_PIPELINE_CHIP_PX": "1024", "AGRIFM_PIPELINE_CHIPS_PER_SIDE": "8"},
+            "AGRIFM_PIPELINE_CHIP_PX=1024 x AGRIFM_PIPELINE_CHIPS_PER_SIDE=8 makes tiles of "
+            "8,192 px a side, more than 4,096",
+        ),
+        ({"AGRIFM_PIPELINE_CHIPS_PER_SIDE": "0"}, "'0' is too small"),
+        ({"AGRIFM_PIPELINE_CHIP_PX": "2.5"}, "AGRIFM_PIPELINE_CHIP_PX='2.5' is not an integer"),
+    ],
+)
+def test_tile_geometry_variables_are_bounded(env: dict[str, str], said: str) -> None:
+    """``AGRIFM_PIPELINE_CHIPS_PER_SIDE=100000`` used to be accepted: the region sensor
+    registered one tile 224,000 km a side, and its tile-year would allocate terabytes."""
+    from agrifm_pipeline.definitions import default_resources
+
+    with pytest.raises(SettingsError) as err:
+        default_resources(env)
+    assert said in str(err.value)
+
+
+def test_tile_geometry_is_bounded_whichever_way_it_comes() -> None:
+    from shapely.geometry import box
+
+    from agrifm_pipeline.definitions import default_resources
+    from agrifm_pipeline.defs.resources import TileYearConfig
+    from agrifm_pipeline.regions import tiles_for_region
+    from agrifm_pipeline.tileyear import TileYearSettings
+
+    with pytest.raises(SettingsError, match=r"chips_per_side=100000 is too large.*<= 16"):
+        TileYearConfig(chips_per_side=100000).resolve()
+    with pytest.raises(SettingsError, match=r"chip_px=8 is too small"):
+        TileYearSettings(chip_px=8)
+    with pytest.raises(SettingsError, match=r"chips_per_side=100000 is too large"):
+        tiles_for_region(box(4.05, 50.74, 4.20, 50.80), chips_per_side=100000)
+    # The demo's and the design's geometries, and the largest tile, are fine.
+    demo = {"AGRIFM_PIPELINE_CHIP_PX": "64", "AGRIFM_PIPELINE_CHIPS_PER_SIDE": "1"}
+    assert default_resources(demo)["tile_year"].chips_per_side == 1
+    assert default_resources({})["tile_year"].chips_per_side == 4
+    assert TileYearSettings(chip_px=256, chips_per_side=16).tile_size_m == 40960

@@ -40,8 +40,10 @@ def _graphql(url: str, query: str) -> dict[str, Any]:
     return body["data"]  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """One run over two partitions, served by dagster-webserver (the tests only read it)."""
+    tmp_path = tmp_path_factory.mktemp("served")
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -128,8 +130,8 @@ def test_graph_partitions_and_lineage_through_graphql(served: tuple[str, Path]) 
 
 def test_check_status_per_partition_through_graphql(served: tuple[str, Path]) -> None:
     """After a run over several partitions, every check of every asset has exactly one
-    execution per partition, none left planned or in progress, each with its partition
-    and a status that is its evaluation's verdict."""
+    execution per partition, none left planned or in progress, each with its partition,
+    a status that is its evaluation's verdict and the materialization it judged."""
     url, _ = served
     keys = {f"{t}|2019" for t in TILES}
     seen = 0
@@ -147,12 +149,84 @@ def test_check_status_per_partition_through_graphql(served: tuple[str, Path]) ->
             runs = _graphql(
                 url,
                 f'{{ assetCheckExecutions(assetKey: {{path: ["{asset}"]}}, checkName: "{name}", '
-                "limit: 50) { status partition evaluation { partition success } } }",
+                "limit: 50) { runId status partition evaluation { partition success "
+                "targetMaterialization { runId } } } }",
             )["assetCheckExecutions"]
             assert sorted(r["partition"] for r in runs) == sorted(keys), (asset, name, runs)
             for r in runs:
                 assert r["status"] in ("SUCCEEDED", "FAILED"), (asset, name, r)
                 assert r["evaluation"]["partition"] == r["partition"]
                 assert (r["status"] == "SUCCEEDED") == r["evaluation"]["success"]
+                # It judged the materialization its own run made of that partition.
+                assert r["evaluation"]["targetMaterialization"]["runId"] == r["runId"]
                 seen += 1
     assert seen >= 2 * 5  # five checks, two partitions
+
+
+def _ui_check_partition_statuses(url: str, asset: str, check: str) -> dict[str, str]:
+    """What the check's Partitions tab shows, cell by cell: the UI's own query
+    (AssetCheckPartitionHealthQuery in dagster-ui's useAssetCheckPartitionData.tsx) and
+    its reading of a two-dimensional answer. Cells it leaves out are "Missing"."""
+    node = _graphql(
+        url,
+        f'{{ assetNodeOrError(assetKey: {{path: ["{asset}"]}}) {{ ... on AssetNode {{ '
+        f'assetCheckOrError(checkName: "{check}") {{ ... on AssetCheck {{ '
+        "partitionKeysByDimension { name partitionKeys } partitionStatuses { __typename "
+        "... on AssetCheckMultiPartitionStatuses { primaryDimensionName ranges { "
+        "primaryDimStartKey primaryDimEndKey secondaryDim { __typename "
+        "... on AssetCheckDefaultPartitionStatuses { succeededPartitions failedPartitions "
+        "inProgressPartitions skippedPartitions executionFailedPartitions } } } } } } } } } }",
+    )["assetNodeOrError"]["assetCheckOrError"]
+    dims = {d["name"]: d["partitionKeys"] for d in node["partitionKeysByDimension"]}
+    statuses = node["partitionStatuses"]
+    assert statuses["__typename"] == "AssetCheckMultiPartitionStatuses", statuses
+    assert statuses["primaryDimensionName"] == "tile"
+    tiles = dims["tile"]
+    cells: dict[str, str] = {}
+    for r in statuses["ranges"]:
+        first, last = tiles.index(r["primaryDimStartKey"]), tiles.index(r["primaryDimEndKey"])
+        secondary = r["secondaryDim"]
+        assert secondary["__typename"] == "AssetCheckDefaultPartitionStatuses", secondary
+        for tile in tiles[first : last + 1]:
+            for field, status in (
+                ("succeededPartitions", "Passed"),
+                ("failedPartitions", "Failed"),
+                ("inProgressPartitions", "In progress"),
+                ("skippedPartitions", "Skipped"),
+                ("executionFailedPartitions", "Execution failed"),
+            ):
+                for year in secondary[field]:
+                    cells[f"{tile}|{year}"] = status
+    return cells
+
+
+def test_check_partitions_tab_shows_each_partitions_verdict(served: tuple[str, Path]) -> None:
+    """The check's Partitions tab in the UI (a preview feature of Dagster 1.13) says, for
+    every partition the run wrote, what the check found there (passed, or failed with the
+    check's severity), and "Missing" only where no run checked anything: each evaluation
+    targets the materialization it judged. (Recorded before the materialization, or
+    without naming it, every cell read "Missing" while the check's overview said
+    "Succeeded".)"""
+    url, _ = served
+    written = {f"{t}|2019" for t in TILES}
+    for asset, check in (
+        ("s2_frame_stack", "frame_stack_shape_and_dtype"),
+        ("s2_frame_stack", "frame_stack_clear_fraction"),
+        ("normalized_tensors", "normalized_tensors_finite"),
+        ("agrifm_embedding_grid", "embedding_finite"),
+        ("agrifm_embedding_grid", "embedding_non_degenerate"),
+    ):
+        verdicts = {
+            r["partition"]: "Passed" if r["evaluation"]["success"] else "Failed"
+            for r in _graphql(
+                url,
+                f'{{ assetCheckExecutions(assetKey: {{path: ["{asset}"]}}, '
+                f'checkName: "{check}", limit: 50) {{ partition evaluation {{ success '
+                "targetMaterialization { runId } } run { runId } } }",
+            )["assetCheckExecutions"]
+        }
+        assert set(verdicts) == written, (asset, check, verdicts)
+        assert _ui_check_partition_statuses(url, asset, check) == verdicts, (asset, check)
+    # The partly covered tile warns on its clear fraction: the tab shows it failed there.
+    clear = _ui_check_partition_statuses(url, "s2_frame_stack", "frame_stack_clear_fraction")
+    assert clear[f"{TILES[0]}|2019"] == "Failed" and clear[f"{TILES[1]}|2019"] == "Passed"

@@ -444,8 +444,8 @@ MUTATIONS: list[Mutation] = [
         "cover_misses_last_row",
         "tiles of a region: last row of cells left out",
         "agrifm_pipeline/regions.py",
-        "math.floor(y1 / size) + 1)",
-        "math.floor(y1 / size))",
+        "r0, r1 = max(0, math.floor(y0 / size)), math.floor(y1 / size)\n",
+        "r0, r1 = max(0, math.floor(y0 / size)), math.floor(y1 / size) - 1\n",
         T_SPACE,
     ),
     # -- storage commit -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import xarray as xr
 
 from agrifm_pipeline import __version__
 from agrifm_pipeline.compute import Compute
-from agrifm_pipeline.defs.checks import check_specs, evaluate_partition
+from agrifm_pipeline.defs.checks import check_specs, evaluate_partition, targeting
 from agrifm_pipeline.defs.partitions import (
     REGION_DIM,
     TILE_DIM,
@@ -246,11 +246,13 @@ def acquire_one(
 def _record_checks(
     context: dg.AssetExecutionContext, evaluations: Iterable[dg.AssetCheckEvaluation]
 ) -> None:
-    """Each evaluation recorded against its own partition (the selected checks only)."""
+    """Each evaluation recorded against its own partition (the selected checks only) and
+    the materialization it judged: called after the step yielded its results, so that
+    the check's per-partition status in the UI counts it (see ``checks.targeting``)."""
     selected = context.selected_asset_check_keys
-    for evaluation in evaluations:
-        if evaluation.asset_check_key in selected:
-            context.log_event(evaluation)
+    chosen = [e for e in evaluations if e.asset_check_key in selected]
+    for evaluation in targeting(context.instance, context.run.run_id, chosen):
+        context.log_event(evaluation)
 
 
 def _check_in_step(
@@ -275,8 +277,9 @@ def _run_tasks(
     spec: Any,
     *,
     gpu: bool = False,
-) -> None:
-    """The step's tile-years as tasks on the cluster; what each returns is recorded here."""
+) -> list[dg.AssetCheckEvaluation]:
+    """The step's tile-years as tasks on the cluster; what each returns is recorded here,
+    but for the check evaluations, returned to be recorded after the step's results."""
     from agrifm_pipeline.defs.tasks import task_key
 
     run_id = context.run.run_id
@@ -288,13 +291,15 @@ def _run_tasks(
         gpu=gpu,
         spec=spec,
     )
+    checks: list[dg.AssetCheckEvaluation] = []
     for rec in records:
         for asset, key, meta in rec.metadata:
             context.add_asset_metadata(meta, partition_key=key, asset_key=asset)
-        _record_checks(context, rec.checks)
+        checks += rec.checks
         w = rec.worker
         again = " (committed before its worker died; reused)" if rec.reused else ""
         context.log.info(f"{rec.key}: {stage} on {w['worker']} (pid {w['pid']}){again}")
+    return checks
 
 
 # A multi-asset of one so that its check outputs are optional (can_subset): the checks'
@@ -335,8 +340,9 @@ def s2_frame_stack(
         spec = tasks.StepSpec.of(
             context.run.run_id, tile_year, s2, storage, None, (), compute.acquisition_limit
         )
-        _run_tasks(context, compute, tasks.acquire, "acquisition", items, spec)
+        checks = _run_tasks(context, compute, tasks.acquire, "acquisition", items, spec)
         yield dg.MaterializeResult(asset_key=FRAMES, metadata={"partitions_in_run": len(items)})
+        _record_checks(context, checks)  # after the results: they target the materializations
         return
     cfg = tile_year.resolve()
     provider = s2.provider()
@@ -349,8 +355,9 @@ def s2_frame_stack(
                 _summary(lineage, version), partition_key=key, asset_key=FRAMES
             )
             context.log.info(f"{key}: frames written to {version.url}")
-    _check_in_step(context, storage, tile_year, [FRAMES], [k for k, _, _ in items])
     yield dg.MaterializeResult(asset_key=FRAMES, metadata={"partitions_in_run": len(items)})
+    # After the results: each evaluation targets its partition's new materialization.
+    _check_in_step(context, storage, tile_year, [FRAMES], [k for k, _, _ in items])
 
 
 # partition key, tile, year, normalisation lineage, and the normalisation version it is
@@ -566,7 +573,8 @@ def normalise_and_embed(
 
     On a cluster (``compute``) each tile-year is a task on a worker that keeps the
     model loaded (GPU workers where the cluster has them); otherwise the work runs
-    in this step. Either way each partition is checked right after its write.
+    in this step. Either way each partition is checked once written, and the evaluations
+    are recorded after the step's results, each naming the materialization it judged.
     """
     items = _tile_years(context)
     selected = set(context.selected_asset_keys)
@@ -583,12 +591,19 @@ def normalise_and_embed(
             tuple(a.to_user_string() for a in assets),
         )
         embeds = EMBEDDING in selected
-        _run_tasks(context, compute, tasks.normalise_and_embed, "embed", items, spec, gpu=embeds)
+        checks = _run_tasks(
+            context, compute, tasks.normalise_and_embed, "embed", items, spec, gpu=embeds
+        )
     else:
         normalise_and_embed_items(context, tile_year, s2, model, storage, items, selected)
-        _check_in_step(context, storage, tile_year, assets, [k for k, _, _ in items])
+        checks = None
     for asset in assets:
         yield dg.MaterializeResult(asset_key=asset, metadata={"partitions_in_run": len(items)})
+    # After the results: each evaluation targets its partition's new materialization.
+    if checks is None:
+        _check_in_step(context, storage, tile_year, assets, [k for k, _, _ in items])
+    else:
+        _record_checks(context, checks)
 
 
 @dg.asset(
@@ -668,7 +683,11 @@ def _parquet_bytes(gdf: Any, lineage: dict[str, Any]) -> bytes:
     group_name=GROUP,
     deps=[EMBEDDING, s2_frame_stack],
     kinds={"png"},
-    description="Median true-colour input beside a 3-component PCA of the embedding grid.",
+    description=(
+        "Median true-colour input beside a 3-component PCA of the embedding grid. In the "
+        "UI: a materialization's `preview` entry, *[Show Markdown]* (Dagster shows markdown "
+        "inline only under 1000 characters; the PNG is tens of kB); `path` is the file."
+    ),
 )
 def embedding_preview(
     context: dg.AssetExecutionContext, storage: ZarrStorage

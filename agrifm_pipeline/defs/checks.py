@@ -2,15 +2,19 @@
 
 Every check is an ``AssetCheckSpec`` of its asset with the tile-year partitions,
 declared on the asset itself (``check_specs``): the step (or the compute task that
-wrote the partition) judges each committed version right after the write and
-records one evaluation per partition, so Dagster shows each partition's own
-status and no planned evaluation is left waiting. No separate check step is
-started (no further process, no second read of the model).
+wrote the partition) judges each committed version right after the write, and once
+the step has yielded the partitions' materializations it records one evaluation per
+partition, each naming the materialization it judged (:func:`targeting`). Dagster
+counts a partition's check as passed or failed only when its evaluation targets the
+partition's latest materialization (an evaluation without a target, or one recorded
+before the materialization, leaves the partition "missing" on the check's Partitions
+tab). No separate check step is started (no further process, no second read of the
+model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +73,10 @@ def _clear_fraction(ds: Any, tile_year: TileYearConfig) -> Verdict:
     clear = ds["clear_fraction"].values
     mean = float(np.mean(clear))
     info: dict[str, Any] = {"mean_clear_fraction": round(mean, 4), "threshold": floor}
-    if mean < floor:
+    # The fractions are stored as float32: a tile exactly at the threshold (0.7 is
+    # 0.69999999 in float32) is judged at the threshold's own float32 value.
+    passed = bool(mean >= float(np.float32(floor)))
+    if not passed:
         info["why"] = (
             f"on average {mean:.1%} of the tile's pixels had a clear observation in a "
             f"frame's window (threshold {floor:.0%}); the rest is fill: no scene reaches "
@@ -77,7 +84,7 @@ def _clear_fraction(ds: Any, tile_year: TileYearConfig) -> Verdict:
             "observation there was masked (cloud, shadow, snow). Chips below "
             "min_chip_coverage are not encoded; see the chip table's valid_fraction."
         )
-    return mean >= floor, info
+    return passed, info
 
 
 def _normalized_finite(ds: Any, tile_year: TileYearConfig) -> Verdict:
@@ -219,7 +226,10 @@ def evaluate_partition(
         if ds is None:
             ok, info = False, dict(problem or {})
         else:
-            ok, info = c.judge(ds, tile_year)
+            try:
+                ok, info = c.judge(ds, tile_year)
+            except Exception as exc:  # a stored dataset the judge cannot read: a failed check
+                ok, info = False, {"error": f"{type(exc).__name__}: {exc}"}
             info = {"version": version.id if version else "", **info}
         out.append(
             dg.AssetCheckEvaluation(
@@ -232,6 +242,43 @@ def evaluate_partition(
                 partition=str(key),
             )
         )
+    return out
+
+
+def targeting(
+    instance: dg.DagsterInstance, run_id: str, evaluations: Iterable[dg.AssetCheckEvaluation]
+) -> list[dg.AssetCheckEvaluation]:
+    """Each evaluation pointed at the materialization it judged: its partition's latest,
+    when this run made it. Call it after the step yielded the partitions' results (the
+    materializations are recorded then). A partition materialized again since, by
+    another run, keeps no target: its latest materialization was not judged, and the
+    UI says so (the check is not current there)."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+    from dagster_shared.record import replace
+
+    targets: dict[tuple[dg.AssetKey, str | None], Any] = {}
+    out = []
+    for e in evaluations:
+        where = (e.asset_key, e.partition)
+        if where not in targets:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(
+                    asset_key=e.asset_key,
+                    asset_partitions=[e.partition] if e.partition is not None else None,
+                ),
+                limit=1,
+            ).records
+            mat = records[0] if records else None
+            targets[where] = (
+                AssetCheckEvaluationTargetMaterializationData(
+                    storage_id=mat.storage_id, run_id=mat.run_id, timestamp=mat.timestamp
+                )
+                if mat is not None and mat.run_id == run_id
+                else None
+            )
+        out.append(replace(e, target_materialization_data=targets[where]))
     return out
 
 

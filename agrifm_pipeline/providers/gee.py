@@ -32,7 +32,9 @@ turns out to have nothing clear.
 Requests are split so that each stays within Earth Engine's limits: at most
 ``max_request_bands`` bands (window groups, under the 1024 of
 ``computePixels``), 48 MB uncompressed and 32768 px a side (blocks of rows).
-An answer "Computation timed out." splits the block in two and asks again.
+An answer "Computation timed out." to a pixel request splits the block in two
+and asks again; to a request that cannot be split (a granule list) it is a
+:class:`ProviderError` at once, saying to ask for less.
 
 Transient failures are retried with exponential backoff and jitter. They are
 recognised by the HTTP status of the ``HttpError`` the client chains behind
@@ -570,13 +572,21 @@ class EarthEngineProvider:
 
     # -- requests -----------------------------------------------------------------------
     def _call(
-        self, what: str, fn: Callable[[], T], counters: _Counters, attempts: int | None = None
+        self,
+        what: str,
+        fn: Callable[[], T],
+        counters: _Counters,
+        attempts: int | None = None,
+        *,
+        splittable: bool = False,
     ) -> T:
         """One request under both concurrency bounds, retrying transient failures.
 
-        A "Computation timed out." answer is raised as :class:`_TimedOut` for
-        the caller to split the request. ``attempts``: at most this many (and
-        never more than ``max_attempts``), for a caller on a deadline.
+        A "Computation timed out." answer is raised as :class:`_TimedOut` for the
+        caller to split the request where it can (``splittable``: a pixel request);
+        elsewhere (a granule list, initialisation) it is a :class:`ProviderError` at
+        once, as the same expression would time out again. ``attempts``: at most
+        this many (and never more than ``max_attempts``), for a caller on a deadline.
         """
         max_attempts = min(attempts or self.max_attempts, self.max_attempts)
         for attempt in range(1, max_attempts + 1):
@@ -591,7 +601,13 @@ class EarthEngineProvider:
                 except Exception as exc:  # the client raises EEException and transport errors
                     kind = classify(exc)
                     if kind == "split":
-                        raise _TimedOut(str(exc)) from exc
+                        if splittable:
+                            raise _TimedOut(str(exc)) from exc
+                        raise ProviderError(
+                            f"Earth Engine timed out computing {what}: {exc}; ask for less at "
+                            "once (a shorter range or a smaller area; for listings a smaller "
+                            "list_batch)"
+                        ) from exc
                     if kind == "fail":
                         raise ProviderError(
                             f"Earth Engine refused {what}: {exc}{_hint(exc)}"
@@ -801,6 +817,7 @@ class EarthEngineProvider:
                 f"computePixels {shape} px x {len(band_ids)} bands",
                 lambda: ee.data.computePixels(params),
                 counters,
+                splittable=True,
             )
         except _TimedOut as exc:
             if shape == (1, 1):
