@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -277,39 +274,30 @@ def test_verify_command_on_a_damaged_pointer(tmp_path: Path, capsys) -> None:
 
 
 # -- 5. read-only stores -----------------------------------------------------------------------
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory another user can read (pytest's tmp_path is private to its owner)."""
-    path = Path(tempfile.mkdtemp(prefix="agrifm-ro-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)
-        shutil.rmtree(path, ignore_errors=True)
+# Root writes whatever the modes say: as root, the command runs without the capabilities
+# that override file permissions (as on a read-only mount, the write bits then decide).
+_NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
 
 
 def _read_only_cli(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as a user who can read the store and not write it: the unprivileged
-    ``nobody`` when the tests run as root (root writes whatever the modes say), else
-    this user over a store whose write bits are removed."""
+    """The CLI over a store whose write bits are removed, run by a user they bind."""
     cmd = [sys.executable, "-m", "agrifm_pipeline.cli", *args, "--store", str(store)]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO_ROOT)}
     env["DAGSTER_HOME"] = str(store.parent / "dagster-home")
+    subprocess.run(["chmod", "-R", "a-w", str(store)], check=True)
     if os.geteuid() == 0:
-        cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd]
-        env["HOME"] = str(store.parent)
-    else:
-        subprocess.run(["chmod", "-R", "a-w", str(store)], check=True)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        cmd = [*_NO_OVERRIDE, *cmd]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(store)], check=True)
 
 
-def test_verify_gc_and_catalog_on_a_read_only_store(shared_dir: Path) -> None:
+def test_verify_gc_and_catalog_on_a_read_only_store(tmp_path: Path) -> None:
     from agrifm_pipeline.defs.resources import ZarrStorage
 
-    root = shared_dir / "store"
-    (shared_dir / "dagster-home").mkdir(mode=0o777)
-    (shared_dir / "dagster-home").chmod(0o777)
+    root = tmp_path / "store"
+    (tmp_path / "dagster-home").mkdir()
     storage = ZarrStorage(root=str(root))
     grids = storage.store("agrifm_embedding_grid")
     grids.write(2019, TILE, _grid(1.0), {})
@@ -335,7 +323,6 @@ def test_verify_gc_and_catalog_on_a_read_only_store(shared_dir: Path) -> None:
         out = _read_only_cli(root, *cmd)
         assert out.returncode == 2, out.stderr  # could not run, said in one line
         assert "cannot be written here" in out.stderr and "Traceback" not in out.stderr
-    subprocess.run(["chmod", "-R", "u+w", str(root)], check=True)
     after = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
     assert after == before  # nothing written, nothing removed
 
