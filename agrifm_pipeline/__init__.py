@@ -2,6 +2,20 @@
 
 The public names are imported lazily, so ``import agrifm_pipeline.settings``
 does not pull in torch and xarray.
+
+The package is cut in layers, each importing only the ones below it (a test fails on a
+circle or a back-edge); ``docs/architecture.md`` gives every module in one line:
+
+* vocabulary: ``errors``, ``stages`` (the stage table), ``lineage``, ``tiles``,
+  ``frames``, ``specs``, ``model.config``;
+* ``storage/``: versioned, checksummed partitions (commits in ``storage.versions``);
+* ``settings``, ``runtime``: every setting's one rule;
+* sources and the model: ``checkpoint``, ``model/``, ``preprocess``, ``providers/``
+  (compositing in ``providers.compositing``), ``regions``, ``registry``, ``roi``;
+* science without Dagster: ``tileyear/``, ``inference``, ``api``, ``audit``,
+  ``scene_listing``, ``catalog``, ``compute``;
+* Dagster: ``defs/``, ``definitions``;
+* commands: ``cli``, ``demo``.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agrifm_pipeline import stages as table
 from agrifm_pipeline.errors import CheckpointError
 from agrifm_pipeline.lineage import (
     SCENE_INDEX_KEY,
@@ -38,13 +39,9 @@ from agrifm_pipeline.lineage import (
 )
 from agrifm_pipeline.storage import PartitionStore, StorageError
 
-STAGE_ASSET = {
-    "acquisition": "s2_frame_stack",
-    "normalisation": "normalized_tensors",
-    "embedding": "agrifm_embedding_grid",
-}
-DERIVED = ("chip_embeddings", "embedding_preview")
-ORDER = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid", *DERIVED)
+STAGE_ASSET = {s.stage: s.asset for s in table.FINGERPRINTED}
+DERIVED = tuple(s.asset for s in table.DERIVED)
+ORDER = tuple(s.asset for s in table.TILE_YEAR)
 
 
 # (tile, year) -> the source's current scenes of that tile-year (id -> stamp), None if unknown
@@ -53,7 +50,7 @@ SceneLister = Callable[[str, int], Mapping[str, str] | None]
 
 def downstream_of(stage: str) -> tuple[str, ...]:
     """The tile-year assets to re-make when ``stage`` is stale."""
-    return ORDER[list(STAGES).index(stage) :]
+    return tuple(s.asset for s in table.downstream_of(stage))
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 
 import pystac
 
+from agrifm_pipeline import stages
 from agrifm_pipeline.storage import (
     DamagedPointerError,
     Documents,
@@ -40,14 +41,7 @@ MEDIA = {
     ".parquet": "application/vnd.apache.parquet",
     ".png": "image/png",
 }
-DESCRIPTIONS = {
-    "s2_frame_stack": "Raw Sentinel-2 L2A frame stacks (T, 10, H, W) uint16 per tile-year.",
-    "normalized_tensors": "Model input statistics (and optionally tensors) per tile-year.",
-    "agrifm_embedding_grid": "Georeferenced AgriFM embedding grids (band, y, x) per tile-year.",
-    "chip_embeddings": "Pooled AgriFM vectors per chip with footprints (GeoParquet).",
-    "embedding_preview": "Input median beside an embedding PCA (PNG) per tile-year.",
-    "region_mosaic": "One AgriFM embedding mosaic per registered region and year.",
-}
+DESCRIPTIONS = {s.asset: s.title for s in stages.TABLE}
 
 
 class StacCatalog:
@@ -94,7 +88,7 @@ class StacCatalog:
             "agrifm:untrained": bool(ckpt.get("untrained", False)) if ckpt else None,
             "agrifm:n_frames": settings.get("n_frames"),
             "agrifm:norm_mode": settings.get("norm_mode")
-            if version.asset != "s2_frame_stack"
+            if version.asset != stages.FRAMES.asset
             else None,
         }
         if epsg:
@@ -119,9 +113,7 @@ class StacCatalog:
 
     def _assets(self, version: Version, lineage: dict[str, Any]) -> dict[str, pystac.Asset]:
         if f"/{version.asset}.zarr/" in version.url:
-            var = "frames" if version.asset == "s2_frame_stack" else "embedding"
-            if version.asset == "normalized_tensors":
-                var = "chip_stats"
+            var = stages.stage(version.asset).variable
             zones = lineage.get("zones") or []
             groups = [""] if len(zones) <= 1 else [f"utm_{z}" for z in zones]
             out = {}
@@ -135,7 +127,7 @@ class StacCatalog:
                     extra_fields={"agrifm:gdal_path": f'ZARR:"{gdal_path(href)}":/{var}'},
                 )
             return out
-        name = "chips.parquet" if version.asset == "chip_embeddings" else "preview.png"
+        name = str(stages.stage(version.asset).file)
         href = f"{version.url}/{name}"
         return {
             "data": pystac.Asset(

@@ -17,6 +17,11 @@ processes on the node download once (the others wait and read the copy). The
 cached file is mode 0644, so every user on the node can read it. A pinned URL is
 identified by its pin alone: sensors and the audit judge staleness from it
 without the weights, and a download whose sha256 differs is refused.
+
+This module only says where the weights come from and reads them; it imports
+nothing from the encoder package above it (``model/``), whose ``checks`` module
+says whether the weights fit the encoder and whose ``weights`` module makes the
+untrained ones.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,6 @@ from typing import Any
 import torch
 
 from agrifm_pipeline.errors import CheckpointError
-from agrifm_pipeline.model.layout import unwrap_checkpoint
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
 
 _URL = re.compile(r"^(?P<scheme>https?|s3|gs)://", re.IGNORECASE)
@@ -51,6 +56,7 @@ _PATCHES = {"p444": (4, 4, 4), "p422": (4, 2, 2)}
 _CHUNK = 1 << 20
 # Legacy (pre-1.6) torch.save files start with a pickle protocol marker.
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_WRAPPERS = ("state_dict", "model", "module")
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ def looks_like_torch_checkpoint(path: Path) -> bool:
     return head[:2] in _PICKLE_MAGIC
 
 
-_REFETCH = (
+REFETCH_ADVICE = (
     "download the weights again (RS_EMBED_AGRIFM_CKPT_URL) or point RS_EMBED_AGRIFM_CKPT "
     "at the real AgriFM.pth"
 )
@@ -216,6 +222,25 @@ def _unpickler_reason(exc: BaseException) -> str:
     return text.strip().rstrip(".")[:200]
 
 
+def unwrap_checkpoint(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The flat ``{name: tensor}`` dict inside a loaded checkpoint object."""
+    seen = 0
+    while isinstance(obj, Mapping) and seen < 3:
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj, seen = inner, seen + 1
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            f"{source} holds no state dict (got {type(obj).__name__}); "
+            "expected a dict of tensors, optionally under 'state_dict' or 'model'"
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors; it is not an AgriFM checkpoint")
+    return tensors
+
+
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Load a checkpoint's tensors with ``weights_only=True`` and unwrap it to a flat dict.
 
@@ -227,7 +252,7 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     what = describe_non_checkpoint(path)
     if what is not None:
-        raise CheckpointError(f"{path} is {what}, not a torch checkpoint; {_REFETCH}")
+        raise CheckpointError(f"{path} is {what}, not a torch checkpoint; {REFETCH_ADVICE}")
     with path.open("rb") as fh:
         zipped = fh.read(2) == b"PK"
     try:
@@ -242,137 +267,19 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor
             ) from None
         raise CheckpointError(
             f"{path} is not a torch checkpoint (neither torch's zip layout nor a pickle "
-            f"stream: {_unpickler_reason(exc)}); {_REFETCH}"
+            f"stream: {_unpickler_reason(exc)}); {REFETCH_ADVICE}"
         ) from None
     except Exception as exc:  # torch raises many types for damaged files
         first = " ".join(str(exc).split())[:200]
         if looks_like_torch_checkpoint(path) or zipped:
             raise CheckpointError(
                 f"{path} looks like a torch checkpoint but cannot be read, probably "
-                f"truncated or damaged ({type(exc).__name__}: {first}); {_REFETCH}"
+                f"truncated or damaged ({type(exc).__name__}: {first}); {REFETCH_ADVICE}"
             ) from None
         raise CheckpointError(
-            f"{path} is not a torch checkpoint ({type(exc).__name__}: {first}); {_REFETCH}"
+            f"{path} is not a torch checkpoint ({type(exc).__name__}: {first}); {REFETCH_ADVICE}"
         ) from None
     return unwrap_checkpoint(obj, source=str(path))
-
-
-# sha256 and the settings it was judged under -> why it is unusable ("" when it is usable).
-_JUDGED: dict[tuple[str, int], str] = {}
-
-
-def checkpoint_problem(
-    resolved: ResolvedCheckpoint, settings: AgriFMSettings | None = None
-) -> str | None:
-    """Why the encoder could not use ``resolved``, or None when it can.
-
-    Checked without building the model: at least ``RS_EMBED_AGRIFM_CKPT_MIN_BYTES``,
-    loadable with ``weights_only=True``, and the AgriFM S2 encoder's tensors under
-    their names with their shapes. The answer is kept per sha256 for this process.
-    """
-    if resolved.untrained or resolved.path is None:
-        return None
-    settings = settings or load_settings()
-    key = (resolved.sha256, settings.ckpt_min_bytes)
-    if key not in _JUDGED:
-        _JUDGED[key] = _judge(resolved.path, settings) or ""
-    return _JUDGED[key] or None
-
-
-def _judge(path: Path, settings: AgriFMSettings) -> str | None:
-    try:
-        what = not_a_checkpoint(path)
-        if what is not None:
-            return f"{path} is {what}, not a torch checkpoint; {_REFETCH}"
-        size = path.stat().st_size
-        if size < settings.ckpt_min_bytes:
-            return (
-                f"{path} has {size} bytes, fewer than RS_EMBED_AGRIFM_CKPT_MIN_BYTES="
-                f"{settings.ckpt_min_bytes} (the full AgriFM checkpoint is larger); {_REFETCH}, "
-                "or lower the setting if this smaller checkpoint is meant"
-            )
-        _check_fits_encoder(read_checkpoint(path, mmap=True), str(path))
-    except CheckpointError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"{path} cannot be read: {exc}"
-    return None
-
-
-def _check_fits_encoder(tensors: dict[str, torch.Tensor], source: str) -> None:
-    """The strict load's checks of names and shapes, on an encoder without storage."""
-    import warnings
-
-    from agrifm_pipeline.model import AgriFMEncoder, checkpoint_filter_fn, load_state_dict_strict
-    from agrifm_pipeline.model.layout import infer_config, to_upstream_layout
-
-    cfg = infer_config(to_upstream_layout(tensors, source=source).tensors)
-    with torch.device("meta"):
-        model = AgriFMEncoder(cfg)
-    state, _ = checkpoint_filter_fn(tensors, model, source=source)
-    with warnings.catch_warnings():
-        # Loading into storage-less parameters copies nothing (torch says so): only checked.
-        warnings.simplefilter("ignore", UserWarning)
-        load_state_dict_strict(model, state, source=source)
-
-
-def validate_checkpoint(
-    resolved: ResolvedCheckpoint, settings: AgriFMSettings | None = None
-) -> None:
-    """Raise CheckpointError with :func:`checkpoint_problem`'s reason, if there is one."""
-    problem = checkpoint_problem(resolved, settings)
-    if problem is not None:
-        raise CheckpointError(problem)
-
-
-def checkpoint_tensors(resolved: ResolvedCheckpoint) -> dict[str, torch.Tensor]:
-    """The tensors a resolved checkpoint names: read from its file, or built for ``untrained``."""
-    if resolved.untrained:
-        return untrained_tensors(resolved.untrained_seed or 0, resolved.untrained_patch)
-    if resolved.path is None:  # a pinned URL resolved with downloads off
-        raise CheckpointError(
-            f"checkpoint {resolved.spec} is known by its pin only on this node; resolve it "
-            "with downloads on (RS_EMBED_AGRIFM_AUTO_DOWNLOAD=1) to load the weights"
-        )
-    return read_checkpoint(resolved.path)
-
-
-# Bump when :func:`agrifm_pipeline.model.weights.untrained_tensor` changes what it makes.
-UNTRAINED_FORMAT = 1
-
-
-def untrained_tensors(
-    seed: int, patch: tuple[int, int, int] | None = None, settings: AgriFMSettings | None = None
-) -> dict[str, torch.Tensor]:
-    """``untrained:<seed>`` weights, made once per node: generating the full encoder's 88 M
-    values costs seconds in every process, so the first process writes them to the cache
-    directory (under a file lock, mode 0644) and the others map that file. A cache that
-    cannot be written, or a cached file that cannot be read, only means they are made."""
-    from agrifm_pipeline.model.config import EncoderConfig
-    from agrifm_pipeline.model.weights import untrained_state_dict
-
-    patch = patch or (4, 4, 4)
-    settings = settings or load_settings()
-    name = f"seed{seed}-p{''.join(map(str, patch))}-f{UNTRAINED_FORMAT}.pt"
-    path = settings.cache_dir / "untrained" / name
-    if path.is_file():
-        try:
-            return read_checkpoint(path, mmap=True)
-        except (CheckpointError, OSError, RuntimeError):
-            pass  # damaged: made again, and replaced below
-    state = untrained_state_dict(seed, EncoderConfig(patch_size=patch))
-    try:
-        with _node_lock(path):
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            try:
-                torch.save(state, tmp)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-    except (OSError, TimeoutError):
-        pass  # a read-only or full cache: made in each process instead
-    return state
 
 
 def _progress(done: int, total: int | None) -> None:
@@ -527,7 +434,7 @@ def _fetch_object(url: str, dest: Path, *, min_bytes: int) -> Path:
             tmp.unlink()
 
 
-def _node_lock(path: Path) -> Any:
+def node_lock(path: Path) -> Any:
     """A file lock beside ``path``: one download per node, the other processes wait for it."""
     from filelock import FileLock
 
@@ -568,7 +475,7 @@ def resolve_url_checkpoint(
             f"pin it as {url}#sha256=<hex> so it is known without the weights, or fetch it "
             "with `agrifm-pipeline checkpoint`"
         )
-    with _node_lock(dest):
+    with node_lock(dest):
         if dest.is_file():  # another process on the node fetched it while we waited
             return found("cache")
         if url.lower().startswith(("http://", "https://")):
@@ -638,7 +545,7 @@ def resolve_checkpoint(
             f"auto-download is disabled (RS_EMBED_AGRIFM_AUTO_DOWNLOAD=0) and nothing is cached at "
             f"{cached}; set RS_EMBED_AGRIFM_CKPT to AgriFM.pth or enable the download"
         )
-    with _node_lock(cached):
+    with node_lock(cached):
         if not cached.is_file():  # else another process on the node fetched it meanwhile
             download_checkpoint(
                 settings.ckpt_url, cached, min_bytes=settings.ckpt_min_bytes, progress=progress

@@ -79,7 +79,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """Resolve the checkpoint and check that the encoder can use it (a web page, a
     file of other tensors or one too small is a CheckpointError), then print it."""
-    from agrifm_pipeline.checkpoint import resolve_checkpoint, validate_checkpoint
+    from agrifm_pipeline.checkpoint import resolve_checkpoint
+    from agrifm_pipeline.model.checks import validate_checkpoint
     from agrifm_pipeline.settings import load_settings
 
     settings = load_settings()
@@ -122,9 +123,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Ours against the official source tree, same weights, same input."""
     import torch
 
-    from agrifm_pipeline.checkpoint import checkpoint_tensors, resolve_checkpoint
+    from agrifm_pipeline.checkpoint import resolve_checkpoint
     from agrifm_pipeline.model import load_encoder
-    from agrifm_pipeline.official import load_official_encoder
+    from agrifm_pipeline.model.official import load_official_encoder
+    from agrifm_pipeline.model.weights import checkpoint_tensors
     from agrifm_pipeline.preprocess import preprocess_input
     from agrifm_pipeline.settings import load_settings
 
@@ -330,15 +332,16 @@ def pipeline_resources(home: str | Path | None = None) -> dict[str, Any]:
     settings the home records (``<home>/demo.env`` after the demo) and its store."""
     from agrifm_pipeline.definitions import default_resources
     from agrifm_pipeline.demo import load_home_env
-    from agrifm_pipeline.settings import pipeline_storage_root
+    from agrifm_pipeline.settings import pipeline_storage
 
     load_home_env(home)
     res = default_resources()
     if home is not None:
         from agrifm_pipeline.defs.resources import ZarrStorage
 
+        root, options = pipeline_storage(home=home)
         res["storage"] = ZarrStorage(
-            root=pipeline_storage_root(home=home), regions_dir=res["storage"].regions_dir
+            root=root, storage_options=options, regions_dir=res["storage"].regions_dir
         )
     return res
 

@@ -17,7 +17,6 @@ from agrifm_pipeline.defs.assets import all_assets, region_mosaic, tile_year_ass
 from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
 from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
-from agrifm_pipeline.defs.staleness import all_staleness_sensors, lineage_audit
 from agrifm_pipeline.errors import SettingsError
 from agrifm_pipeline.providers import PROVIDER_NAMES
 from agrifm_pipeline.settings import CHIP_PX_ENV, CHIPS_PER_SIDE_ENV, check_tile_geometry
@@ -91,9 +90,9 @@ def default_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 def build_defs(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
     return dg.Definitions(
-        assets=[*all_assets, lineage_audit],  # type: ignore[list-item]
+        assets=all_assets,
         jobs=[embed_tile_years, mosaic_regions],
-        sensors=[*all_sensors, *all_staleness_sensors],
+        sensors=all_sensors,
         schedules=all_schedules,
         resources={**default_resources(), **(resources or {})},
     )

@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from agrifm_pipeline import stages
+
 DEMO_REGION = "flanders_sample"
 DEMO_YEAR = 2019
 # The demo's grid is fitted to the bundled sample (64 x 64 px at 10 m): one chip of 64 px
@@ -417,11 +419,11 @@ def _materialise(
     # 4. The lineage audit (every stored partition, current or stale and why).
     ajob = defs.resolve_implicit_global_asset_job_def()
     ares = _run_with_progress(
-        ajob, instance, "lineage audit", asset_selection=[dg.AssetKey("lineage_audit")]
+        ajob, instance, "lineage audit", asset_selection=[dg.AssetKey(stages.AUDIT_ASSET)]
     )
     if not ares.success:
         raise RuntimeError(
-            f"the lineage_audit run failed; see `dagster dev` (DAGSTER_HOME={dagster_home})"
+            f"the {stages.AUDIT_ASSET} run failed; see `dagster dev` (DAGSTER_HOME={dagster_home})"
         )
     elapsed = time.perf_counter() - t0
     # One evaluation per check and partition: each check shows its worst partition.
@@ -432,9 +434,9 @@ def _materialise(
         if rank[verdict] >= rank[checks.get(e.check_name, "pass")]:
             checks[e.check_name] = verdict
     grids, chips, previews = (
-        storage.store("agrifm_embedding_grid"),
-        storage.files("chip_embeddings"),
-        storage.files("embedding_preview"),
+        storage.store(stages.GRID.asset),
+        storage.files(stages.CHIPS.asset),
+        storage.files(stages.PREVIEW.asset),
     )
 
     def current(store: Any, name: str, suffix: str = "") -> str:
@@ -452,8 +454,8 @@ def _materialise(
         "store": storage.root,
         "catalog": f"{storage.root.rstrip('/')}/catalog.json",
         "grid": [current(grids, t) for t in tiles],
-        "mosaic": current(storage.store("region_mosaic"), region),
-        "chips": [current(chips, t, "/chips.parquet") for t in tiles],
-        "previews": [current(previews, t, "/preview.png") for t in tiles],
+        "mosaic": current(storage.store(stages.MOSAIC.asset), region),
+        "chips": [current(chips, t, f"/{stages.CHIPS.file}") for t in tiles],
+        "previews": [current(previews, t, f"/{stages.PREVIEW.file}") for t in tiles],
         "coverage": [coverage_caption(grids.open(year, t).attrs) for t in tiles],
     }

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from agrifm_pipeline.checkpoint import ResolvedCheckpoint, checkpoint_tensors, resolve_checkpoint
+from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
 from agrifm_pipeline.errors import (
     BackendError,
     InputContractError,
@@ -33,6 +33,7 @@ from agrifm_pipeline.model import (
     resolve_device,
     resolve_precision,
 )
+from agrifm_pipeline.model.weights import checkpoint_tensors
 from agrifm_pipeline.settings import AgriFMSettings, load_settings
 
 ENCODER_BACKENDS = ("ours", "official")
@@ -111,7 +112,7 @@ class EmbeddingEngine:
             info = {**ours.checkpoint_info, "precision": precision}
             model = ours
         else:
-            from agrifm_pipeline.official import load_official_encoder
+            from agrifm_pipeline.model.official import load_official_encoder
 
             if precision != "float32":
                 raise SettingsError(

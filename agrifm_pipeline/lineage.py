@@ -36,18 +36,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Bump a stage's version when its code changes what it writes; the stage and
-# everything below it then become stale. These are also the assets' Dagster
-# code versions.
-CODE_VERSIONS: dict[str, str] = {
-    "acquisition": "2",
-    # normalisation 2: valid_frames (frames with data per pixel) stored beside the statistics;
-    # embedding 2: chips below min_chip_coverage not encoded (NaN), valid_fraction per cell.
-    # (acquisition: the frames' nodata attribute is declared, the values are unchanged.)
-    "normalisation": "2",
-    "embedding": "2",
-}
-STAGES = ("acquisition", "normalisation", "embedding")
+from agrifm_pipeline.stages import CODE_VERSIONS, STAGE_NAMES
+
+# The stages and their code versions (bumped when a stage's code changes what it writes:
+# the stage and everything below it then become stale) are the stage table's.
+STAGES = STAGE_NAMES
 
 
 def _digest(obj: Any) -> str:

@@ -8,6 +8,10 @@ peer (rs-embed's ``center_pad_to_square``) does: by reflection while the whole
 pad on the short axis (long side − short side, both halves together) is
 smaller than the short side, by edge replication otherwise (a 30 x 70 frame,
 pad 40, is edge-padded); the odd pixel of an odd pad goes to the bottom/right.
+
+``n_frames``, ``image_size`` and ``norm_mode`` are normalised by their one function
+in :mod:`agrifm_pipeline.settings`, as every settings type does: a value is accepted
+(and an alias spelt canonically) here exactly as it is there.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agrifm_pipeline.errors import InputContractError, SettingsError
+from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.model.config import AGRIFM_S2_MEAN, AGRIFM_S2_STD, RAW_MAX, STD_FLOOR
-from agrifm_pipeline.settings import MIN_IMAGE_SIZE, canonical_norm_mode
+from agrifm_pipeline.settings import (
+    canonical_image_size,
+    canonical_n_frames,
+    canonical_norm_mode,
+)
 
 N_BANDS = 10
 ACCEPTED_SHAPES = "(10, H, W) [one frame, repeated to T] or (T, 10, H, W) [padded/truncated to T]"
@@ -61,16 +69,6 @@ def _as_tensor(x: Any, name: str = "input_chw", *, own: bool = False) -> torch.T
     return t.to(torch.float32)
 
 
-def _check_image_size(image_size: int) -> int:
-    if (
-        not isinstance(image_size, int)
-        or isinstance(image_size, bool)
-        or image_size < MIN_IMAGE_SIZE
-    ):
-        raise SettingsError(f"image_size={image_size!r}; use a whole number >= {MIN_IMAGE_SIZE}")
-    return image_size
-
-
 def coerce_frames(x: Any, n_frames: int) -> tuple[np.ndarray, dict[str, Any]]:
     """(10, H, W) or (T, 10, H, W) -> exactly (n_frames, 10, H, W) float32, and its record."""
     t, record = _coerce(x, n_frames)
@@ -78,8 +76,7 @@ def coerce_frames(x: Any, n_frames: int) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def _coerce(x: Any, n_frames: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    if not isinstance(n_frames, int) or isinstance(n_frames, bool) or n_frames < 1:
-        raise SettingsError(f"n_frames={n_frames!r}; use a whole number >= 1")
+    n_frames = canonical_n_frames(n_frames)
     t = _as_tensor(x)
     shape = tuple(t.shape)
     if t.ndim == 3 and shape[0] == N_BANDS and shape[1] > 0 and shape[2] > 0:
@@ -169,7 +166,7 @@ def square_pad(h: int, w: int) -> dict[str, Any] | None:
 
 def resize_frames(x: torch.Tensor, image_size: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """(..., H, W) -> (..., S, S): centre square pad if needed, then bilinear resize."""
-    image_size = _check_image_size(image_size)
+    image_size = canonical_image_size(image_size)
     *lead, h, w = x.shape
     planes = x.reshape(-1, 1, h, w)
     pad = square_pad(h, w)
@@ -245,7 +242,7 @@ def preprocess_input(
 ) -> Preprocessed:
     """One ``input_chw``: (10, H, W) or (T, 10, H, W) raw DN -> (n_frames, 10, S, S)."""
     mode = canonical_norm_mode(norm_mode)
-    _check_image_size(image_size)
+    image_size = canonical_image_size(image_size)
     t, record = _coerce(x, n_frames)  # always a fresh tensor
     record.update(_clip_and_normalise(t, mode, fill_value))
     t, resize_rec = resize_frames(t, image_size)
@@ -259,7 +256,7 @@ def preprocess_chips(
     """Raw chips (N, T, 10, H, W), or a tile's block of them (rows, cols, T, 10, H, W),
     T == n_frames -> (N, T, 10, S, S) with N = rows x cols in row-major order, vectorised."""
     mode = canonical_norm_mode(norm_mode)
-    _check_image_size(image_size)
+    image_size = canonical_image_size(image_size)
     shape = tuple(getattr(chips, "shape", ()))
     lead = shape[:-4]
     if len(lead) not in (1, 2) or shape[-4] != n_frames or shape[-3] != N_BANDS or 0 in shape:

@@ -1,9 +1,28 @@
-"""Typed runtime settings, read from the ``RS_EMBED_AGRIFM_*`` environment variables.
+"""Every setting's one rule, and the ``RS_EMBED_AGRIFM_*`` environment contract.
 
-The names and defaults are the adapter contract's (see the README's settings
-table). :func:`load_settings` reads the environment once; keyword overrides win
-over the environment, and every value is validated the same way whichever
-source it came from.
+Three types carry the tile-year settings, one per role:
+
+* :class:`AgriFMSettings` (here): the environment contract, every
+  ``RS_EMBED_AGRIFM_*`` variable parsed; names and defaults are the adapter
+  contract's (see the README's settings table). :func:`load_settings` reads the
+  environment once; keyword overrides win over it.
+* ``TileYearConfig`` (:mod:`agrifm_pipeline.defs.resources`): the Dagster resource
+  config, what the launchpad may override (``None`` = the environment's value).
+* :class:`~agrifm_pipeline.tileyear.TileYearSettings`: the resolved values one
+  tile-year step runs with, and what its lineage and fingerprints record.
+
+Each setting is normalised (parsed, bounded, spelt canonically) by exactly one
+function here (:func:`canonical_norm_mode`, :func:`canonical_n_frames`,
+:func:`canonical_image_size`, :func:`canonical_fetch_workers`,
+:func:`check_tile_geometry`, :func:`check_min_chip_coverage`), which all three
+types and the preprocessing call, so a value is accepted or refused, with the same
+words, whichever way it came in. (The encoder's ``precision`` and ``device`` are
+resolved once, by :func:`agrifm_pipeline.model.resolve_precision` and
+:func:`~agrifm_pipeline.model.resolve_device`: they need torch.)
+
+Below them, the pipeline's own variables (``AGRIFM_PIPELINE_*``): its home, the
+storage root and options (:func:`pipeline_storage`, read and checked by
+:func:`agrifm_pipeline.storage.fs.storage_from_env`), and the limits.
 """
 
 from __future__ import annotations
@@ -13,9 +32,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agrifm_pipeline.errors import SettingsError
+
+if TYPE_CHECKING:
+    from agrifm_pipeline.storage.fs import StorageLocation
 
 ENV_PREFIX = "RS_EMBED_AGRIFM_"
 
@@ -40,18 +62,6 @@ NORM_MODES = ("agrifm_stats", "unit_scale", "none")
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
-
-
-def canonical_norm_mode(value: str, *, name: str = "norm_mode") -> str:
-    """Map a normalisation name or alias onto one of :data:`NORM_MODES`."""
-    key = str(value).strip().lower()
-    if key not in NORM_ALIASES:
-        accepted = ", ".join(
-            f"{mode} (aliases: {', '.join(a for a, m in NORM_ALIASES.items() if m == mode and a != mode)})"
-            for mode in NORM_MODES
-        )
-        raise SettingsError(f"{name}={value!r} is not a normalisation mode; use one of {accepted}")
-    return NORM_ALIASES[key]
 
 
 def _parse_int(name: str, raw: Any, minimum: int, maximum: int | None = None, why: str = "") -> int:
@@ -124,41 +134,124 @@ def _int_at_least(minimum: int) -> Callable[[str, Any], int]:
     return lambda name, raw: _parse_int(name, raw, minimum)
 
 
-def _int_between(minimum: int, maximum: int, why: str) -> Callable[[str, Any], int]:
-    return lambda name, raw: _parse_int(name, raw, minimum, maximum, why)
-
-
+# -- one normaliser per setting ----------------------------------------------------------------
 # Upper bounds: past them a value is a typo or a unit mistake, and would only surface
 # later as memory exhausted or a provider overwhelmed, far from the setting.
 MAX_FRAMES = 366
 MAX_IMAGE_SIZE = 1024
 MAX_FETCH_WORKERS = 128
 
+
+def canonical_norm_mode(value: str, *, name: str = "norm_mode") -> str:
+    """Map a normalisation name or alias onto one of :data:`NORM_MODES`."""
+    key = str(value).strip().lower()
+    if key not in NORM_ALIASES:
+        accepted = ", ".join(
+            f"{mode} (aliases: {', '.join(a for a, m in NORM_ALIASES.items() if m == mode and a != mode)})"
+            for mode in NORM_MODES
+        )
+        raise SettingsError(f"{name}={value!r} is not a normalisation mode; use one of {accepted}")
+    return NORM_ALIASES[key]
+
+
+def canonical_n_frames(value: Any, *, name: str = "n_frames") -> int:
+    """Frames per year: a whole number in 1..:data:`MAX_FRAMES`."""
+    return _parse_int(
+        name,
+        value,
+        1,
+        MAX_FRAMES,
+        "the frames split one year into windows, each at least a day long",
+    )
+
+
+def canonical_image_size(value: Any, *, name: str = "image_size") -> int:
+    """The side every chip frame is resized to: a whole number in
+    :data:`MIN_IMAGE_SIZE`..:data:`MAX_IMAGE_SIZE`."""
+    return _parse_int(
+        name,
+        value,
+        MIN_IMAGE_SIZE,
+        MAX_IMAGE_SIZE,
+        "every chip frame is resized to it, so memory grows with its square (at 1024 px "
+        "one chip of 8 frames is 320 MiB of float32); AgriFM was trained at 224",
+    )
+
+
+def canonical_fetch_workers(value: Any, *, name: str = "fetch_workers") -> int:
+    """Tile-years fetched at once: a whole number in 1..:data:`MAX_FETCH_WORKERS`."""
+    return _parse_int(
+        name,
+        value,
+        1,
+        MAX_FETCH_WORKERS,
+        "each is a thread with its own requests to the provider; more only queue there "
+        "and hold memory",
+    )
+
+
+def check_min_chip_coverage(value: float, *, name: str = "min_chip_coverage") -> float:
+    """``value`` itself (not converted: it is fingerprinted as given) when it is a share
+    between 0 and 1, else :class:`SettingsError` naming ``name``."""
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(
+            f"{name}={value}; use a share between 0 and 1 "
+            "(0 encodes every chip, even all-fill ones)"
+        )
+    return value
+
+
+CHIP_PX_ENV = "AGRIFM_PIPELINE_CHIP_PX"
+CHIPS_PER_SIDE_ENV = "AGRIFM_PIPELINE_CHIPS_PER_SIDE"
+MIN_CHIP_PX = 16
+MAX_CHIP_PX = 1024
+MAX_CHIPS_PER_SIDE = 16
+MAX_TILE_PX = 4096
+
+
+def check_tile_geometry(
+    chip_px: Any,
+    chips_per_side: Any,
+    *,
+    chip_px_name: str = "chip_px",
+    chips_per_side_name: str = "chips_per_side",
+) -> tuple[int, int]:
+    """(chip_px, chips_per_side) as whole numbers within their bounds, else SettingsError
+    naming the setting (``*_name``: the variable or field it came from), the bound and
+    why: a tile-year holds its whole tile in memory at once."""
+    chip_px = _parse_int(
+        chip_px_name,
+        chip_px,
+        MIN_CHIP_PX,
+        MAX_CHIP_PX,
+        "a chip is one encoder input, resized to RS_EMBED_AGRIFM_IMG (224 by default); a "
+        "much larger chip only loses its detail in the resize",
+    )
+    chips_per_side = _parse_int(
+        chips_per_side_name,
+        chips_per_side,
+        1,
+        MAX_CHIPS_PER_SIDE,
+        "a tile-year holds all its chips at once (16 x 16 chips of 8 frames at 224 px are "
+        "about 4 GB of float32), and the design uses 4",
+    )
+    if chip_px * chips_per_side > MAX_TILE_PX:
+        side = chip_px * chips_per_side
+        raise SettingsError(
+            f"{chip_px_name}={chip_px} x {chips_per_side_name}={chips_per_side} makes tiles "
+            f"of {side:,} px a side, more than {MAX_TILE_PX:,}: a tile-year's frame stack "
+            f"(8 frames x 10 bands of uint16) would be {side * side * 160 / 1e9:,.1f} GB; use "
+            "fewer or smaller chips (the design: 4 x 224 px)"
+        )
+    return chip_px, chips_per_side
+
+
 _FIELDS: dict[str, _Field] = {
-    "n_frames": _Field(
-        "FRAMES",
-        _int_between(
-            1, MAX_FRAMES, "the frames split one year into windows, each at least a day long"
-        ),
-    ),
-    "image_size": _Field(
-        "IMG",
-        _int_between(
-            MIN_IMAGE_SIZE,
-            MAX_IMAGE_SIZE,
-            "every chip frame is resized to it, so memory grows with its square (at 1024 px "
-            "one chip of 8 frames is 320 MiB of float32); AgriFM was trained at 224",
-        ),
-    ),
+    "n_frames": _Field("FRAMES", lambda name, raw: canonical_n_frames(raw, name=name)),
+    "image_size": _Field("IMG", lambda name, raw: canonical_image_size(raw, name=name)),
     "norm_mode": _Field("NORM", lambda name, raw: canonical_norm_mode(raw, name=name)),
     "fetch_workers": _Field(
-        "FETCH_WORKERS",
-        _int_between(
-            1,
-            MAX_FETCH_WORKERS,
-            "each is a thread with its own requests to the provider; more only queue there "
-            "and hold memory",
-        ),
+        "FETCH_WORKERS", lambda name, raw: canonical_fetch_workers(raw, name=name)
     ),
     "checkpoint": _Field("CKPT", _parse_ckpt),
     "auto_download": _Field("AUTO_DOWNLOAD", _parse_bool),
@@ -175,10 +268,12 @@ _FIELDS: dict[str, _Field] = {
 
 @dataclass(frozen=True)
 class AgriFMSettings:
-    """Every ``RS_EMBED_AGRIFM_*`` setting, parsed and validated.
+    """The environment contract: every ``RS_EMBED_AGRIFM_*`` setting, parsed and validated.
 
     Build with :func:`load_settings` (environment + overrides) or directly; use
-    :meth:`replace` to change a field with validation.
+    :meth:`replace` to change a field with validation. It says what the environment
+    asks for; what one tile-year step runs with is
+    :class:`~agrifm_pipeline.tileyear.TileYearSettings`, resolved from it.
     """
 
     n_frames: int = 8
@@ -264,54 +359,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Agr
 
 
 DEFAULT_PIPELINE_HOME = ".agrifm"
-PIPELINE_STORAGE_ENV = "AGRIFM_PIPELINE_STORAGE"
+PIPELINE_STORAGE_ENV = "AGRIFM_PIPELINE_STORAGE"  # read by agrifm_pipeline.storage.fs
 MAX_REGION_TILES_ENV = "AGRIFM_PIPELINE_MAX_REGION_TILES"
 DEFAULT_MAX_REGION_TILES = 10_000
-
-
-CHIP_PX_ENV = "AGRIFM_PIPELINE_CHIP_PX"
-CHIPS_PER_SIDE_ENV = "AGRIFM_PIPELINE_CHIPS_PER_SIDE"
-MIN_CHIP_PX = 16
-MAX_CHIP_PX = 1024
-MAX_CHIPS_PER_SIDE = 16
-MAX_TILE_PX = 4096
-
-
-def check_tile_geometry(
-    chip_px: Any,
-    chips_per_side: Any,
-    *,
-    chip_px_name: str = "chip_px",
-    chips_per_side_name: str = "chips_per_side",
-) -> tuple[int, int]:
-    """(chip_px, chips_per_side) as whole numbers within their bounds, else SettingsError
-    naming the setting (``*_name``: the variable or field it came from), the bound and
-    why: a tile-year holds its whole tile in memory at once."""
-    chip_px = _parse_int(
-        chip_px_name,
-        chip_px,
-        MIN_CHIP_PX,
-        MAX_CHIP_PX,
-        "a chip is one encoder input, resized to RS_EMBED_AGRIFM_IMG (224 by default); a "
-        "much larger chip only loses its detail in the resize",
-    )
-    chips_per_side = _parse_int(
-        chips_per_side_name,
-        chips_per_side,
-        1,
-        MAX_CHIPS_PER_SIDE,
-        "a tile-year holds all its chips at once (16 x 16 chips of 8 frames at 224 px are "
-        "about 4 GB of float32), and the design uses 4",
-    )
-    if chip_px * chips_per_side > MAX_TILE_PX:
-        side = chip_px * chips_per_side
-        raise SettingsError(
-            f"{chip_px_name}={chip_px} x {chips_per_side_name}={chips_per_side} makes tiles "
-            f"of {side:,} px a side, more than {MAX_TILE_PX:,}: a tile-year's frame stack "
-            f"(8 frames x 10 bands of uint16) would be {side * side * 160 / 1e9:,.1f} GB; use "
-            "fewer or smaller chips (the design: 4 x 224 px)"
-        )
-    return chip_px, chips_per_side
 
 
 def pipeline_home(home: str | Path | None = None) -> Path:
@@ -359,43 +409,27 @@ def gee_list_per_tick(env: Mapping[str, str] | None = None) -> int:
 
 
 def check_storage_root(root: str, *, name: str = PIPELINE_STORAGE_ENV) -> str:
-    """``root`` if it is a directory path or a URL whose protocol fsspec can open.
+    """``root`` if it is a directory path or a URL whose protocol fsspec can open, else
+    :class:`~agrifm_pipeline.storage.errors.StorageRootError` (a SettingsError too)
+    naming ``name``: :func:`agrifm_pipeline.storage.fs.check_storage_url`, the one check."""
+    from agrifm_pipeline.storage.fs import check_storage_url
 
-    Raises :class:`SettingsError` naming ``name`` (the variable or field it came
-    from) for an unknown protocol, or one whose filesystem package is missing.
-    """
-    import fsspec
-    from fsspec.core import split_protocol
+    return check_storage_url(root, name=name)
 
-    text = str(root).strip()
-    if not text:
-        raise SettingsError(
-            f"{name} is empty; unset it for the default, or give a directory or URL"
-        )
-    protocol, _ = split_protocol(text)
-    if protocol is None:
-        return text
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        raise SettingsError(
-            f"{name}={text!r}: {protocol!r} is not a storage protocol fsspec knows; give a "
-            "directory, or a URL such as file:///data/agrifm, s3://bucket/agrifm, gs://bucket/agrifm"
-        ) from None
-    except ImportError as exc:
-        raise SettingsError(
-            f"{name}={text!r}: the {protocol!r} filesystem needs a package that is not "
-            f"installed ({exc}); install it, or give a local directory"
-        ) from None
-    return text
+
+def pipeline_storage(
+    env: Mapping[str, str] | None = None, home: str | Path | None = None
+) -> StorageLocation:
+    """The storage root and its options: ``AGRIFM_PIPELINE_STORAGE`` (checked) or
+    ``<pipeline home>/store``, and ``AGRIFM_PIPELINE_STORAGE_OPTIONS`` (see
+    :func:`agrifm_pipeline.storage.fs.storage_from_env`, which reads and checks both)."""
+    from agrifm_pipeline.storage.fs import storage_from_env
+
+    return storage_from_env(env, default_root=str(pipeline_home(home) / "store"))
 
 
 def pipeline_storage_root(
     env: Mapping[str, str] | None = None, home: str | Path | None = None
 ) -> str:
-    """``AGRIFM_PIPELINE_STORAGE`` (checked) or ``<pipeline home>/store``."""
-    env = os.environ if env is None else env
-    raw = env.get(PIPELINE_STORAGE_ENV, "")
-    if raw.strip():
-        return check_storage_root(raw)
-    return str(pipeline_home(home) / "store")
+    """The root of :func:`pipeline_storage`."""
+    return pipeline_storage(env, home).root

@@ -34,6 +34,7 @@ class Stage:
     fingerprint: str  # what its fingerprint covers
     title: str  # one line, for catalogs and tables
     file: str | None = None  # the object a file partition holds
+    variable: str | None = None  # the main array of a Zarr partition (what GDAL opens)
 
     @property
     def fingerprinted(self) -> bool:
@@ -46,10 +47,12 @@ FRAMES = Stage(
     store="zarr",
     partitions="tile-year",
     upstream=None,
+    # 2: the frames' nodata attribute declared (the values unchanged)
     code_version="2",
     fingerprint="the provider's identity, bands, frame rule (count and windows), mask "
     "classes and back-fill, and the tile grid",
     title="Raw Sentinel-2 L2A frame stacks (T, 10, H, W) uint16 per tile-year.",
+    variable="frames",
 )
 TENSORS = Stage(
     asset="normalized_tensors",
@@ -57,10 +60,12 @@ TENSORS = Stage(
     store="zarr",
     partitions="tile-year",
     upstream=FRAMES.asset,
+    # 2: valid_frames (frames with data per pixel) stored beside the statistics
     code_version="2",
     fingerprint="the normalisation mode and statistics, the model input size, and the "
     "acquisition fingerprint",
     title="Model input statistics (and optionally tensors) per tile-year.",
+    variable="chip_stats",
 )
 GRID = Stage(
     asset="agrifm_embedding_grid",
@@ -68,10 +73,12 @@ GRID = Stage(
     store="zarr",
     partitions="tile-year",
     upstream=TENSORS.asset,
+    # 2: chips below min_chip_coverage not encoded (NaN), valid_fraction per cell
     code_version="2",
     fingerprint="the checkpoint's sha256, the encoder and its precision, the output, the "
     "chip coverage rule, and the normalisation fingerprint",
     title="Georeferenced AgriFM embedding grids (band, y, x) per tile-year.",
+    variable="embedding",
 )
 CHIPS = Stage(
     asset="chip_embeddings",
@@ -79,6 +86,7 @@ CHIPS = Stage(
     store="files",
     partitions="tile-year",
     upstream=GRID.asset,
+    # 2: valid_fraction, encoded and status per chip; NaN vectors for chips not encoded
     code_version="2",
     fingerprint="the grid version it was made from",
     title="Pooled AgriFM vectors per chip with footprints (GeoParquet).",
@@ -90,6 +98,9 @@ PREVIEW = Stage(
     store="files",
     partitions="tile-year",
     upstream=GRID.asset,
+    # 2: randomised PCA (same components to 1e-13 correlation); 3: that SVD taken of the
+    # grid as stored (the same components again, not the same bits), PNG at zlib's level;
+    # 4: fill hatched grey in both panels, a caption with the coverage
     code_version="4",
     fingerprint="the grid and frame-stack versions it was made from",
     title="Input median beside an embedding PCA (PNG) per tile-year.",
@@ -104,6 +115,7 @@ MOSAIC = Stage(
     code_version="1",
     fingerprint="the grid versions of the region's tiles",
     title="One AgriFM embedding mosaic per registered region and year.",
+    variable="embedding",
 )
 
 # Upstream first: the order of verification, garbage collection and the catalog.
@@ -120,6 +132,8 @@ AUDIT_ASSET = "lineage_audit"
 BY_ASSET: dict[str, Stage] = {s.asset: s for s in TABLE}
 BY_STAGE: dict[str, Stage] = {s.stage: s for s in TABLE}
 STAGE_NAMES: tuple[str, ...] = tuple(s.stage for s in FINGERPRINTED)
+# Bump a row's code version when its code changes what it writes: the stage and every
+# stage below it then become stale. They are also the assets' Dagster code versions.
 CODE_VERSIONS: dict[str, str] = {s.stage: s.code_version for s in FINGERPRINTED}
 
 

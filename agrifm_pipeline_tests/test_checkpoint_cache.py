@@ -126,7 +126,7 @@ def test_sensor_records_a_pinned_checkpoint_without_the_weights(
     weights_server: _Server, tmp_path: Path, monkeypatch
 ) -> None:
     from agrifm_pipeline.defs.resources import AgriFMModel
-    from agrifm_pipeline.defs.staleness import checkpoint_sensor
+    from agrifm_pipeline.defs.sensors import checkpoint_sensor
 
     monkeypatch.setenv("RS_EMBED_AGRIFM_CACHE_DIR", str(tmp_path / "daemon-cache"))
     sha = "ab" * 32
@@ -177,9 +177,8 @@ def test_untrained_weights_are_made_once_per_node(tmp_path: Path) -> None:
     are the generated ones exactly, and a damaged cached file is made again."""
     import torch
 
-    from agrifm_pipeline.checkpoint import untrained_tensors
     from agrifm_pipeline.model.config import EncoderConfig
-    from agrifm_pipeline.model.weights import untrained_state_dict
+    from agrifm_pipeline.model.weights import untrained_state_dict, untrained_tensors
 
     settings = load_settings().replace(cache_dir=tmp_path / "cache")
     made = untrained_tensors(3, (4, 2, 2), settings)

@@ -8,10 +8,15 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from agrifm_pipeline.compositing import Scene, backfill_sources, composite, composite_windows
 from agrifm_pipeline.errors import ProviderError
 from agrifm_pipeline.frames import range_windows
 from agrifm_pipeline.providers.base import CloudMask
+from agrifm_pipeline.providers.compositing import (
+    Scene,
+    backfill_sources,
+    composite,
+    composite_windows,
+)
 from agrifm_pipeline.specs import SensorSpec
 
 

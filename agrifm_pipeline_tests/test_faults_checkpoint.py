@@ -7,14 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from agrifm_pipeline.checkpoint import (
-    checkpoint_problem,
-    read_checkpoint,
-    resolve_checkpoint,
-    validate_checkpoint,
-)
+from agrifm_pipeline.checkpoint import read_checkpoint, resolve_checkpoint
 from agrifm_pipeline.errors import CheckpointError
 from agrifm_pipeline.model import load_encoder
+from agrifm_pipeline.model.checks import checkpoint_problem, validate_checkpoint
 from agrifm_pipeline.settings import load_settings
 
 from .pipeline_helpers import TINY

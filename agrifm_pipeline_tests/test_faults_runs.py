@@ -14,7 +14,7 @@ from dagster._core.utils import make_new_run_id
 
 from agrifm_pipeline.defs.partitions import split_key
 from agrifm_pipeline.defs.requests import RANGE_START
-from agrifm_pipeline.defs.staleness import REQUEST_TAG
+from agrifm_pipeline.defs.sensors import REQUEST_TAG
 
 from . import test_staleness
 from .pipeline_helpers import TILES, YEARS

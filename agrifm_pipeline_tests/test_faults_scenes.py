@@ -34,12 +34,8 @@ from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.partitions import tile_year_key
 from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
 from agrifm_pipeline.defs.resources import DEFAULT_RERUN_ON, RERUN_CAUSES, S2Source
-from agrifm_pipeline.defs.staleness import (
-    current_fingerprints,
-    source_scenes,
-    stage_stores,
-    stale_partitions_sensor,
-)
+from agrifm_pipeline.defs.sensors import stale_partitions_sensor
+from agrifm_pipeline.defs.staleness import current_fingerprints, source_scenes, stage_stores
 from agrifm_pipeline.frames import frame_windows
 from agrifm_pipeline.lineage import explain_scene_changes, scene_index_record
 from agrifm_pipeline.providers.base import BatchSceneIndexed, CloudMask, SceneIndexed

@@ -592,7 +592,7 @@ def test_loading_takes_the_checkpoints_tensors_without_a_second_copy(
     its parameters (no copy of the weights); a state dict handed in by a caller is copied,
     so changing it afterwards leaves the model alone; a tensor in another dtype is
     converted; and the outputs are the reference ones either way."""
-    import agrifm_pipeline.checkpoint as ckpt
+    import agrifm_pipeline.model.weights as ckpt
 
     path = fixtures_dir / "tiny_p444.pth"
     read: dict[str, dict[str, torch.Tensor]] = {}

@@ -23,12 +23,12 @@ from affine import Affine
 
 from agrifm_pipeline import lineage
 from agrifm_pipeline.checkpoint import sha256_file
-from agrifm_pipeline.compositing import Scene, clear_mask, composite_windows
 from agrifm_pipeline.frames import range_windows
 from agrifm_pipeline.model import load_encoder
 from agrifm_pipeline.model.config import AGRIFM_S2_MEAN, AGRIFM_S2_STD
 from agrifm_pipeline.preprocess import normalize, preprocess_chips, preprocess_input
 from agrifm_pipeline.providers.base import CloudMask
+from agrifm_pipeline.providers.compositing import Scene, clear_mask, composite_windows
 from agrifm_pipeline.specs import SensorSpec
 from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import (

@@ -21,7 +21,7 @@ import torch
 
 from agrifm_pipeline.errors import CheckpointError, RepoError
 from agrifm_pipeline.model import load_encoder
-from agrifm_pipeline.official import load_official_encoder, resolve_repo
+from agrifm_pipeline.model.official import load_official_encoder, resolve_repo
 from agrifm_pipeline.settings import load_settings
 from agrifm_pipeline_tests.fixtures.reference import tiny_cases
 

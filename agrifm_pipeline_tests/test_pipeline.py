@@ -426,7 +426,7 @@ def test_normalisation_and_embedding_share_a_step(
     """Selected together, each tile-year is normalised once and goes straight to the
     encoder; selected alone, the embedding reads the stored partitions and the
     normalisation loads no model. The grids agree either way."""
-    from agrifm_pipeline.defs import assets
+    from agrifm_pipeline.defs import steps as assets  # the step bodies, counted below
 
     calls = {"normalise": 0, "model_input": 0, "engine": 0}
 

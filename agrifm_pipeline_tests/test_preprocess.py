@@ -367,7 +367,7 @@ def test_band_frames_reads_named_bands_in_order() -> None:
     ],
 )
 def test_preview_median_frame_is_numpys_median(frames: int, dtype: type) -> None:
-    from agrifm_pipeline.tileyear import _median_frame
+    from agrifm_pipeline.tileyear.products import _median_frame
 
     rng = np.random.default_rng(frames)
     raw = rng.integers(0, 12000, size=(frames, 3, 9, 11)).astype(dtype)

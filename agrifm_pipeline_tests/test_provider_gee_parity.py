@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 from odc.geo.geobox import GeoBox
 
-from agrifm_pipeline.compositing import composite
 from agrifm_pipeline.errors import ProviderError
 from agrifm_pipeline.frames import frame_windows, range_windows
 from agrifm_pipeline.providers.base import CloudMask, FrameStack
+from agrifm_pipeline.providers.compositing import composite
 from agrifm_pipeline.providers.gee import RETRY_MESSAGES, EarthEngineProvider
 from agrifm_pipeline.providers.local import LocalProvider
 from agrifm_pipeline.specs import SensorSpec

@@ -17,11 +17,8 @@ from agrifm_pipeline.defs.resources import (
     TileYearConfig,
     rerun_causes,
 )
-from agrifm_pipeline.defs.staleness import (
-    current_fingerprints,
-    stage_stores,
-    stale_partitions_sensor,
-)
+from agrifm_pipeline.defs.sensors import stale_partitions_sensor
+from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
 from agrifm_pipeline.errors import SettingsError
 
 from . import test_staleness

@@ -18,12 +18,8 @@ from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.partitions import split_key
 from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
 from agrifm_pipeline.defs.resources import S2Source, TileYearConfig
-from agrifm_pipeline.defs.staleness import (
-    checkpoint_sensor,
-    current_fingerprints,
-    stage_stores,
-    stale_partitions_sensor,
-)
+from agrifm_pipeline.defs.sensors import checkpoint_sensor, stale_partitions_sensor
+from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
 
 from .pipeline_helpers import TILES, TINY, YEARS, Pipeline, make_pipeline, make_resources
 

@@ -98,12 +98,12 @@ def judge(
 
     from agrifm_pipeline.defs.audit import audit_rows
     from agrifm_pipeline.defs.resources import ZarrStorage
-    from agrifm_pipeline.defs.sensors import region_files_sensor, region_mosaic_sensor
-    from agrifm_pipeline.defs.staleness import (
-        current_fingerprints,
-        stage_stores,
+    from agrifm_pipeline.defs.sensors import (
+        region_files_sensor,
+        region_mosaic_sensor,
         stale_partitions_sensor,
     )
+    from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
 
     if s3 is not None:  # the same store, uploaded to S3; the sensors and audit read it there
         t = time.perf_counter()

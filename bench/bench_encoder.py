@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         official = None
         if official_available:
-            from agrifm_pipeline.official import load_official_encoder
+            from agrifm_pipeline.model.official import load_official_encoder
             from agrifm_pipeline.settings import load_settings
 
             official = load_official_encoder(

@@ -63,9 +63,12 @@ class Mutation:
     tests: tuple[str, ...]
 
 
-TY = "agrifm_pipeline/tileyear.py"
+TY_SETTINGS = "agrifm_pipeline/tileyear/settings.py"
+TY_NORM = "agrifm_pipeline/tileyear/normalise.py"
+TY_EMBED = "agrifm_pipeline/tileyear/embed.py"
+TY_PRODUCTS = "agrifm_pipeline/tileyear/products.py"
 PRE = "agrifm_pipeline/preprocess.py"
-COMP = "agrifm_pipeline/compositing.py"
+COMP = "agrifm_pipeline/providers/compositing.py"
 MODEL = "agrifm_pipeline/model/agrifm.py"
 CONFIG = "agrifm_pipeline/model/config.py"
 CHECKS = "agrifm_pipeline/defs/checks.py"
@@ -142,7 +145,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "grid_chips_transposed",
         "chips placed transposed in the tile grid",
-        TY,
+        TY_EMBED,
         "grid = f.reshape(per, per, d, h, w).transpose(2, 0, 3, 1, 4)",
         "grid = f.reshape(per, per, d, h, w).transpose(2, 1, 3, 0, 4)",
         T_GRID,
@@ -150,7 +153,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "chip_table_wrong_corner",
         "chip-table footprints counted from the wrong corner",
-        TY,
+        TY_PRODUCTS,
         "minx, maxy = x0 + cols * side, y1 - rows * side",
         "minx, maxy = x0 + cols * side, tile.bounds[1] + (rows + 1) * side",
         T_GRID,
@@ -206,7 +209,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "fp_no_image_size",
         "fingerprints ignoring image_size",
-        TY,
+        TY_SETTINGS,
         '"image_size": self.image_size,\n                "chip_px"',
         '"chip_px"',
         T_FP,
@@ -214,7 +217,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "fp_no_cloudy_pct",
         "fingerprints ignoring cloudy_pct",
-        TY,
+        TY_SETTINGS,
         '"cloudy_pct": self.cloudy_pct,\n',
         "",
         T_FP,
@@ -477,7 +480,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "grid_y_corner_not_centre",
         "grid coordinates: y at the cell's corner",
-        TY,
+        TY_EMBED,
         '"y": y1 - cell * (np.arange(per * h) + 0.5),',
         '"y": y1 - cell * np.arange(per * h),',
         T_GRID,
@@ -485,7 +488,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "grid_cell_from_tile",
         "grid coordinates: cell size from the tile's side",
-        TY,
+        TY_EMBED,
         "cell = cfg.chip_px * cfg.scale_m / h",
         "cell = cfg.tile_size_m / h",
         T_GRID,
@@ -493,7 +496,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "tile_chips_transposed",
         "chips read transposed from the tile",
-        TY,
+        TY_NORM,
         ".transpose(2, 4, 0, 1, 3, 5)",
         ".transpose(4, 2, 0, 1, 3, 5)",
         T_CHIPS,
@@ -501,7 +504,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "cell_coverage_transposed",
         "per-cell coverage placed transposed",
-        TY,
+        TY_EMBED,
         "cells.reshape(per, per, h, h).transpose(0, 2, 1, 3)",
         "cells.reshape(per, per, h, h).transpose(1, 2, 0, 3)",
         T_CHIPS,
@@ -544,8 +547,8 @@ CHECK_MUTATIONS: list[Mutation] = [
         "check_clear_fraction_always",
         "asset check made toothless: clear fraction",
         CHECKS,
-        "return mean >= floor, info",
-        "return True, info",
+        "passed = bool(mean >= float(np.float32(floor)))",
+        "passed = True",
         T_CHECKS,
     ),
     Mutation(

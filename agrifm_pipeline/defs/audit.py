@@ -11,9 +11,8 @@ from typing import Any
 
 import dagster as dg
 
+from agrifm_pipeline import stages
 from agrifm_pipeline.audit import (
-    DERIVED,
-    STAGE_ASSET,
     AuditRow,
     SceneLister,
     StageState,
@@ -22,12 +21,15 @@ from agrifm_pipeline.audit import (
     _ts,
     tile_year_state,
 )
+from agrifm_pipeline.defs.partitions import REGION_DIM, region_year_key, split_key, tile_year_key
 from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.scene_listing import BatchedListing
 from agrifm_pipeline.storage import IndexedReader, PartitionStore, StorageError
 
 # partition key -> (run id, timestamp, version named in its metadata) of the latest one
 Latest = dict[str, tuple[str, float, str | None]]
+# The files derived from a tile-year's grid: judged by the versions they were made from.
+DERIVED = tuple(s.asset for s in stages.DERIVED)
 
 
 def audit_rows(
@@ -49,9 +51,7 @@ def audit_rows(
     side by side; where they disagree the row says how. Every row that is not
     current says why. ``not_judged``: why the stages in ``unknown`` are not judged.
     """
-    from agrifm_pipeline.defs.partitions import split_key
-
-    assets = [*STAGE_ASSET.values(), *(a for a in DERIVED if a in stores)]
+    assets = [*(s.asset for s in stages.FINGERPRINTED), *(a for a in DERIVED if a in stores)]
     latest = {a: latest_materialisations(instance, a) for a in assets}
     # Every pointer read, a year's in one batch (concurrent requests on object stores).
     stores = {a: IndexedReader(s, pointers=True) for a, s in stores.items()}
@@ -90,7 +90,7 @@ def audit_rows(
                 else:
                     row.status = "current"
             rows.append(row)
-    if "region_mosaic" in stores:
+    if stages.MOSAIC.asset in stores:
         rows += _mosaic_rows(instance, stores, states, tiles=tiles, year=year)
     return rows
 
@@ -120,8 +120,6 @@ def _audit_row(
     """The row of one partition with its lineage and Dagster's record beside it; status
     ``present`` for the caller to judge, ``missing-in-store`` when only Dagster has it,
     None when neither has it. ``key``: the Dagster partition key (default tile-year)."""
-    from agrifm_pipeline.defs.partitions import tile_year_key
-
     asset = st.asset
     dagster = latest.get(key or str(tile_year_key(tile, year)))
     if not st.present and dagster is None:
@@ -170,11 +168,9 @@ def _mosaic_rows(
 ) -> list[AuditRow]:
     """A row per region mosaic: stale when a tile's grid was re-made since (or is gone, or
     stale itself), missing-in-store when only Dagster has it."""
-    from agrifm_pipeline.defs.partitions import REGION_DIM, region_year_key, split_key
-
-    latest = latest_materialisations(instance, "region_mosaic")
-    mosaics = IndexedReader(stores["region_mosaic"], pointers=True)
-    grids = stores[STAGE_ASSET["embedding"]]
+    latest = latest_materialisations(instance, stages.MOSAIC.asset)
+    mosaics = IndexedReader(stores[stages.MOSAIC.asset], pointers=True)
+    grids = stores[stages.GRID.asset]
     keys = {split_key(pk, REGION_DIM) for pk in latest}
     keys |= {(ref.tile, int(ref.year)) for ref in mosaics.partitions()}
     rows = []
@@ -182,7 +178,7 @@ def _mosaic_rows(
         if year is not None and y != year:
             continue
         lineage, corrupt, vid = _current_lineage(mosaics, y, region)  # type: ignore[arg-type]
-        st = StageState("region_mosaic", lineage is not None, lineage=lineage or {})
+        st = StageState(stages.MOSAIC.asset, lineage is not None, lineage=lineage or {})
         st.corrupt, st.version = corrupt, vid
         made = st.lineage.get("inputs", {}).get(grids.asset, {}).get("versions", {})
         if tiles is not None and lineage is not None and not set(made) & tiles:

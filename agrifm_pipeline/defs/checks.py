@@ -21,14 +21,11 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
+from agrifm_pipeline.defs.keys import EMBEDDING, FRAMES, NORMALIZED
 from agrifm_pipeline.defs.partitions import split_key, tile_year_partitions
 from agrifm_pipeline.defs.resources import TileYearConfig
 from agrifm_pipeline.storage import StorageError, ZarrStore
 from agrifm_pipeline.tileyear import encoded_mask
-
-FRAMES = dg.AssetKey("s2_frame_stack")
-NORMALIZED = dg.AssetKey("normalized_tensors")
-EMBEDDING = dg.AssetKey("agrifm_embedding_grid")
 
 # Variance floor below which a chip's embedding is considered collapsed.
 MIN_CHIP_VARIANCE = 1e-8

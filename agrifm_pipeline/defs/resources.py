@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from agrifm_pipeline import stages
 from agrifm_pipeline.catalog import StacCatalog
 from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
 from agrifm_pipeline.errors import SettingsError
@@ -248,8 +249,9 @@ class AgriFMModel(dg.ConfigurableResource):
         return engine
 
 
-ZARR_ASSETS = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid", "region_mosaic")
-FILE_ASSETS = ("chip_embeddings", "embedding_preview")
+# The stored assets by kind of store, in the stage table's order (upstream first).
+ZARR_ASSETS = tuple(s.asset for s in stages.TABLE if s.store == "zarr")
+FILE_ASSETS = tuple(s.asset for s in stages.TABLE if s.store == "files")
 
 
 class ZarrStorage(dg.ConfigurableResource):
@@ -289,13 +291,15 @@ class ZarrStorage(dg.ConfigurableResource):
     def files(self, asset: str) -> FileStore:
         return FileStore(self.root, asset, storage_options=self.storage_options)
 
+    def stage_store(self, name: str) -> PartitionStore:
+        """A stored asset's partitions (``name``: the asset or its stage), in the kind of
+        store its stage-table row names; any other name is a KeyError naming the assets."""
+        row = stages.stage(name)
+        return self.store(row.asset) if row.store == "zarr" else self.files(row.asset)
+
     def all_stores(self) -> list[PartitionStore]:
         """Every stored asset's partitions, upstream first (verify, gc, the catalog)."""
-        return [
-            *(self.store(a) for a in ZARR_ASSETS[:3]),
-            *(self.files(a) for a in FILE_ASSETS),
-            self.store(ZARR_ASSETS[3]),
-        ]
+        return [self.stage_store(s.asset) for s in stages.TABLE]
 
     def registry(self) -> RegionRegistry:
         return RegionRegistry(self.root, storage_options=self.storage_options)

@@ -1,15 +1,49 @@
-"""Sensors: region files -> tile and region partitions."""
+"""Sensors: every sensor of the pipeline.
 
+* ``region_files_sensor``: region files -> tile and region partitions;
+* ``region_mosaic_sensor``: a region's mosaic once all its tiles have grids, and again
+  whenever one of those grids is re-made;
+* ``stale_partitions_sensor``: exactly the stale assets of exactly the stale tile-years,
+  judged with :mod:`agrifm_pipeline.defs.staleness`, batched many per run;
+* ``checkpoint_sensor``: an observation of the checkpoint whenever its sha256 changes.
+"""
+
+import datetime as dt
 import hashlib
 import json
+import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 
-from agrifm_pipeline.defs.partitions import regions_partitions, tiles_partitions
-from agrifm_pipeline.defs.resources import TileYearConfig, ZarrStorage
+from agrifm_pipeline import stages
+from agrifm_pipeline.audit import tile_year_state
+from agrifm_pipeline.defs.assets import PREVIOUS_CHECKPOINT_TAG, tile_year_assets
+from agrifm_pipeline.defs.keys import CHECKPOINT, MOSAIC
+from agrifm_pipeline.defs.partitions import (
+    MAX_PARTITIONS_PER_RUN,
+    region_year_key,
+    regions_partitions,
+    split_key,
+    tiles_partitions,
+    year_keys,
+)
+from agrifm_pipeline.defs.requests import range_run_request, tile_rectangles
+from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+from agrifm_pipeline.defs.staleness import (
+    checkpoint_state,
+    current_fingerprints,
+    judging_stores,
+    source_scenes,
+    stage_stores,
+    stale_causes,
+)
 from agrifm_pipeline.registry import RegionChange
 from agrifm_pipeline.storage import IndexedReader
+
+# -- region files and mosaics ----------------------------------------------------------------------
 
 
 def register_regions(
@@ -75,7 +109,7 @@ def mosaic_inputs(grids: Any, tiles: list[str], year: int) -> dict[str, str] | N
 @dg.sensor(
     minimum_interval_seconds=120,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    asset_selection=["region_mosaic"],
+    asset_selection=[MOSAIC],
     description=(
         "Requests a region's mosaic for a year once all its tiles have grids, and again "
         "whenever one of those grids is re-made."
@@ -84,11 +118,9 @@ def mosaic_inputs(grids: Any, tiles: list[str], year: int) -> dict[str, str] | N
 def region_mosaic_sensor(
     context: dg.SensorEvaluationContext, storage: ZarrStorage
 ) -> dg.SensorResult | dg.SkipReason:
-    from agrifm_pipeline.defs.partitions import region_year_key, year_keys
-
     # Both read through their per-year indexes: one read per year, not one per tile.
-    mosaics = IndexedReader(storage.store("region_mosaic"))
-    grids = IndexedReader(storage.store("agrifm_embedding_grid"))
+    mosaics = IndexedReader(storage.store(stages.MOSAIC.asset))
+    grids = IndexedReader(storage.store(stages.GRID.asset))
     known = set(context.instance.get_dynamic_partitions(regions_partitions.name or "regions"))
     requests = []
     for region, entry in sorted(storage.registry().active_regions().items()):
@@ -102,14 +134,14 @@ def region_mosaic_sensor(
             v = mosaics.current(year, region)
             if v is not None:
                 read = mosaics.judged_lineage(v).get("inputs", {})
-                made = read.get("agrifm_embedding_grid", {}).get("versions")
+                made = read.get(stages.GRID.asset, {}).get("versions")
             if made == inputs:
                 continue
             stamp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
             requests.append(
                 dg.RunRequest(
                     run_key=f"mosaic:{region}:{year}:{stamp}",
-                    asset_selection=[dg.AssetKey("region_mosaic")],
+                    asset_selection=[MOSAIC],
                     partition_key=str(region_year_key(region, year)),
                 )
             )
@@ -118,4 +150,273 @@ def region_mosaic_sensor(
     return dg.SensorResult(run_requests=requests)
 
 
-all_sensors = [region_files_sensor, region_mosaic_sensor]
+# -- the stale sensor ------------------------------------------------------------------------------
+
+REQUEST_TAG = "agrifm/stale_request"
+# A request whose run has not appeared after this long is forgotten (and re-requested if still stale).
+PENDING_GRACE_S = 900
+IN_PROGRESS = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+}
+# Without a usable checkpoint the stale sensor still re-makes the stages above the grid.
+WITHOUT_CHECKPOINT = tuple(s.asset for s in stages.TILE_YEAR[: stages.TILE_YEAR.index(stages.GRID)])
+
+
+@dataclass
+class InFlight:
+    """The sensor's requests still queued or running, what they cover, and what was let go."""
+
+    requests: dict[str, Any]  # request id -> {assets, year, tiles, t}: kept in the cursor
+    covered: set[tuple[str, str, int]]  # (asset, tile, year) being re-made now
+    runs: list[str]  # "<run id> <STATUS> since <time>" of each live run, oldest first
+    released: list[str]  # why each request was let go this tick
+    retried: dict[tuple[str, int], str] = field(default_factory=dict)  # (tile, year) -> run
+
+
+def _in_flight(instance: dg.DagsterInstance, cursor: dict[str, Any]) -> InFlight:
+    """Look up the run of every request the cursor remembers.
+
+    A request whose runs all ended (success, failure, cancellation, or marked failed
+    from outside, as run monitoring does when a run's process dies) is let go: what
+    it covered is judged again on this tick, and requested again if still stale. A
+    request whose run has not appeared is kept for :data:`PENDING_GRACE_S`.
+    """
+    out = InFlight({}, set(), [], [])
+    now = time.time()
+    live: list[tuple[float, str]] = []
+    for req_id, req in cursor.get("inflight", {}).items():
+        runs = instance.get_runs(dg.RunsFilter(tags={REQUEST_TAG: req_id}))
+        if runs:
+            running = [r for r in runs if r.status in IN_PROGRESS]
+            alive = bool(running)
+            if not alive:
+                ended = ", ".join(f"{r.run_id[:8]} {r.status.value}" for r in runs)
+                n = len(req["tiles"])
+                out.released.append(f"run {ended}: {n} tile-year(s) of {req['year']} released")
+                out.retried.update(((t, req["year"]), ended) for t in req["tiles"])
+            for r in running:
+                record = instance.get_run_record_by_id(r.run_id)
+                since = record.create_timestamp.timestamp() if record else req["t"]
+                live.append((since, f"{r.run_id[:8]} {r.status.value} since {_hhmm(since)}"))
+        else:
+            alive = now - req["t"] < PENDING_GRACE_S
+            if alive:
+                live.append((req["t"], f"request {req_id[:8]} not started yet"))
+        if alive:
+            out.requests[req_id] = req
+            out.covered.update((a, t, req["year"]) for a in req["assets"] for t in req["tiles"])
+    out.runs = [text for _, text in sorted(live)]
+    return out
+
+
+def _hhmm(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _counts_message(counts: dict[str, int], flight: InFlight) -> str:
+    """What a tick that requests nothing found, each kind of tile-year counted apart."""
+    if counts["stale_in_flight"] == counts["waiting"] == counts["not_judged"] == 0 and not (
+        counts.get("held")
+    ):
+        return f"every materialised tile-year is current ({counts['current']})"
+    parts = [f"{counts['current']} current"]
+    if counts["stale_in_flight"]:
+        runs = flight.runs
+        shown = "; ".join(runs[:3]) + (f"; … {len(runs) - 3} more" if len(runs) > 3 else "")
+        parts.append(
+            f"{counts['stale_in_flight']} stale and already requested "
+            f"({len(runs)} run(s) queued or running: {shown})"
+        )
+    if counts["waiting"]:
+        parts.append(f"{counts['waiting']} stale, waiting for a usable checkpoint")
+    if counts["not_judged"]:
+        parts.append(f"{counts['not_judged']} not judged")
+    if counts.get("held"):
+        parts.append(f"{counts['held']} stale, held (cause not in rerun_on)")
+    return "nothing requested: tile-years: " + ", ".join(parts)
+
+
+@dg.sensor(
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    target=dg.AssetSelection.assets(*tile_year_assets),
+    description=(
+        "Compares every materialised tile-year's recorded stage fingerprints with the current "
+        "settings and checkpoint, and requests exactly the stale assets of exactly the stale "
+        "partitions, batched many tile-years per run. Work already queued or running is not "
+        "requested again; failed work is, on a later tick."
+    ),
+)
+def stale_partitions_sensor(
+    context: dg.SensorEvaluationContext,
+    tile_year: TileYearConfig,
+    s2: S2Source,
+    model: AgriFMModel,
+    storage: ZarrStorage,
+) -> dg.SensorResult | dg.SkipReason:
+    instance = context.instance
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    flight = _in_flight(instance, cursor)
+    inflight, covered = flight.requests, flight.covered
+    for note in flight.released:
+        context.log.info(f"{note}; judged again on this tick")
+    ckpt = checkpoint_state(model)
+    current, unknown, sha = current_fingerprints(tile_year, s2, model, ckpt)
+    not_judged = ""
+    if unknown:
+        not_judged = f"; embeddings not judged: {sha.removeprefix('unknown: ')}"
+        context.log.warning(f"embeddings not judged: {sha.removeprefix('unknown: ')}")
+    unusable = ckpt[2] is not None  # a run could not load it: request nothing that needs it
+    scenes = source_scenes(s2, tile_year, tick=cursor)
+    seen = dict(cursor.get("seen", {}))
+    stores = judging_stores(stage_stores(storage), instance, seen)
+    materialised: dict[str, set[tuple[str, int]]] = {}
+    for asset in (s.asset for s in stages.TILE_YEAR):
+        materialised[asset] = {
+            split_key(pk) for pk in instance.get_materialized_partitions(dg.AssetKey(asset))
+        }
+    candidates = set().union(*materialised.values())
+    scenes.prefetch(candidates, stores)  # Earth Engine: this tick's share, batched
+    groups: dict[tuple[tuple[str, ...], int], list[str]] = {}
+    reasons: dict[str, set[str]] = {}
+    counts = {"current": 0, "stale_in_flight": 0, "waiting": 0, "not_judged": 0, "held": 0}
+    rerun_on = tile_year.rerun_causes()
+    held_why: dict[str, list[str]] = {}
+    for tile, year in sorted(candidates):
+        state = tile_year_state(stores, tile, year, current, unknown=unknown, scenes=scenes.lister)
+        # Recorded by Dagster, gone from the store.
+        for st in [*state.stages.values(), *state.derived.values()]:
+            if not st.present and (tile, year) in materialised[st.asset]:
+                st.present, st.reasons = True, [f"{st.asset} partition missing from the store"]
+        stale = state.stale_assets()
+        if not stale:
+            counts["not_judged" if unknown else "current"] += 1
+            continue
+        # Only assets this partition has (the stale stage itself always).
+        selection = tuple(
+            a for i, a in enumerate(stale) if i == 0 or (tile, year) in materialised[a]
+        )
+        if unusable and stages.GRID.asset in selection:
+            selection = tuple(a for a in selection if a in WITHOUT_CHECKPOINT)
+            if not selection:
+                counts["waiting"] += 1
+                continue
+        held = stale_causes(state, current) - rerun_on
+        if held:  # a cause not re-run automatically (a changed source, by default)
+            counts["held"] += 1
+            held_why.setdefault(", ".join(sorted(held)), []).append(f"{tile}|{year}")
+            continue
+        if any((a, tile, year) in covered for a in selection):
+            counts["stale_in_flight"] += 1
+            continue  # being re-made right now
+        groups.setdefault((selection, year), []).append(tile)
+        reasons.setdefault(selection[0], set()).update(state.why())
+    if scenes.failures:
+        context.log.warning(scenes.note().removeprefix("; "))
+    for causes, keys in sorted(held_why.items()):
+        held_msg = (
+            f"{len(keys)} stale tile-year(s) held, not re-run automatically: {causes} "
+            f"not in rerun_on ({', '.join(keys[:3])}{'…' if len(keys) > 3 else ''}; see "
+            "`agrifm-pipeline audit`; backfill them, or add the cause to rerun_on)"
+        )
+        context.log.warning(held_msg)
+        not_judged += f"; {held_msg}"
+    if not groups:
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(_counts_message(counts, flight) + not_judged + scenes.note()),
+            cursor=json.dumps({"inflight": inflight, "seen": seen, **scenes.cursor()}),
+        )
+    order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
+    requests: list[dg.RunRequest] = []
+    for (selection, year), tiles in sorted(groups.items()):
+        why = "; ".join(sorted(reasons.get(selection[0], set())))[:180]
+        for _, block in tile_rectangles(order, [(t, year) for t in tiles], MAX_PARTITIONS_PER_RUN):
+            req_id = uuid.uuid4().hex[:16]
+            ended = sorted(
+                {flight.retried[(t, year)] for t in block if (t, year) in flight.retried}
+            )
+            again = f" (again after run {', '.join(ended)})" if ended else ""
+            inflight[req_id] = {
+                "assets": list(selection),
+                "year": year,
+                "tiles": list(block),
+                "t": time.time(),
+            }
+            requests.append(
+                range_run_request(
+                    year,
+                    block,
+                    asset_selection=[dg.AssetKey(a) for a in selection],
+                    reason=f"stale {selection[0]}{again}: {why}",
+                    tags={REQUEST_TAG: req_id},
+                )
+            )
+            context.log.info(
+                f"stale: {', '.join(selection)} for {len(block)} tile(s) of {year} ({why})"
+            )
+    return dg.SensorResult(
+        run_requests=requests,
+        cursor=json.dumps({"inflight": inflight, "seen": seen, **scenes.cursor()}),
+    )
+
+
+# -- the checkpoint --------------------------------------------------------------------------------
+
+
+@dg.sensor(
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[CHECKPOINT],
+    description=(
+        "Watches the checkpoint the model resource loads (same path, new content included) and "
+        "requests an observation of agrifm_checkpoint whenever its sha256 changes to a usable file."
+    ),
+)
+def checkpoint_sensor(
+    context: dg.SensorEvaluationContext, model: AgriFMModel
+) -> dg.SensorResult | dg.SkipReason:
+    # Cursor: the recorded sha256; or, while the file is unusable, a JSON object with the
+    # rejected sha256, its reason and the recorded one (so each change is reported once).
+    cursor = context.cursor or ""
+    rejected = json.loads(cursor) if cursor.startswith("{") else {}
+    recorded = rejected.get("recorded", "") if rejected else cursor
+    sha, source, problem = checkpoint_state(model)
+    if sha is None:
+        return dg.SkipReason(f"checkpoint not available without a download: {source}")
+    if sha == rejected.get("sha256"):
+        return dg.SkipReason(
+            f"checkpoint {sha[:12]}… is still not usable, nothing recorded or requested "
+            f"(reported when it appeared): {rejected.get('reason', '')}"
+        )
+    if problem is not None:
+        context.log.error(
+            f"checkpoint {sha[:12]}… ({source}) is not usable; not recorded, nothing "
+            f"requested: {problem}"
+        )
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"checkpoint {sha[:12]}… is not usable: {problem}"),
+            cursor=json.dumps({"sha256": sha, "reason": problem, "recorded": recorded}),
+        )
+    if sha == recorded:
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"checkpoint unchanged ({sha[:12]}…)"), cursor=sha
+        )
+    # Observed by the source asset's own function, in a run: Dagster records the data version.
+    observe = dg.RunRequest(
+        run_key=f"checkpoint:{sha}:{recorded}",
+        asset_selection=[CHECKPOINT],
+        tags={PREVIOUS_CHECKPOINT_TAG: recorded, "agrifm/reason": f"checkpoint now {sha[:12]}…"},
+    )
+    return dg.SensorResult(run_requests=[observe], cursor=sha)
+
+
+all_sensors = [
+    region_files_sensor,
+    region_mosaic_sensor,
+    stale_partitions_sensor,
+    checkpoint_sensor,
+]

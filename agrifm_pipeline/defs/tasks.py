@@ -1,9 +1,10 @@
 """The tile-year work of a step, as tasks for the compute engine.
 
 Each task handles one tile-year on a dask worker: it reads its inputs from the
-store, writes its partitions' versions itself, judges them with the asset checks,
-and returns a small record (the partitions' metadata, the checks' evaluations,
-which worker did it). The step in Dagster records what comes back.
+store, writes its partitions' versions itself (with the step bodies of
+:mod:`agrifm_pipeline.defs.steps`), judges them with the asset checks, and returns
+a small record (the partitions' metadata, the checks' evaluations, which worker
+did it). The step in Dagster records what comes back (:func:`run_tasks`).
 
 A task the scheduler runs again (its worker died) first looks for the versions
 its run already committed and returns them instead of writing new ones.
@@ -16,13 +17,25 @@ from typing import Any
 
 import dagster as dg
 
-from agrifm_pipeline.compute import TaskContext, acquisition_slot, committed_by_run, worker_identity
-from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
+from agrifm_pipeline.compute import (
+    Compute,
+    TaskContext,
+    acquisition_slot,
+    committed_by_run,
+    worker_identity,
+)
+from agrifm_pipeline.defs.checks import evaluate_partition
+from agrifm_pipeline.defs.keys import EMBEDDING, FRAMES, NORMALIZED
+from agrifm_pipeline.defs.resources import (
+    AgriFMModel,
+    S2Source,
+    TileYearConfig,
+    ZarrStorage,
+    run_fingerprints,
+)
+from agrifm_pipeline.defs.steps import TileYear, acquire_one, normalise_and_embed_items, summary
+from agrifm_pipeline.settings import load_settings
 from agrifm_pipeline.tiles import Tile
-
-FRAMES = dg.AssetKey("s2_frame_stack")
-NORMALIZED = dg.AssetKey("normalized_tensors")
-EMBEDDING = dg.AssetKey("agrifm_embedding_grid")
 
 
 def _fields(resource: Any) -> dict[str, Any] | None:
@@ -60,8 +73,6 @@ class StepSpec:
         if model_fields is not None and not model_fields.get("checkpoint"):
             # The workers use the checkpoint the step would (its RS_EMBED_AGRIFM_CKPT),
             # not whatever their own environment names; the lineage records its sha256.
-            from agrifm_pipeline.settings import load_settings
-
             model_fields["checkpoint"] = load_settings().checkpoint
         return cls(
             run_id,
@@ -105,13 +116,42 @@ def task_key(stage: str, run_id: str, partition: str) -> str:
     return f"agrifm-{stage}-{run_id}-{partition}"
 
 
+def run_tasks(
+    context: dg.AssetExecutionContext,
+    compute: Compute,
+    fn: Any,
+    stage: str,
+    items: list[TileYear],
+    spec: StepSpec,
+    *,
+    gpu: bool = False,
+) -> list[dg.AssetCheckEvaluation]:
+    """The step's tile-years as tasks on the cluster; what each returns is recorded here,
+    but for the check evaluations, returned to be recorded after the step's results."""
+    run_id = context.run.run_id
+    context.log.info(f"{len(items)} tile-year task(s) on {compute.describe()}")
+    records = compute.map(
+        fn,
+        [(key, tile.id, year) for key, tile, year in items],
+        keys=[task_key(stage, run_id, key) for key, _, _ in items],
+        gpu=gpu,
+        spec=spec,
+    )
+    checks: list[dg.AssetCheckEvaluation] = []
+    for rec in records:
+        for asset, key, meta in rec.metadata:
+            context.add_asset_metadata(meta, partition_key=key, asset_key=asset)
+        checks += rec.checks
+        w = rec.worker
+        again = " (committed before its worker died; reused)" if rec.reused else ""
+        context.log.info(f"{rec.key}: {stage} on {w['worker']} (pid {w['pid']}){again}")
+    return checks
+
+
 def _reused(
     spec: StepSpec, key: str, tile: str, year: int, assets: list[dg.AssetKey]
 ) -> TaskRecord | None:
     """The record of a tile-year whose every asset this run already committed."""
-    from agrifm_pipeline.defs.assets import _summary
-    from agrifm_pipeline.defs.checks import evaluate_partition
-
     ctx = TaskContext(spec.run_id, assets[0])
     checks: list[dg.AssetCheckEvaluation] = []
     for asset in assets:
@@ -119,17 +159,13 @@ def _reused(
         version = committed_by_run(store, year, tile, spec.run_id)
         if version is None:
             return None
-        ctx.add_asset_metadata(_summary(store.lineage(year, tile, version.id), version), key, asset)
+        ctx.add_asset_metadata(summary(store.lineage(year, tile, version.id), version), key, asset)
         checks += evaluate_partition(asset, store, key, spec.tile_year)
     return TaskRecord(key, ctx.metadata, checks, worker_identity(), reused=True)
 
 
 def acquire(item: tuple[str, str, int], spec: StepSpec) -> TaskRecord:
     """One ``s2_frame_stack`` partition: fetched, written, checked."""
-    from agrifm_pipeline.defs.assets import acquire_one
-    from agrifm_pipeline.defs.checks import evaluate_partition
-    from agrifm_pipeline.defs.resources import run_fingerprints
-
     key, tile_id, year = item
     done = _reused(spec, key, tile_id, year, [FRAMES])
     if done is not None:
@@ -141,19 +177,14 @@ def acquire(item: tuple[str, str, int], spec: StepSpec) -> TaskRecord:
         _, lineage, version = acquire_one(
             ctx, cfg, spec.s2.provider(), spec.storage, fps, (key, Tile.from_id(tile_id), year)
         )
-    from agrifm_pipeline.defs.assets import _summary
-
-    ctx.add_asset_metadata(_summary(lineage, version), key, FRAMES)
-    checks = evaluate_partition(FRAMES, spec.storage.store("s2_frame_stack"), key, spec.tile_year)
+    ctx.add_asset_metadata(summary(lineage, version), key, FRAMES)
+    checks = evaluate_partition(FRAMES, spec.storage.store(FRAMES.path[-1]), key, spec.tile_year)
     return TaskRecord(key, ctx.metadata, checks, worker_identity())
 
 
 def normalise_and_embed(item: tuple[str, str, int], spec: StepSpec) -> TaskRecord:
     """One tile-year's ``normalized_tensors`` and/or ``agrifm_embedding_grid``: the model
     is the worker process's own (loaded once per checkpoint sha256 and kept)."""
-    from agrifm_pipeline.defs.assets import normalise_and_embed_items
-    from agrifm_pipeline.defs.checks import evaluate_partition
-
     key, tile_id, year = item
     assets = [a for a in (NORMALIZED, EMBEDDING) if a.to_user_string() in spec.selected]
     done = _reused(spec, key, tile_id, year, assets)

@@ -5,7 +5,11 @@
 * :mod:`~agrifm_pipeline.model.factory`: building, loading, device and precision;
 * :mod:`~agrifm_pipeline.model.cpu`: CPU kernels and the matmul-library choice;
 * :mod:`~agrifm_pipeline.model.layout` and :mod:`~agrifm_pipeline.model.weights`:
-  checkpoint key layouts, and deterministic untrained weights.
+  checkpoint key layouts, and deterministic untrained weights;
+* :mod:`~agrifm_pipeline.model.checks`: whether a checkpoint fits the encoder;
+* :mod:`~agrifm_pipeline.model.official`: the official AgriFM source tree's encoder.
+
+Where the weights come from is :mod:`agrifm_pipeline.checkpoint`'s, below this package.
 """
 
 from __future__ import annotations

@@ -193,11 +193,8 @@ def load_encoder(
     if isinstance(checkpoint, Mapping):
         resolved, raw, source = None, checkpoint, "state dict"
     else:
-        from agrifm_pipeline.checkpoint import (
-            ResolvedCheckpoint,
-            checkpoint_tensors,
-            resolve_checkpoint,
-        )
+        from agrifm_pipeline.checkpoint import ResolvedCheckpoint, resolve_checkpoint
+        from agrifm_pipeline.model.weights import checkpoint_tensors
 
         resolved = (
             checkpoint

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from agrifm_pipeline.checkpoint import unwrap_checkpoint
 from agrifm_pipeline.errors import CheckpointError
 from agrifm_pipeline.model.config import EncoderConfig
 
-_WRAPPERS = ("state_dict", "model", "module")
 _S2_PATCH = re.compile(r"^(?:encoder\.)?(?:S2_patch_emd|patch_emd)\.(?:proj\.)?(weights?|bias)$")
 _BACKBONE = re.compile(r"^(?:encoder\.)?backbone\.(.+)$")
 _REL_INDEX = "relative_position_index"
@@ -40,25 +40,6 @@ class UpstreamStateDict:
     layout: str  # "released" or "mmengine"
     ignored_keys: list[str] = field(default_factory=list)
     dropped_buffers: list[str] = field(default_factory=list)
-
-
-def unwrap_checkpoint(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The flat ``{name: tensor}`` dict inside a loaded checkpoint object."""
-    seen = 0
-    while isinstance(obj, Mapping) and seen < 3:
-        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj, seen = inner, seen + 1
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(
-            f"{source} holds no state dict (got {type(obj).__name__}); "
-            "expected a dict of tensors, optionally under 'state_dict' or 'model'"
-        )
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{source} holds no tensors; it is not an AgriFM checkpoint")
-    return tensors
 
 
 def to_upstream_layout(

@@ -22,7 +22,7 @@ A tile-year is fetched in two steps.
    acquisition are never sent: an empty collection reduces to an image with
    no bands, which Earth Engine refuses to rename or combine.
 
-The rules are those of :mod:`agrifm_pipeline.compositing`, so the local and
+The rules are those of :mod:`agrifm_pipeline.providers.compositing`, so the local and
 Earth Engine providers give the same frames from the same scenes. An empty
 window (no acquisition, or nothing clear) is back-filled by the contract's
 rule; the whole-range composite it needs is requested with the windows when
@@ -85,11 +85,11 @@ from typing import Any, TypeVar
 import numpy as np
 from odc.geo.geobox import GeoBox
 
-from agrifm_pipeline.compositing import backfill_sources, fill_dn
 from agrifm_pipeline.errors import NoCoverageError, ProviderError, SettingsError
 from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.lineage import SCENE_INDEX_KEY, scene_index_record
 from agrifm_pipeline.providers.base import CloudMask, FrameRecord, FrameStack, frame_stack_array
+from agrifm_pipeline.providers.compositing import backfill_sources, fill_dn
 from agrifm_pipeline.providers.ee_slots import Limiter, SlotDirectory, default_slots_dir
 from agrifm_pipeline.specs import SensorSpec
 

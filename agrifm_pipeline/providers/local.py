@@ -49,11 +49,11 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from agrifm_pipeline.compositing import Scene, composite_windows, fill_dn
 from agrifm_pipeline.errors import NoCoverageError, ProviderError
 from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.lineage import SCENE_INDEX_KEY, scene_index_record
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
+from agrifm_pipeline.providers.compositing import Scene, composite_windows, fill_dn
 from agrifm_pipeline.specs import SensorSpec
 
 # A GeoTIFF's CRS as its GeoKeys define it. GDAL's default (AUTO) looks the EPSG

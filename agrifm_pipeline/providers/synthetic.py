@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from odc.geo.geobox import GeoBox
 
-from agrifm_pipeline.compositing import Scene, composite_windows, loaded
 from agrifm_pipeline.frames import FrameWindow
 from agrifm_pipeline.lineage import SCENE_INDEX_KEY, scene_index_record
 from agrifm_pipeline.providers.base import CloudMask, FrameStack, frame_stack_array
+from agrifm_pipeline.providers.compositing import Scene, composite_windows, loaded
 from agrifm_pipeline.specs import SensorSpec
 
 

@@ -42,8 +42,9 @@ format 3. ``zarr_format=3`` is available for xarray-only consumers.
 The package, by layer (each imports only the ones above it):
 
 * :mod:`~agrifm_pipeline.storage.errors` — the errors.
-* :mod:`~agrifm_pipeline.storage.fs` — fsspec roots and options, safe names, atomic
-  whole-file writes, JSON documents replaced whole (:class:`Documents`).
+* :mod:`~agrifm_pipeline.storage.fs` — fsspec roots and options (read from the
+  environment and checked there alone), safe names, atomic whole-file writes, JSON
+  documents replaced whole (:class:`Documents`).
 * :mod:`~agrifm_pipeline.storage.versions` — version ids, the pointer, manifests,
   commits, checksummed reads, verification, the sweep (:class:`VersionedStore`).
 * :mod:`~agrifm_pipeline.storage.index` — the per-year index entered at each commit
@@ -60,15 +61,21 @@ from agrifm_pipeline.storage.errors import (
     IndexLagError,
     ReadOnlyStoreError,
     StorageError,
+    StorageRootError,
     StorageWriteError,
 )
 from agrifm_pipeline.storage.files import FileStore
 from agrifm_pipeline.storage.fs import (
+    STORAGE_ENV,
+    STORAGE_OPTIONS_ENV,
     Documents,
+    StorageLocation,
     check_name,
+    check_storage_url,
     filesystem,
     gdal_path,
     is_local,
+    storage_from_env,
     storage_options_from_env,
     write_file_atomic,
 )
@@ -119,6 +126,8 @@ __all__ = [
     "ORPHAN_GRACE_S",
     "POINTER",
     "READ_ONLY_ERRNOS",
+    "STORAGE_ENV",
+    "STORAGE_OPTIONS_ENV",
     "_INDEXED_YEARS",
     "_MANIFEST_CACHE",
     "CorruptionError",
@@ -133,12 +142,15 @@ __all__ = [
     "Problem",
     "ReadOnlyStoreError",
     "StorageError",
+    "StorageLocation",
+    "StorageRootError",
     "StorageWriteError",
     "VerifyReport",
     "Version",
     "VersionedStore",
     "ZarrStore",
     "check_name",
+    "check_storage_url",
     "collect_garbage",
     "filesystem",
     "gdal_path",
@@ -147,6 +159,7 @@ __all__ = [
     "lineage_from_attrs",
     "new_version_id",
     "referenced_versions",
+    "storage_from_env",
     "storage_options_from_env",
     "verify_stores",
     "version_age_s",

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import errno
 
-from agrifm_pipeline.errors import AgriFMError
+from agrifm_pipeline.errors import AgriFMError, SettingsError
 
 
 class StorageError(AgriFMError):
     """A store cannot be opened, written or committed, or holds data that fails its checksums."""
+
+
+class StorageRootError(StorageError, SettingsError):
+    """A storage root or its fsspec options that cannot be used: an unknown URL protocol,
+    one whose filesystem package is missing, options that are not a JSON object.
+
+    Raised by :func:`~agrifm_pipeline.storage.fs.check_storage_url` wherever the root
+    came from (``AGRIFM_PIPELINE_STORAGE``, a resource field, ``--store``), so it is
+    both a StorageError (the store cannot be opened) and a SettingsError (the value to
+    fix is a setting); the message names the variable or says ``storage root``."""
 
 
 class CorruptionError(StorageError):

@@ -2,6 +2,13 @@
 whole-file atomic writes, and small JSON documents replaced whole (:class:`Documents`:
 pointers, index shards, catalogs) without losing a concurrent update.
 
+The storage root and its options are read from the environment
+(``AGRIFM_PIPELINE_STORAGE``, ``AGRIFM_PIPELINE_STORAGE_OPTIONS``) by
+:func:`storage_from_env` alone, and a root's URL protocol is checked by
+:func:`check_storage_url` alone, whichever way the root came (the environment, a
+resource field, ``--store``): one message and one error type,
+:class:`~agrifm_pipeline.storage.errors.StorageRootError`.
+
 Nothing here knows about versions or partitions; every other storage module builds
 on it.
 """
@@ -18,15 +25,15 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import fsspec.asyn
 import numpy as np
 
-from agrifm_pipeline.storage.errors import StorageError
+from agrifm_pipeline.storage.errors import StorageError, StorageRootError
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _MEMORY_LOCKS: dict[str, threading.Lock] = {}
@@ -43,38 +50,103 @@ def _protocol(fs: Any) -> str:
     return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
-def storage_options_from_env() -> dict[str, Any]:
-    """``AGRIFM_PIPELINE_STORAGE_OPTIONS``: a JSON object passed to fsspec (endpoint, profile…)."""
-    text = os.environ.get("AGRIFM_PIPELINE_STORAGE_OPTIONS", "").strip()
+STORAGE_ENV = "AGRIFM_PIPELINE_STORAGE"
+STORAGE_OPTIONS_ENV = "AGRIFM_PIPELINE_STORAGE_OPTIONS"
+# The package extra that installs a protocol's filesystem (pyproject's optional dependencies).
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+class StorageLocation(NamedTuple):
+    """Where the outputs live: the root (a directory or fsspec URL) and its fsspec options."""
+
+    root: str
+    options: dict[str, Any]
+
+
+def check_storage_url(url: str, *, name: str | None = None) -> str:
+    """``url`` (stripped) if it is a directory path or a URL whose protocol fsspec can open.
+
+    Raises :class:`StorageRootError` for an empty root, an unknown protocol, or one whose
+    filesystem package is missing; the message names ``name`` (the variable or field the
+    root came from) with the value, or says ``storage root`` when it came as an argument.
+    """
+    text = str(url).strip()
+    if not text:
+        raise StorageRootError(
+            f"{name or 'the storage root'} is empty; unset it for the default, or give a "
+            "directory or URL"
+        )
+    said = f"{name}={text!r}" if name else f"storage root {text!r}"
+    protocol, _ = fsspec.core.split_protocol(text)
+    if protocol is None:
+        return text
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise StorageRootError(
+            f"{said}: {protocol!r} is not a storage protocol fsspec knows; give a directory, "
+            "or a URL such as file:///data/agrifm, s3://bucket/agrifm, gs://bucket/agrifm"
+        ) from None
+    except ImportError as exc:
+        extra = _EXTRAS.get(protocol)
+        how = f"install it with pip install 'agrifm-pipeline[{extra}]'" if extra else "install it"
+        raise StorageRootError(
+            f"{said}: the {protocol!r} filesystem needs a package that is not installed "
+            f"({exc}); {how}, or give a local directory"
+        ) from None
+    return text
+
+
+def _storage_options(env: Mapping[str, str]) -> dict[str, Any]:
+    text = env.get(STORAGE_OPTIONS_ENV, "").strip()
     if not text:
         return {}
     try:
         out = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StorageError(
-            f"AGRIFM_PIPELINE_STORAGE_OPTIONS is not valid JSON ({exc}); set it to a JSON "
+        raise StorageRootError(
+            f"{STORAGE_OPTIONS_ENV} is not valid JSON ({exc}); set it to a JSON "
             'object such as {"endpoint_url": "https://s3.example.org", "anon": false}'
         ) from None
     if not isinstance(out, dict):
-        raise StorageError(
-            "AGRIFM_PIPELINE_STORAGE_OPTIONS must be a JSON object of fsspec storage options"
+        raise StorageRootError(
+            f"{STORAGE_OPTIONS_ENV} must be a JSON object of fsspec storage options"
         )
     return out
 
 
+def storage_from_env(env: Mapping[str, str] | None = None, *, default_root: str) -> StorageLocation:
+    """The storage root and its options from ``env`` (default: ``os.environ``), checked.
+
+    The root is ``AGRIFM_PIPELINE_STORAGE`` (:func:`check_storage_url`), else
+    ``default_root`` when it is unset or empty; the options are
+    ``AGRIFM_PIPELINE_STORAGE_OPTIONS``, a JSON object passed to fsspec (endpoint,
+    profile…), else none. Either one wrong is a :class:`StorageRootError` naming it.
+    """
+    env = os.environ if env is None else env
+    raw = env.get(STORAGE_ENV, "")
+    root = check_storage_url(raw, name=STORAGE_ENV) if raw.strip() else default_root
+    return StorageLocation(root, _storage_options(env))
+
+
+def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The options half of :func:`storage_from_env`, for a root given some other way
+    (an explicit root: the ``ZarrStorage`` resource's field default)."""
+    return _storage_options(os.environ if env is None else env)
+
+
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """``(fs, path)`` for a storage URL, with a clear error for an unknown protocol."""
+    """``(fs, path)`` for a storage URL; a root fsspec cannot open is the
+    :class:`StorageRootError` of :func:`check_storage_url`, one it cannot reach a
+    :class:`StorageError`."""
     try:
         return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ValueError, ImportError) as exc:
-        scheme = url.split("://", 1)[0] if "://" in url else "file"
-        extra = {"s3": "[s3]", "gs": "[gcs]", "gcs": "[gcs]"}.get(scheme)
-        hint = (
-            f"install it with pip install 'agrifm-pipeline{extra}'"
-            if extra
-            else "use a local path or a URL fsspec knows (s3://, gs://, memory://)"
-        )
-        raise StorageError(f"storage root {url!r} cannot be opened ({exc}); {hint}") from None
+        check_storage_url(url)  # an unknown protocol, or its package missing: said there
+        raise StorageRootError(
+            f"storage root {url!r} cannot be opened ({exc}); use a local path or a URL "
+            "fsspec knows (s3://, gs://, memory://) with options it takes"
+        ) from None
     except OSError as exc:  # a file system that connects when made (ftp://, sftp://…)
         raise StorageError(
             f"storage root {url!r} cannot be reached ({_why(exc)}); check the host name and "

@@ -46,7 +46,7 @@ def frame_stack_dataset(stack: FrameStack, fill_value: float = 0.0) -> xr.Datase
     as the frames' ``nodata`` attribute: rioxarray's ``.rio.nodata`` reads it, and the
     values stay uint16 (a CF ``_FillValue`` would make xarray decode them to float).
     """
-    from agrifm_pipeline.compositing import fill_dn
+    from agrifm_pipeline.providers.compositing import fill_dn
 
     da = stack.data
     clear = xr.DataArray(

@@ -22,6 +22,7 @@ import xarray as xr
 
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.preprocess import preprocess_chips
+from agrifm_pipeline.stages import FRAMES
 from agrifm_pipeline.tileyear.settings import TileYearSettings
 
 
@@ -63,7 +64,7 @@ def valid_frames(values: np.ndarray, fill_value: float = 0.0) -> np.ndarray:
     providers write where no clear observation exists). One frame at a time, so the
     temporary stays one frame's size.
     """
-    from agrifm_pipeline.compositing import fill_dn
+    from agrifm_pipeline.providers.compositing import fill_dn
 
     t, _, h, w = values.shape
     if t > 255:
@@ -188,7 +189,7 @@ def model_input(
     """
     if "tensors" in normalized:
         return torch.from_numpy(normalized["tensors"].values)
-    made_from = lineage.get("inputs", {}).get("s2_frame_stack", {}).get("version")
+    made_from = lineage.get("inputs", {}).get(FRAMES.asset, {}).get("version")
     if not made_from:
         raise InputContractError(
             f"normalized_tensors {where} does not name the s2_frame_stack version it was "
