@@ -10,12 +10,14 @@ then it and every tile-year asset below it must be re-made:
 stale stage            assets to re-materialise for that tile-year
 =====================  =====================================================
 acquisition            s2_frame_stack and everything below
-normalisation          normalized_tensors, agrifm_embedding_grid, chips, preview
-embedding              agrifm_embedding_grid, chip_embeddings, embedding_preview
+normalisation          normalized_tensors, agrifm_embedding_grid, chips, preview,
+                       int8 grid
+embedding              agrifm_embedding_grid, chip_embeddings, embedding_preview,
+                       agrifm_embedding_int8
 =====================  =====================================================
 
-Chip vectors and previews are made from the grid alone, so they are exactly
-as current as the grid they were made from.
+Chip vectors, previews and the int8 grid are made from the grid alone, so they are
+exactly as current as the grid they were made from.
 """
 
 from __future__ import annotations

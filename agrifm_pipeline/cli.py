@@ -505,6 +505,185 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cog(args: argparse.Namespace) -> int:
+    """Write a stored grid or mosaic (its current version) as Cloud-Optimized GeoTIFF(s):
+    the int8 product's codes with each band's scale and offset, one file per UTM zone."""
+    from agrifm_pipeline import stages
+    from agrifm_pipeline.tileyear import cog_bytes, quantised_dataset
+
+    storage = _storage(args)
+    row = stages.stage(args.asset)
+    if row.store != "zarr" or row.variable != "embedding":
+        raise SettingsError(
+            f"--asset {args.asset!r} holds no embedding grid; use one of "
+            + ", ".join(s.asset for s in stages.TABLE if s.variable == "embedding")
+        )
+    store = storage.store(row.asset)
+    version = store.resolve(args.year, args.tile)
+    lineage = store.lineage(args.year, args.tile, version.id)
+    zones = lineage.get("zones") or []
+    groups = [""] if len(zones) <= 1 else [f"utm_{z}" for z in zones]
+    out = Path(args.output)
+    tags = {
+        "asset": row.asset,
+        "partition": f"{args.tile}|{args.year}",
+        "version": version.id,
+        "checkpoint_sha256": lineage.get("embedding", {}).get("checkpoint", {}).get("sha256")
+        or ",".join(lineage.get("checkpoint_sha256", [])),
+    }
+    for group in groups:
+        ds = (
+            store.open_version(version, verify=True)
+            if not group
+            else store.open_group(args.year, args.tile, group, verify=True)
+        )
+        if ds["embedding"].dtype != np.int8:
+            ds = quantised_dataset(ds)
+        path = out if not group else out.with_name(f"{out.stem}_{group}{out.suffix or '.tif'}")
+        path.write_bytes(cog_bytes(ds, tags))
+        print(f"{path}  ({path.stat().st_size:,} bytes; {row.asset} {args.tile} {args.year})")
+    return 0
+
+
+def _map_products() -> list[Any]:
+    """The stored products a map can read: every embedding grid, mosaic or COG."""
+    from agrifm_pipeline import stages
+
+    return [
+        s
+        for s in stages.TABLE
+        if s not in stages.MAPS and (s.variable == "embedding" or str(s.file).endswith(".tif"))
+    ]
+
+
+def _map_input(args: argparse.Namespace) -> tuple[Any, Any, Any, float]:
+    """The storage, the embeddings a map command reads (``--region`` or ``--tile``, and
+    ``--product``), and the seconds the read took."""
+    from agrifm_pipeline import stages
+    from agrifm_pipeline.mapping import load_embeddings
+
+    if bool(args.region) == bool(args.tile):
+        raise SettingsError("name exactly one of --region R (its mosaic) or --tile T (its grid)")
+    partitions = "region-year" if args.region else "tile-year"
+    products = [s for s in _map_products() if s.partitions == partitions]
+    default = stages.MOSAIC if args.region else stages.GRID
+    row = stages.stage(args.product) if args.product else default
+    if row not in products:
+        raise SettingsError(
+            f"--product {args.product!r} is not a {partitions} embedding product; use one of "
+            + ", ".join(s.asset for s in products)
+        )
+    storage = _storage(args)
+    t0 = time.perf_counter()
+    emb = load_embeddings(storage.stage_store(row.asset), args.year, args.region or args.tile)
+    return storage, emb, row, time.perf_counter() - t0
+
+
+def _copy_out(storage: Any, asset: str, made: Any, out: str | None) -> list[str]:
+    """The map's files copied from its version to ``out`` (a directory), if given."""
+    if not out:
+        return []
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    objects = storage.files(asset).read_objects(made.version, verify=True)
+    written = []
+    for name, data in sorted(objects.items()):
+        (folder / name).write_bytes(data)
+        written.append(str(folder / name))
+    return written
+
+
+def _map_report(storage: Any, asset: str, made: Any, emb: Any, read_s: float, args: Any) -> dict:
+    seconds = {"read_s": read_s, **made.seconds}
+    seconds["total_s"] = sum(seconds.values())
+    return {
+        "asset": asset,
+        "partition": f"{emb.name}|{emb.year}",
+        "version": made.version.id,
+        "read": f"{emb.asset} {emb.version.id}",
+        "files": made.files,
+        "copied": _copy_out(storage, asset, made, args.out),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "report": made.report,
+    }
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    """A similarity map: every cell's cosine similarity to a point's or polygon's vector."""
+    from agrifm_pipeline import stages
+    from agrifm_pipeline.mapping import make_similarity, parse_query
+
+    query = parse_query(args.at, args.polygon)
+    storage, emb, _, read_s = _map_input(args)
+    out = storage.files(stages.SIMILARITY.asset)
+    made = make_similarity(emb, query, out, metric=args.metric, catalog=storage.catalog())
+    rep = _map_report(storage, stages.SIMILARITY.asset, made, emb, read_s, args)
+    if args.json:
+        _print_json(rep)
+        return 0
+    st, sec = made.report, rep["seconds"]
+    print(
+        f"{emb.name} {emb.year}: {args.metric} cosine similarity to the {query.kind} "
+        f"{query.text} ({st['n_query_cells']} cell(s)) over {st['n_cells']:,} cells of "
+        f"{emb.asset} {emb.version.id}"
+    )
+    print(
+        f"similarity: median {st['median']:.3f}, 2nd percentile {st['p02']:.3f}, max {st['max']:.3f}"
+    )
+    print("files:\n  " + "\n  ".join(made.files.values()))
+    for path in rep["copied"]:
+        print(f"copied: {path}")
+    print(
+        f"{sec['total_s']:.2f} s (read {sec['read_s']:.2f}, compute {sec['compute_s']:.2f}, "
+        f"write {sec['write_s']:.2f})"
+    )
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """A class map from labelled polygons, its accuracy cross-validated by field."""
+    from agrifm_pipeline import stages
+    from agrifm_pipeline.mapping import make_class_map, read_labels
+
+    labels = read_labels(args.labels, args.property, args.group_by)
+    storage, emb, _, read_s = _map_input(args)
+    out = storage.files(stages.CLASSES.asset)
+    made = make_class_map(
+        emb, labels, out, model=args.model, k=args.k, folds=args.folds, catalog=storage.catalog()
+    )
+    rep = _map_report(storage, stages.CLASSES.asset, made, emb, read_s, args)
+    if args.json:
+        _print_json(rep)
+        return 0
+    r, sec = made.report, rep["seconds"]
+    print(
+        f"{emb.name} {emb.year}: {args.model} on {r['n_cells']:,} labelled cells of "
+        f"{r['n_fields']} fields ({emb.asset} {emb.version.id}); {r['folds']}-fold "
+        "cross-validation, whole fields held out"
+    )
+    print(f"{'class':<24} {'fields':>6} {'cells':>7} {'accuracy':>9} {'precision':>10}")
+    for name, v in r["per_class"].items():
+        acc = f"{v['accuracy']:.1%}" if v["accuracy"] is not None else "-"
+        prec = f"{v['precision']:.1%}" if v["precision"] is not None else "-"
+        print(f"{name:<24} {v['fields']:>6} {v['cells']:>7} {acc:>9} {prec:>10}")
+    print(
+        f"accuracy {r['accuracy']:.1%}, balanced {r['balanced_accuracy']:.1%} (chance "
+        f"{r['chance_balanced_accuracy']:.1%}; the largest class is {r['majority_share']:.1%} of "
+        "the cells)"
+    )
+    if r["fields_without_cells"]:
+        print(f"{len(r['fields_without_cells'])} field(s) hold no cell centre: not sampled")
+    print("files:\n  " + "\n  ".join(made.files.values()))
+    for path in rep["copied"]:
+        print(f"copied: {path}")
+    print(
+        f"{sec['total_s']:.2f} s (read {sec['read_s']:.2f}, cross-validate "
+        f"{sec['cross_validate_s']:.2f}, classify {sec['classify_s']:.2f}, write "
+        f"{sec['write_s']:.2f})"
+    )
+    return 0
+
+
 def cmd_home(args: argparse.Namespace) -> int:
     """Create the project-local Dagster home (config, pool limits) and print it."""
     from agrifm_pipeline.demo import POOL_LIMITS, init_home
@@ -516,6 +695,8 @@ def cmd_home(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agrifm_pipeline import stages
+
     parser = argparse.ArgumentParser(prog="agrifm-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -621,6 +802,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("catalog", help="rewrite the STAC catalog at <store>/catalog.json")
     where(p)
     p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser(
+        "cog",
+        help="write a stored tile grid (or mosaic) as a Cloud-Optimized GeoTIFF: int8 codes "
+        "with band scale and offset, one file per UTM zone",
+    )
+    p.add_argument("--tile", required=True, help="a tile id, or a region id for a mosaic")
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--asset", default=stages.GRID.asset, help="the grid or mosaic asset")
+    p.add_argument("-o", "--output", required=True, help="the .tif to write")
+    where(p)
+    p.set_defaults(func=cmd_cog)
+
+    def map_input(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--region", default=None, help="a registered region (its mosaic)")
+        p.add_argument("--tile", default=None, help="or a tile id (its grid)")
+        p.add_argument("--year", type=int, required=True)
+        p.add_argument(
+            "--product", default=None,
+            help="the product read (default region_mosaic, or agrifm_embedding_grid with "
+            "--tile): " + ", ".join(s.asset for s in _map_products()),
+        )  # fmt: skip
+        p.add_argument("--out", default=None, help="also copy the map's files to this directory")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        where(p)
+
+    p = sub.add_parser(
+        "similar",
+        help="cosine-similarity map (COG + PNG) of a region's mosaic (or a tile's grid) to a "
+        "point or polygon, stored as a version of similarity_map",
+    )
+    map_input(p)
+    p.add_argument("--at", default=None, help="the query point: LON,LAT in degrees")
+    p.add_argument("--polygon", default=None, help="or a polygon: a GeoJSON file or WKT (WGS84)")
+    p.add_argument(
+        "--metric", default="standardised", choices=["standardised", "cosine"],
+        help="standardised: channels centred and scaled over the product first (default)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser(
+        "classify",
+        help="few-shot class map from labelled polygons: accuracy per class cross-validated "
+        "by field, a class map (COG + PNG legend), stored as a version of class_map",
+    )
+    map_input(p)
+    p.add_argument("--labels", required=True, help="GeoJSON (or any vector file) of polygons")
+    p.add_argument("--property", default="crop", help="the property naming the class")
+    p.add_argument(
+        "--group-by", default=None,
+        help="the property naming a polygon's field (default: every polygon is one field)",
+    )  # fmt: skip
+    p.add_argument("--model", default="logistic", choices=["logistic", "knn"])
+    p.add_argument("--k", type=int, default=5, help="knn: neighbours")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    p.set_defaults(func=cmd_classify)
     return parser
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 
 from agrifm_pipeline.compute import compute_from_env
-from agrifm_pipeline.defs.assets import all_assets, region_mosaic, tile_year_assets
+from agrifm_pipeline.defs.assets import all_assets, region_product_assets, tile_year_assets
 from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
 from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
@@ -32,8 +32,11 @@ embed_tile_years = dg.define_asset_job(
 )
 mosaic_regions = dg.define_asset_job(
     "mosaic_regions",
-    selection=dg.AssetSelection.assets(region_mosaic),
-    description="One mosaic per registered region and year.",
+    selection=dg.AssetSelection.assets(*region_product_assets),
+    description=(
+        "One mosaic per registered region and year: float32, int8 and COG (the sensor makes "
+        "those storage.mosaic_products names)."
+    ),
 )
 
 
@@ -45,6 +48,7 @@ def _s2_from_env(env: Mapping[str, str]) -> S2Source:
         "gee_project": "AGRIFM_PIPELINE_GEE_PROJECT",
         "gee_service_account_key": "AGRIFM_PIPELINE_GEE_KEY",
         "gee_endpoint": "AGRIFM_PIPELINE_GEE_ENDPOINT",
+        **STAC_ENV,
     }
     given: dict[str, Any] = {k: env[v] for k, v in fields.items() if env.get(v)}
     backend = given.get("backend", "local")
@@ -52,7 +56,50 @@ def _s2_from_env(env: Mapping[str, str]) -> S2Source:
         raise SettingsError(
             f"AGRIFM_PIPELINE_S2_BACKEND={backend!r}; use one of {', '.join(PROVIDER_NAMES)}"
         )
+    if backend == "stac":
+        _check_stac_env(given)
     return S2Source(**given)
+
+
+# The stac source's variables (see the README's "Open archives" section).
+STAC_ENV = {
+    "stac_profile": "AGRIFM_PIPELINE_STAC_PROFILE",
+    "stac_api_url": "AGRIFM_PIPELINE_STAC_API_URL",
+    "stac_collection": "AGRIFM_PIPELINE_STAC_COLLECTION",
+    "stac_assets": "AGRIFM_PIPELINE_STAC_ASSETS",
+    "stac_item_cache": "AGRIFM_PIPELINE_STAC_ITEM_CACHE",
+    "stac_on_read_error": "AGRIFM_PIPELINE_STAC_ON_READ_ERROR",
+    "stac_read_workers": "AGRIFM_PIPELINE_STAC_READ_WORKERS",
+    "stac_harmonize": "AGRIFM_PIPELINE_STAC_HARMONIZE",
+}
+
+
+def _check_stac_env(given: dict[str, Any]) -> None:
+    """The stac variables checked when the code location loads, each error naming its
+    variable (the provider checks them again when it is built)."""
+    from agrifm_pipeline.providers.stac import MAX_READ_WORKERS, check_on_read_error
+    from agrifm_pipeline.providers.stac_profiles import resolve_profile
+
+    try:
+        resolve_profile(
+            given.get("stac_profile", "earth-search"),
+            api_url=given.get("stac_api_url"),
+            collection=given.get("stac_collection"),
+            assets=given.get("stac_assets"),
+            harmonize=given.get("stac_harmonize"),
+        )
+    except SettingsError as exc:
+        names = ", ".join(STAC_ENV[k] for k in STAC_ENV if k in given) or STAC_ENV["stac_profile"]
+        raise SettingsError(f"{names}: {exc}") from None
+    if "stac_on_read_error" in given:
+        check_on_read_error(given["stac_on_read_error"], name=STAC_ENV["stac_on_read_error"])
+    if "stac_read_workers" in given:
+        raw = str(given["stac_read_workers"]).strip()
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_READ_WORKERS:
+            raise SettingsError(
+                f"{STAC_ENV['stac_read_workers']}={raw!r}; use a whole number 1..{MAX_READ_WORKERS}"
+            )
+        given["stac_read_workers"] = int(raw)
 
 
 def _tile_year_from_env(env: Mapping[str, str]) -> TileYearConfig:

@@ -38,6 +38,31 @@ class ProviderError(AgriFMError):
     """A data provider cannot deliver the requested frames."""
 
 
+class SourceRequestError(ProviderError):
+    """A request to a remote source (a STAC API's search, an archive's file, a token
+    service) failed for good: refused outright, or still failing when its retries ran out.
+
+    ``url`` is what was asked (a file's address unsigned), ``status`` the last HTTP
+    status (None when the connection itself failed), ``reason`` the last failure in
+    words, ``attempts`` how many were made; a read also names its ``item`` and ``asset``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int | None,
+        reason: str,
+        attempts: int,
+        item: str | None = None,
+        asset: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.url, self.status, self.reason, self.attempts = url, status, reason, attempts
+        self.item, self.asset = item, asset
+
+
 class PerformanceWarning(UserWarning):
     """A setting that works here but runs far slower than its alternative (the message says which)."""
 

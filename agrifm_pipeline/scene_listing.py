@@ -1,7 +1,7 @@
-"""The current scenes of a remote source (Earth Engine), listed ahead in batches.
+"""The current scenes of a remote source (Earth Engine, a STAC API), listed ahead in batches.
 
-Listing a local directory is a read of cached headers; listing Earth Engine is a
-request. :class:`BatchedListing` is a :data:`~agrifm_pipeline.audit.SceneLister`
+Listing a local directory is a read of cached headers; listing Earth Engine or a STAC
+API is a request. :class:`BatchedListing` is a :data:`~agrifm_pipeline.audit.SceneLister`
 that lists the tile-years it is told of *ahead* (:meth:`BatchedListing.prefetch`),
 many per request (the provider's batches, requests in parallel), and answers from
 what it listed:
@@ -294,7 +294,8 @@ class BatchedListing:
             return ""
         every = max(1, math.ceil(self.n_keys / self.per_tick))
         text = (
-            f"; source scenes: Earth Engine listed {self.n_listed} of {self.n_keys} "
+            f"; source scenes: {getattr(self.provider, 'source_title', 'the source')} "
+            f"listed {self.n_listed} of {self.n_keys} "
             f"tile-year(s) this tick in {self.n_requests} request(s) (up to {self.per_tick} a "
             f"tick, {GEE_LIST_PER_TICK_ENV}: each is listed every {every} tick(s))"
         )

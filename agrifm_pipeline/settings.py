@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -433,3 +433,36 @@ def pipeline_storage_root(
 ) -> str:
     """The root of :func:`pipeline_storage`."""
     return pipeline_storage(env, home).root
+
+
+MOSAIC_PRODUCTS_ENV = "AGRIFM_PIPELINE_MOSAIC_PRODUCTS"
+# What a region's mosaic is made as: the float32 Zarr (region_mosaic), the int8 Zarr
+# (region_mosaic_int8), Cloud-Optimized GeoTIFFs (region_mosaic_cog).
+MOSAIC_PRODUCTS = ("float32", "int8", "cog")
+
+
+def canonical_mosaic_products(
+    given: str | Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    name: str = "mosaic_products",
+) -> tuple[str, ...]:
+    """The region products to make, in :data:`MOSAIC_PRODUCTS` order: ``given`` (a list, or
+    comma-separated), else ``AGRIFM_PIPELINE_MOSAIC_PRODUCTS``, else all three. ``int8,cog``
+    makes the int8 products instead of the float32 mosaic (the tile grids stay float32,
+    the reference); an unknown or empty choice is a SettingsError naming the known ones."""
+    env = os.environ if env is None else env
+    if given is None:
+        raw = env.get(MOSAIC_PRODUCTS_ENV, "").strip()
+        if not raw:
+            return MOSAIC_PRODUCTS
+        given, name = raw, MOSAIC_PRODUCTS_ENV
+    items = given.split(",") if isinstance(given, str) else list(given)
+    chosen = {str(p).strip().lower() for p in items if str(p).strip()}
+    unknown = sorted(chosen - set(MOSAIC_PRODUCTS))
+    if unknown or not chosen:
+        raise SettingsError(
+            f"{name}={given!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none chosen'}; "
+            f"use one or more of {', '.join(MOSAIC_PRODUCTS)} (comma-separated)"
+        )
+    return tuple(p for p in MOSAIC_PRODUCTS if p in chosen)

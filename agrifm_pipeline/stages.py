@@ -8,9 +8,12 @@ sensor and the STAC catalog all read this table; nothing else writes an asset's 
 
 Three stages are *fingerprinted* (:data:`FINGERPRINTED`): each one's fingerprint
 chains its settings with its upstream's, so a change re-makes that stage and every
-stage below it. The *derived* tile-year files (:data:`DERIVED`) have no settings of
-their own: they are re-made whenever the grid they were made from is. The region
-mosaic is made from the grids of a region's tiles, by the mosaic sensor.
+stage below it. The *derived* tile-year assets (:data:`DERIVED`: the chip table, the
+preview, the int8 grid) have no settings of their own: they are re-made whenever the
+grid they were made from is. The region products (:data:`REGION_PRODUCTS`: the mosaic
+and its int8 and COG forms) are made from the grids of a region's tiles, by the mosaic
+sensor. The maps (:data:`MAPS`: similarity to a point, classes from labels) are made on
+request from a region product, the query or the labels being the run's config.
 
 This module is the bottom of the package: it imports nothing of it.
 """
@@ -100,8 +103,9 @@ PREVIEW = Stage(
     upstream=GRID.asset,
     # 2: randomised PCA (same components to 1e-13 correlation); 3: that SVD taken of the
     # grid as stored (the same components again, not the same bits), PNG at zlib's level;
-    # 4: fill hatched grey in both panels, a caption with the coverage
-    code_version="4",
+    # 4: fill hatched grey in both panels, a caption with the coverage; 5: true colour
+    # stretched over one range for its three channels (its hue kept)
+    code_version="5",
     fingerprint="the grid and frame-stack versions it was made from",
     title="Input median beside an embedding PCA (PNG) per tile-year.",
     file="preview.png",
@@ -117,11 +121,81 @@ MOSAIC = Stage(
     title="One AgriFM embedding mosaic per registered region and year.",
     variable="embedding",
 )
+# The int8 products (tileyear/quantise.py): made from the float32 grid, which stays the
+# reference that lineage and checks refer to; re-made whenever the grids they were read from
+# are (a tile's like the chip table, a region's like the mosaic).
+GRID_INT8 = Stage(
+    asset="agrifm_embedding_int8",
+    stage="int8",
+    store="zarr",
+    partitions="tile-year",
+    upstream=GRID.asset,
+    code_version="1",
+    fingerprint="the grid version it was made from",
+    title="AgriFM embedding grids as int8 codes with a scale and offset per band "
+    "(band, y, x) per tile-year.",
+    variable="embedding",
+)
+MOSAIC_INT8 = Stage(
+    asset="region_mosaic_int8",
+    stage="mosaic_int8",
+    store="zarr",
+    partitions="region-year",
+    upstream=GRID.asset,
+    code_version="1",
+    fingerprint="the grid versions of the region's tiles",
+    title="The region mosaic as int8 codes with a scale and offset per band, per region and year.",
+    variable="embedding",
+)
+MOSAIC_COG = Stage(
+    asset="region_mosaic_cog",
+    stage="mosaic_cog",
+    store="files",
+    partitions="region-year",
+    upstream=GRID.asset,
+    code_version="1",
+    fingerprint="the grid versions of the region's tiles",
+    title="The region mosaic as Cloud-Optimized GeoTIFFs (uint8 codes, band scale and "
+    "offset), one per UTM zone, per region and year.",
+    file="utm_{epsg}.tif",  # one per zone the region spans
+)
+# What the mosaic sensor makes of a region's grids, each judged by the grid versions it
+# was made from; a deployment picks which (ZarrStorage.mosaic_products).
+REGION_PRODUCTS: tuple[Stage, ...] = (MOSAIC, MOSAIC_INT8, MOSAIC_COG)
+
+SIMILARITY = Stage(
+    asset="similarity_map",
+    stage="similarity",
+    store="files",
+    partitions="region-year",
+    upstream=MOSAIC.asset,
+    code_version="1",
+    fingerprint="the embedding version it was made from and the query (a point or polygon)",
+    title="Cosine similarity to a query point or polygon (COG and PNG) per region-year.",
+    file="similarity.tif",
+)
+CLASSES = Stage(
+    asset="class_map",
+    stage="classification",
+    store="files",
+    partitions="region-year",
+    upstream=MOSAIC.asset,
+    code_version="1",
+    fingerprint="the embedding version it was made from, the labels file (sha256) and the "
+    "classifier",
+    title="Classes from labelled polygons, cross-validated by field (COG, PNG legend, "
+    "report) per region-year.",
+    file="classes.tif",
+)
+# Maps made on request from a product (a point or labels as the run's config).
+MAPS: tuple[Stage, ...] = (SIMILARITY, CLASSES)
 
 # Upstream first: the order of verification, garbage collection and the catalog.
-TABLE: tuple[Stage, ...] = (FRAMES, TENSORS, GRID, CHIPS, PREVIEW, MOSAIC)
+TABLE: tuple[Stage, ...] = (
+    FRAMES, TENSORS, GRID, CHIPS, PREVIEW, GRID_INT8, *REGION_PRODUCTS, *MAPS
+)  # fmt: skip
 FINGERPRINTED: tuple[Stage, ...] = (FRAMES, TENSORS, GRID)
-DERIVED: tuple[Stage, ...] = (CHIPS, PREVIEW)
+DERIVED: tuple[Stage, ...] = (CHIPS, PREVIEW, GRID_INT8)
 TILE_YEAR: tuple[Stage, ...] = (*FINGERPRINTED, *DERIVED)
 
 # Not stored by the pipeline, but named in the same place: the observed checkpoint (its

@@ -12,8 +12,9 @@ import pytest
 
 from agrifm_pipeline_tests.fixtures.reference import FIXTURES
 
-# Stores under test (local, memory, S3 on a moto server): fixtures for every module.
-pytest_plugins = ["agrifm_pipeline_tests.object_store"]
+# Stores under test (local, memory, S3 on a moto server), and the STAC archive test bed
+# (started only by the tests that ask for it): fixtures for every module, one per session.
+pytest_plugins = ["agrifm_pipeline_tests.object_store", "agrifm_pipeline_tests.stac_testbed"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

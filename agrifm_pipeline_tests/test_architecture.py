@@ -148,6 +148,7 @@ LAYERS = [
         "agrifm_pipeline.scene_listing",
         "agrifm_pipeline.catalog",
         "agrifm_pipeline.compute",
+        "agrifm_pipeline.mapping",  # similarity and few-shot maps on any product
     },
     {"agrifm_pipeline.defs", "agrifm_pipeline.definitions"},  # Dagster
     {"agrifm_pipeline.cli", "agrifm_pipeline.demo"},  # the commands

@@ -26,7 +26,7 @@ from .pipeline_helpers import TILES, YEARS, Pipeline, write_region
 from .test_staleness import _resources
 
 world = test_staleness.world  # the materialised 2 x 2 tile-years, their ticker and checkpoint
-DERIVED = ("chip_embeddings", "embedding_preview")
+DERIVED = ("chip_embeddings", "embedding_preview", "agrifm_embedding_int8")
 
 
 def _audit(pipe: Pipeline, res: dict[str, Any]) -> dict[tuple[str, str, int], AuditRow]:
@@ -56,7 +56,7 @@ def test_chip_tables_and_previews_are_audited_and_requested_again(world) -> None
     assert {a for a, _, _ in rows} == {
         "s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid", *DERIVED
     }  # fmt: skip
-    assert len(rows) == 5 * len(TILES) * len(YEARS)
+    assert len(rows) == 6 * len(TILES) * len(YEARS)
     assert {r.status for r in rows.values()} == {"current"}
     chips = rows[("chip_embeddings", TILES[0], 2019)]
     assert chips.version and chips.run_id == chips.dagster_run_id and chips.checkpoint_sha256
@@ -69,7 +69,7 @@ def test_chip_tables_and_previews_are_audited_and_requested_again(world) -> None
         assert row.status == "stale", row
         assert f"made from agrifm_embedding_grid version {old}; the current one is {new}" in row.why
     assert rows[("agrifm_embedding_grid", TILES[0], 2019)].status == "current"
-    assert sum(r.status != "current" for r in rows.values()) == 2
+    assert sum(r.status != "current" for r in rows.values()) == len(DERIVED)
     # A preview deleted by hand (every version and its pointer).
     shutil.rmtree(Path(pipe.storage.root) / "embedding_preview" / "2018" / TILES[1])
     row = _audit(pipe, res)[("embedding_preview", TILES[1], 2018)]

@@ -28,7 +28,8 @@ from agrifm_pipeline.storage import PartitionStore, Problem
 TILE, YEAR = "32631_1280m_E0449_N4392", 2019
 SCENES = {"2019-04-21.tif": "1000:1", "2019-05-01.tif": "1000:2"}
 STAGE_ASSETS = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid")
-ALL = (*STAGE_ASSETS, "chip_embeddings", "embedding_preview")
+DERIVED_ASSETS = ("chip_embeddings", "embedding_preview", "agrifm_embedding_int8")
+ALL = (*STAGE_ASSETS, *DERIVED_ASSETS)
 
 
 def _current(norm_mode: str = "agrifm_stats") -> Fingerprints:
@@ -48,6 +49,7 @@ class World:
             **{a: storage.store(a) for a in STAGE_ASSETS},
             "chip_embeddings": storage.files("chip_embeddings"),
             "embedding_preview": storage.files("embedding_preview"),
+            "agrifm_embedding_int8": storage.store("agrifm_embedding_int8"),
         }
         self.versions: dict[str, str] = {}
         records = fps.as_record()
@@ -71,7 +73,7 @@ class World:
             "agrifm_embedding_grid",
             {"fingerprints": records, "inputs": {"normalized_tensors": {"version": norm}}},
         )
-        for derived in ("chip_embeddings", "embedding_preview"):
+        for derived in DERIVED_ASSETS:
             self.put(derived, {"inputs": {"agrifm_embedding_grid": {"version": grid}}})
 
     def put(self, asset: str, lineage: dict[str, Any], run_id: str = "r1") -> str:
@@ -119,7 +121,7 @@ def test_changed_scenes_make_every_stage_below_the_frames_stale(world: World) ->
     assert norm.recorded == norm.current and grid.recorded == grid.current
     assert norm.stale and norm.reasons == ["s2_frame_stack is stale"]
     assert grid.stale and grid.reasons == ["normalized_tensors is stale"]
-    for derived in ("chip_embeddings", "embedding_preview"):
+    for derived in DERIVED_ASSETS:
         assert state.derived[derived].reasons == ["agrifm_embedding_grid is stale"]
     assert state.first_stale() == "acquisition" and state.stale_assets() == ALL
     rows = world.rows(_current(), now)
@@ -163,7 +165,7 @@ def test_a_stale_middle_stage_leaves_the_top_current_and_flows_down(world: World
 
 def test_a_chip_table_made_from_an_older_grid_version_is_stale_alone(world: World) -> None:
     """The grid re-made (same settings) after the chip table was read from it: the table is
-    stale, naming both versions; the preview, re-made too, is current."""
+    stale, naming both versions; the preview and the int8 grid, re-made too, are current."""
     old = world.versions["agrifm_embedding_grid"]
     grid = world.put(
         "agrifm_embedding_grid",
@@ -173,7 +175,8 @@ def test_a_chip_table_made_from_an_older_grid_version_is_stale_alone(world: Worl
         },
         run_id="r2",
     )
-    world.put("embedding_preview", {"inputs": {"agrifm_embedding_grid": {"version": grid}}})
+    for remade in ("embedding_preview", "agrifm_embedding_int8"):
+        world.put(remade, {"inputs": {"agrifm_embedding_grid": {"version": grid}}})
     state = world.state(_current())
     assert state.first_stale() is None
     assert state.stale_assets() == ("chip_embeddings",)

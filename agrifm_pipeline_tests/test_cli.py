@@ -254,7 +254,14 @@ def test_demo_follow_up_commands_work_as_printed_offline(demo_run: DemoRun, tmp_
     table = [ln.split("|") for ln in done.stdout.splitlines() if ln.count("|") > 3]
     header, rows = [c.strip() for c in table[0]], table[1:]
     status = header.index("status")
-    assert len(rows) == 6 and {r[status].strip() for r in rows} == {"current"}, done.stdout
+    # One row per stored partition: the tile's tile-year assets and the region's products.
+    from agrifm_pipeline import stages
+
+    asset = header.index("asset")
+    want = {s.asset for s in (*stages.TILE_YEAR, *stages.REGION_PRODUCTS)}
+    assert {r[asset].strip() for r in rows} == want, done.stdout
+    assert len(rows) == len(want), done.stdout
+    assert {r[status].strip() for r in rows} == {"current"}, done.stdout
     assert f"current checkpoint {sha.group(1)}…" in done.stderr, done.stderr
 
 

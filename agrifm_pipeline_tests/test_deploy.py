@@ -356,6 +356,7 @@ def test_a_tile_year_run_is_one_process_with_its_checks_inside_the_steps() -> No
         "normalise_and_embed",
         "chip_embeddings",
         "embedding_preview",
+        "agrifm_embedding_int8",
     }
     checks = job.asset_layer.asset_graph.asset_check_keys
     assert {k.name for k in checks} == {

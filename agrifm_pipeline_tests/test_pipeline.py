@@ -31,6 +31,7 @@ TILE_YEAR_ASSETS = [
     "agrifm_embedding_grid",
     "chip_embeddings",
     "embedding_preview",
+    "agrifm_embedding_int8",
 ]
 
 

@@ -23,7 +23,7 @@ from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
 
 from .pipeline_helpers import TILES, TINY, YEARS, Pipeline, make_pipeline, make_resources
 
-EMBED = {"agrifm_embedding_grid", "chip_embeddings", "embedding_preview"}
+EMBED = {"agrifm_embedding_grid", "chip_embeddings", "embedding_preview", "agrifm_embedding_int8"}
 NORM = {"normalized_tensors", *EMBED}
 ALL = {"s2_frame_stack", *NORM}
 
@@ -127,7 +127,7 @@ def test_norm_mode_change_reruns_normalised_tensors_and_below_then_settles(world
     assert ticker.execute(reqs, changed) == [True, True]
     assert ticker.tick(changed) == []
     after = audit_rows(pipe.instance, stage_stores(pipe.storage), current, unknown=unknown)
-    assert {r.status for r in after} == {"current"} and len(after) == 20  # 5 assets x 4
+    assert {r.status for r in after} == {"current"} and len(after) == 24  # 6 assets x 4
     assert all(r.norm_mode in ("", "unit_scale") for r in after)
 
 
@@ -355,7 +355,7 @@ def test_audit_command(world, capsys, monkeypatch) -> None:
     )
     assert cli_main(args) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 20  # frames, tensors, grids, chip tables, previews
+    assert len(rows) == 24  # frames, tensors, grids, chip tables, previews, int8 grids
     stale = {(r["asset"], r["status"]) for r in rows}
     assert ("s2_frame_stack", "current") in stale and ("normalized_tensors", "stale") in stale
     assert all(r["run_id"] for r in rows) and all(r["dagster_run_id"] == r["run_id"] for r in rows)
@@ -371,9 +371,9 @@ def test_audit_table_is_an_asset_in_the_ui(world) -> None:
     )
     (mat,) = result.asset_materializations_for_node("lineage_audit")
     md = mat.metadata
-    assert md["partitions"].value == 20
-    # tensors, grids, chip tables and previews stale; frames current
-    assert md["n_stale"].value == 16 and md["n_current"].value == 4
+    assert md["partitions"].value == 24
+    # tensors, grids, chip tables, previews and int8 grids stale; frames current
+    assert md["n_stale"].value == 20 and md["n_current"].value == 4
     assert md["source_scenes"].value == "compared with the source"
     table = md["audit"].value
     assert "norm_mode changed" in table and TILES[0] in table
@@ -400,7 +400,7 @@ def test_a_tick_judges_from_the_indexes_not_per_partition(world, monkeypatch) ->
     res = _resources(pipe, ckpt)
     first = ticker.tick(res)
     assert first == [], [r.tags.get("agrifm/reason") for r in first]  # trusts the indexes
-    assert reads == {"pointer": 0, "manifest": 0, "index": 5 * len(YEARS)}
+    assert reads == {"pointer": 0, "manifest": 0, "index": 6 * len(YEARS)}
     # A change makes the stale stages' manifests read, to say why (and nothing else).
     changed = _resources(pipe, ckpt, norm_mode="unit_scale")
     reads.update(pointer=0, manifest=0, index=0)

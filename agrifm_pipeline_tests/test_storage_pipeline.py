@@ -79,7 +79,12 @@ def test_a_corrupt_grid_is_found_named_and_remade(built, capsys) -> None:
     reqs = ticker.tick(res_)
     assert ticker.covered(reqs) == {
         (a, TILES[1], 2019)
-        for a in ("agrifm_embedding_grid", "chip_embeddings", "embedding_preview")
+        for a in (
+            "agrifm_embedding_grid",
+            "chip_embeddings",
+            "embedding_preview",
+            "agrifm_embedding_int8",
+        )
     }
     assert all("corrupt" in r.tags["agrifm/reason"] for r in reqs)
     assert ticker.execute(reqs, res_) == [True]

@@ -14,12 +14,13 @@ The asset functions are named as their assets (the names are the keys); each one
 from collections.abc import Iterator
 
 import dagster as dg
+from pydantic import Field
 
 from agrifm_pipeline import stages
 from agrifm_pipeline.compute import Compute
 from agrifm_pipeline.defs import steps, tasks
 from agrifm_pipeline.defs.checks import check_specs
-from agrifm_pipeline.defs.keys import CHECKPOINT, EMBEDDING, FRAMES, NORMALIZED
+from agrifm_pipeline.defs.keys import CHECKPOINT, EMBEDDING, FRAMES, MOSAIC, NORMALIZED
 from agrifm_pipeline.defs.partitions import (
     REGION_DIM,
     TILE_DIM,
@@ -238,12 +239,84 @@ def region_mosaic(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg
     return steps.region_mosaics(context, storage)
 
 
+@dg.asset(
+    name=stages.GRID_INT8.asset,
+    partitions_def=tile_year_partitions,
+    backfill_policy=tile_year_backfill,
+    code_version=stages.GRID_INT8.code_version,
+    group_name=GROUP,
+    deps=[EMBEDDING],
+    kinds={"zarr"},
+    description=(
+        "The embedding grid as int8 codes (band, y, x) with a float32 scale and offset per "
+        "band, about a quarter of the float32 grid's bytes; -128 is no data. The scheme and "
+        "its formula are in the attributes; agrifm_pipeline.tileyear.read_embeddings reads it."
+    ),
+)
+def agrifm_embedding_int8(
+    context: dg.AssetExecutionContext, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    return steps.int8_grids(context, storage)
+
+
+# The region products beside the mosaic: made from the same grids, by the same rule.
+REGION_DEP = dg.AssetDep(
+    EMBEDDING,
+    partition_mapping=dg.MultiPartitionMapping(
+        {
+            YEAR_DIM: dg.DimensionPartitionMapping(YEAR_DIM, dg.IdentityPartitionMapping()),
+            TILE_DIM: dg.DimensionPartitionMapping(REGION_DIM, dg.AllPartitionMapping()),
+        }
+    ),
+)
+
+
+@dg.asset(
+    name=stages.MOSAIC_INT8.asset,
+    partitions_def=region_year_partitions,
+    code_version=stages.MOSAIC_INT8.code_version,
+    group_name=GROUP,
+    deps=[REGION_DEP],
+    kinds={"zarr"},
+    description=(
+        "The region mosaic as int8 codes with a scale and offset per band (a group per UTM "
+        "zone it spans); made from the tiles' grids, like region_mosaic."
+    ),
+)
+def region_mosaic_int8(
+    context: dg.AssetExecutionContext, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    return steps.region_products(context, storage, stages.MOSAIC_INT8)
+
+
+@dg.asset(
+    name=stages.MOSAIC_COG.asset,
+    partitions_def=region_year_partitions,
+    code_version=stages.MOSAIC_COG.code_version,
+    group_name=GROUP,
+    deps=[REGION_DEP],
+    kinds={"tiff"},
+    description=(
+        "The region mosaic as Cloud-Optimized GeoTIFFs, utm_<epsg>.tif per UTM zone: uint8 "
+        "codes with each band's scale and offset (GDAL's -unscale gives the floats), 0 as "
+        "no data, internal tiles and overviews; GDAL 3.6+, rasterio and QGIS open them."
+    ),
+)
+def region_mosaic_cog(
+    context: dg.AssetExecutionContext, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    return steps.region_products(context, storage, stages.MOSAIC_COG)
+
+
 tile_year_assets = [
     s2_frame_stack,
     normalise_and_embed,
     chip_embeddings,
     embedding_preview,
+    agrifm_embedding_int8,
 ]
+# Everything the mosaic sensor makes of a region's grids (stages.REGION_PRODUCTS).
+region_product_assets = [region_mosaic, region_mosaic_int8, region_mosaic_cog]
 
 
 @dg.asset(
@@ -263,9 +336,112 @@ def lineage_audit(
     return steps.audit_table(context, tile_year, s2, model, storage)
 
 
+# -- maps on request: a region-year's similarity to a point, its classes from labels ------------
+
+
+class SimilarityConfig(dg.Config):
+    """The query of a similarity map: a point or a polygon (exactly one)."""
+
+    at: str = Field(default="", description="the query point: LON,LAT in degrees (WGS84)")
+    polygon: str = Field(
+        default="", description="or the query polygon: a GeoJSON file or WKT in WGS84"
+    )
+    product: str = Field(
+        default=stages.MOSAIC.asset,
+        description="the region product read: "
+        + " | ".join(s.asset for s in stages.REGION_PRODUCTS),
+    )
+    metric: str = Field(
+        default="standardised",
+        description="standardised (channels centred and scaled over the product, then "
+        "cosine) | cosine (the vectors as they are)",
+    )
+
+
+class ClassifyConfig(dg.Config):
+    """The labels of a class map and the classifier."""
+
+    labels: str = Field(
+        default="", description="a GeoJSON (or any vector file) of labelled polygons"
+    )
+    label_property: str = Field(default="crop", description="the property naming the class")
+    group_by: str = Field(
+        default="",
+        description="the property naming a polygon's field (default: each polygon is one)",
+    )
+    model: str = Field(default="logistic", description="logistic | knn")
+    k: int = Field(default=5, description="knn: neighbours")
+    folds: int = Field(default=5, description="cross-validation folds (whole fields held out)")
+    product: str = Field(
+        default=stages.MOSAIC.asset,
+        description="the region product read: "
+        + " | ".join(s.asset for s in stages.REGION_PRODUCTS),
+    )
+
+
+@dg.asset(
+    name=stages.SIMILARITY.asset,
+    partitions_def=region_year_partitions,
+    code_version=stages.SIMILARITY.code_version,
+    group_name=GROUP,
+    deps=[MOSAIC],
+    kinds={"tiff", "png"},
+    description=(
+        "Cosine similarity of every cell of a region-year's mosaic to a query point or "
+        "polygon (config: at LON,LAT, or polygon), as a COG (similarity.tif) and a PNG; "
+        "each materialisation is a new version, its lineage naming the query and the "
+        "embedding version read."
+    ),
+)
+def similarity_map(
+    context: dg.AssetExecutionContext, config: SimilarityConfig, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    return steps.similarity_maps(
+        context,
+        storage,
+        at=config.at,
+        polygon=config.polygon,
+        product=config.product,
+        metric=config.metric,
+    )
+
+
+@dg.asset(
+    name=stages.CLASSES.asset,
+    partitions_def=region_year_partitions,
+    code_version=stages.CLASSES.code_version,
+    group_name=GROUP,
+    deps=[MOSAIC],
+    kinds={"tiff", "png", "scikitlearn"},
+    description=(
+        "Few-shot class map of a region-year from labelled polygons (config: labels, "
+        "label_property): a classifier on the embeddings under them, its accuracy per class "
+        "cross-validated with whole fields held out, and every cell classified (classes.tif "
+        "with a palette, confidence.tif, classes.png with the legend, report.json)."
+    ),
+)
+def class_map(
+    context: dg.AssetExecutionContext, config: ClassifyConfig, storage: ZarrStorage
+) -> dg.MaterializeResult:
+    return steps.class_maps(
+        context,
+        storage,
+        labels=config.labels,
+        label_property=config.label_property,
+        group_by=config.group_by,
+        model=config.model,
+        k=config.k,
+        folds=config.folds,
+        product=config.product,
+    )
+
+
+map_assets = [similarity_map, class_map]
+
 all_assets: list[dg.AssetsDefinition | dg.SourceAsset] = [
     agrifm_checkpoint,
     *tile_year_assets,
-    region_mosaic,
+    *region_product_assets,
+    *map_assets,
     lineage_audit,
 ]

@@ -90,8 +90,11 @@ def audit_rows(
                 else:
                     row.status = "current"
             rows.append(row)
-    if stages.MOSAIC.asset in stores:
-        rows += _mosaic_rows(instance, stores, states, tiles=tiles, year=year)
+    for product in stages.REGION_PRODUCTS:  # the mosaic and its int8 and COG forms
+        if product.asset in stores:
+            rows += _mosaic_rows(
+                instance, stores, states, tiles=tiles, year=year, asset=product.asset
+            )
     return rows
 
 
@@ -165,11 +168,13 @@ def _mosaic_rows(
     *,
     tiles: set[str] | None,
     year: int | None,
+    asset: str = stages.MOSAIC.asset,
 ) -> list[AuditRow]:
-    """A row per region mosaic: stale when a tile's grid was re-made since (or is gone, or
-    stale itself), missing-in-store when only Dagster has it."""
-    latest = latest_materialisations(instance, stages.MOSAIC.asset)
-    mosaics = IndexedReader(stores[stages.MOSAIC.asset], pointers=True)
+    """A row per region mosaic (or other region product, ``asset``): stale when a tile's
+    grid was re-made since (or is gone, or stale itself), missing-in-store when only
+    Dagster has it."""
+    latest = latest_materialisations(instance, asset)
+    mosaics = IndexedReader(stores[asset], pointers=True)
     grids = stores[stages.GRID.asset]
     keys = {split_key(pk, REGION_DIM) for pk in latest}
     keys |= {(ref.tile, int(ref.year)) for ref in mosaics.partitions()}
@@ -178,7 +183,7 @@ def _mosaic_rows(
         if year is not None and y != year:
             continue
         lineage, corrupt, vid = _current_lineage(mosaics, y, region)  # type: ignore[arg-type]
-        st = StageState(stages.MOSAIC.asset, lineage is not None, lineage=lineage or {})
+        st = StageState(asset, lineage is not None, lineage=lineage or {})
         st.corrupt, st.version = corrupt, vid
         made = st.lineage.get("inputs", {}).get(grids.asset, {}).get("versions", {})
         if tiles is not None and lineage is not None and not set(made) & tiles:

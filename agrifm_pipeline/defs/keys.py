@@ -18,6 +18,11 @@ PREVIEW = dg.AssetKey(stages.PREVIEW.asset)
 MOSAIC = dg.AssetKey(stages.MOSAIC.asset)
 CHECKPOINT = dg.AssetKey(stages.CHECKPOINT_ASSET)
 AUDIT = dg.AssetKey(stages.AUDIT_ASSET)
+GRID_INT8 = dg.AssetKey(stages.GRID_INT8.asset)
+MOSAIC_INT8 = dg.AssetKey(stages.MOSAIC_INT8.asset)
+MOSAIC_COG = dg.AssetKey(stages.MOSAIC_COG.asset)
+SIMILARITY = dg.AssetKey(stages.SIMILARITY.asset)
+CLASSES = dg.AssetKey(stages.CLASSES.asset)
 
 
 def key_of(stage: stages.Stage) -> dg.AssetKey:

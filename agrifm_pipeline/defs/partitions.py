@@ -37,8 +37,14 @@ tile_year_backfill = dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PART
 
 def split_key(key: str, first: str = TILE_DIM) -> tuple[str, int]:
     """A tile-year (or region-year) partition key -> (tile or region, year), read through
-    the partitions definition's own parser."""
+    the partitions definition's own parser. A key's string is its dimensions' keys
+    joined by ``|`` in the order of their names (``tile|year``, ``region|year``), so
+    the common case is split directly: a tick splits every materialised key of every
+    asset, 625,000 of them at a continent-year, and the parser costs about 40 µs each."""
     if not isinstance(key, dg.MultiPartitionKey):
+        head, sep, tail = str(key).partition("|")
+        if sep and head and tail.isdigit() and len(tail) == 4:
+            return head, int(tail)
         definition = tile_year_partitions if first == TILE_DIM else region_year_partitions
         key = definition.get_partition_key_from_str(str(key))
     dims = key.keys_by_dimension

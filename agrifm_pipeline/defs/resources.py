@@ -26,7 +26,14 @@ from agrifm_pipeline.providers import PROVIDER_NAMES, Provider, make_provider, p
 from agrifm_pipeline.providers.gee import DEFAULT_DEPLOYMENT_SLOTS
 from agrifm_pipeline.registry import RegionRegistry
 from agrifm_pipeline.runtime import freeze_long_lived
-from agrifm_pipeline.settings import AgriFMSettings, load_settings, pipeline_storage_root
+from agrifm_pipeline.settings import (
+    MOSAIC_PRODUCTS,
+    AgriFMSettings,
+    canonical_mosaic_products,
+    load_settings,
+    pipeline_storage,
+    pipeline_storage_root,
+)
 from agrifm_pipeline.storage import (
     FileStore,
     PartitionStore,
@@ -156,7 +163,8 @@ class TileYearConfig(dg.ConfigurableResource):
 
 
 class S2Source(dg.ConfigurableResource):
-    """Where Sentinel-2 frames come from: ``local`` files/STAC, Earth Engine, or ``synthetic``."""
+    """Where Sentinel-2 frames come from: ``local`` files/STAC, Earth Engine, a STAC API
+    (``stac``: Earth Search, the Planetary Computer, any other), or ``synthetic``."""
 
     backend: str = Field(default="local", description=" | ".join(PROVIDER_NAMES))
     local_root: str = Field(
@@ -186,6 +194,40 @@ class S2Source(dg.ConfigurableResource):
         ),
     )
     synthetic_seed: int = 0
+    synthetic_field_m: float = Field(
+        default=400.0, description="synthetic: the fields' mean side in metres"
+    )
+    stac_profile: str = Field(
+        default="earth-search",
+        description="stac: earth-search | planetary-computer | custom (give api, collection, assets)",
+    )
+    stac_api_url: str | None = Field(default=None, description="stac: the API's root URL")
+    stac_collection: str | None = Field(default=None, description="stac: the collection id")
+    stac_assets: str | None = Field(
+        default=None, description='stac: band -> asset key JSON ({"B2": "blue", …, "SCL": "scl"})'
+    )
+    stac_item_cache: str | None = Field(
+        default=None,
+        description=(
+            "stac: where each tile-year's item JSON is kept (a path or fsspec URL; 'none' = "
+            "search every time); default <AGRIFM_PIPELINE_STORAGE root>/_sources/stac"
+        ),
+    )
+    stac_on_read_error: str = Field(
+        default="fail",
+        description=(
+            "stac: fail (a read failing after its retries fails the tile-year) | record (left "
+            "out, counted and named in the frame record)"
+        ),
+    )
+    stac_read_workers: int = Field(default=8, description="stac: reads in flight per tile-year")
+    stac_harmonize: str | None = Field(
+        default=None,
+        description=(
+            "stac: baseline (the profile's default: take the +1000 offset off items of "
+            "baseline 04.00 and later) | none (the archive serves harmonized DN)"
+        ),
+    )
     fetch_workers: int | None = Field(
         default=None, description="tile-years fetched at once (RS_EMBED_AGRIFM_FETCH_WORKERS)"
     )
@@ -203,7 +245,29 @@ class S2Source(dg.ConfigurableResource):
                 "deployment_slots": self.gee_deployment_slots,
                 "slots_dir": self.gee_slots_dir or None,
             }
-        return {"seed": self.synthetic_seed}
+        if self.backend == "stac":
+            return self._stac_options()
+        return {"seed": self.synthetic_seed, "field_size_m": self.synthetic_field_m}
+
+    def _stac_options(self) -> dict[str, Any]:
+        cache = (self.stac_item_cache or "").strip()
+        options: dict[str, Any] = {}
+        if cache.lower() == "none":
+            cache = ""
+        elif not cache:  # beside the outputs, with the storage root's own options
+            location = pipeline_storage()
+            cache, options = f"{location.root.rstrip('/')}/_sources/stac", location.options
+        return {
+            "profile": self.stac_profile,
+            "api_url": self.stac_api_url or None,
+            "collection": self.stac_collection or None,
+            "assets": self.stac_assets or None,
+            "item_cache": cache or None,
+            "item_cache_options": options,
+            "on_read_error": self.stac_on_read_error,
+            "read_workers": self.stac_read_workers,
+            "harmonize": self.stac_harmonize or None,
+        }
 
     def provider(self) -> Provider:
         return make_provider(self.backend, **self._options())
@@ -282,6 +346,14 @@ class ZarrStorage(dg.ConfigurableResource):
             "normalises the stored frames again (exactly, verified)"
         ),
     )
+    mosaic_products: list[str] | None = Field(
+        default=None,
+        description=(
+            "what the mosaic sensor makes of a region's grids: any of float32 (region_mosaic), "
+            "int8 (region_mosaic_int8), cog (region_mosaic_cog, a GeoTIFF per UTM zone); "
+            "None = AGRIFM_PIPELINE_MOSAIC_PRODUCTS (comma-separated), else all three"
+        ),
+    )
 
     def store(self, asset: str) -> ZarrStore:
         return ZarrStore(
@@ -300,6 +372,11 @@ class ZarrStorage(dg.ConfigurableResource):
     def all_stores(self) -> list[PartitionStore]:
         """Every stored asset's partitions, upstream first (verify, gc, the catalog)."""
         return [self.stage_store(s.asset) for s in stages.TABLE]
+
+    def region_products(self) -> tuple[stages.Stage, ...]:
+        """The region products this deployment makes (``mosaic_products``), table order."""
+        by_name = dict(zip(MOSAIC_PRODUCTS, stages.REGION_PRODUCTS, strict=True))
+        return tuple(by_name[p] for p in canonical_mosaic_products(self.mosaic_products))
 
     def registry(self) -> RegionRegistry:
         return RegionRegistry(self.root, storage_options=self.storage_options)

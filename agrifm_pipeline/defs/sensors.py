@@ -8,6 +8,7 @@
 * ``checkpoint_sensor``: an observation of the checkpoint whenever its sha256 changes.
 """
 
+import bisect
 import datetime as dt
 import hashlib
 import json
@@ -21,7 +22,7 @@ import dagster as dg
 from agrifm_pipeline import stages
 from agrifm_pipeline.audit import tile_year_state
 from agrifm_pipeline.defs.assets import PREVIOUS_CHECKPOINT_TAG, tile_year_assets
-from agrifm_pipeline.defs.keys import CHECKPOINT, MOSAIC
+from agrifm_pipeline.defs.keys import CHECKPOINT, MOSAIC, MOSAIC_COG, MOSAIC_INT8, key_of
 from agrifm_pipeline.defs.partitions import (
     MAX_PARTITIONS_PER_RUN,
     region_year_key,
@@ -109,17 +110,20 @@ def mosaic_inputs(grids: Any, tiles: list[str], year: int) -> dict[str, str] | N
 @dg.sensor(
     minimum_interval_seconds=120,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    asset_selection=[MOSAIC],
+    asset_selection=[MOSAIC, MOSAIC_INT8, MOSAIC_COG],
     description=(
         "Requests a region's mosaic for a year once all its tiles have grids, and again "
-        "whenever one of those grids is re-made."
+        "whenever one of those grids is re-made: each product storage.mosaic_products names "
+        "(float32, int8, COG) that was not made from the current grids."
     ),
 )
 def region_mosaic_sensor(
     context: dg.SensorEvaluationContext, storage: ZarrStorage
 ) -> dg.SensorResult | dg.SkipReason:
-    # Both read through their per-year indexes: one read per year, not one per tile.
-    mosaics = IndexedReader(storage.store(stages.MOSAIC.asset))
+    # All read through their per-year indexes: one read per year, not one per tile.
+    products = {
+        row: IndexedReader(storage.stage_store(row.asset)) for row in storage.region_products()
+    }
     grids = IndexedReader(storage.store(stages.GRID.asset))
     known = set(context.instance.get_dynamic_partitions(regions_partitions.name or "regions"))
     requests = []
@@ -130,18 +134,23 @@ def region_mosaic_sensor(
             inputs = mosaic_inputs(grids, entry["tiles"], year)
             if inputs is None:
                 continue
-            made = None
-            v = mosaics.current(year, region)
-            if v is not None:
-                read = mosaics.judged_lineage(v).get("inputs", {})
-                made = read.get(stages.GRID.asset, {}).get("versions")
-            if made == inputs:
+            stale = []
+            for row, reader in products.items():
+                made = None
+                v = reader.current(year, region)
+                if v is not None:
+                    read = reader.judged_lineage(v).get("inputs", {})
+                    made = read.get(stages.GRID.asset, {}).get("versions")
+                if made != inputs:
+                    stale.append(row)
+            if not stale:
                 continue
             stamp = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+            which = "" if stale == [stages.MOSAIC] else ":" + ",".join(r.stage for r in stale)
             requests.append(
                 dg.RunRequest(
-                    run_key=f"mosaic:{region}:{year}:{stamp}",
-                    asset_selection=[MOSAIC],
+                    run_key=f"mosaic:{region}:{year}:{stamp}{which}",
+                    asset_selection=[key_of(r) for r in stale],
                     partition_key=str(region_year_key(region, year)),
                 )
             )
@@ -240,6 +249,45 @@ def _counts_message(counts: dict[str, int], flight: InFlight) -> str:
     return "nothing requested: tile-years: " + ", ".join(parts)
 
 
+# Tile-years judged per tick at most: a tick judges about 1 ms of Python per tile-year
+# (fingerprints, the source's scenes), and must stay well within Dagster's 60 s. Above it
+# the tick judges a window of the materialised tile-years (year, then tile order) and the
+# next tick goes on after it, round and round (the cursor keeps where): a continent-year
+# (125,000 tile-years) is judged whole every 13 ticks, and what one tick requests is
+# bounded by the window (JUDGE_PER_TICK / MAX_PARTITIONS_PER_RUN runs at most).
+JUDGE_PER_TICK = 10_000
+SWEEP_KEY = "sweep"
+
+
+def judging_window(
+    candidates: set[tuple[str, int]], after: list[Any] | None, limit: int | None = None
+) -> tuple[list[tuple[str, int]], dict[str, Any], str]:
+    """The tile-years this tick judges, in (year, tile) order: every one while there are at
+    most ``limit``; else ``limit`` of them starting after ``after`` (the last one the
+    previous tick judged, ``[year, tile]``), wrapping round. Returns them, what the
+    cursor keeps ({} without a sweep) and what the tick's message adds ("" without)."""
+    limit = JUDGE_PER_TICK if limit is None else limit
+    ordered = sorted(candidates, key=_by_year)
+    if len(ordered) <= limit:
+        return [(t, y) for t, y in ordered], {}, ""
+    start = 0
+    if after:
+        start = bisect.bisect_right(ordered, (int(after[0]), str(after[1])), key=_by_year)
+    window = (ordered[start:] + ordered[:start])[:limit]
+    last = window[-1]
+    ticks = -(-len(ordered) // limit)
+    note = (
+        f"; judged {len(window)} of {len(ordered)} materialised tile-years this tick "
+        f"({window[0][1]} {window[0][0]} to {last[1]} {last[0]}; every one is judged once "
+        f"every {ticks} ticks)"
+    )
+    return window, {SWEEP_KEY: [last[1], last[0]]}, note
+
+
+def _by_year(key: tuple[str, int]) -> tuple[int, str]:
+    return key[1], key[0]
+
+
 @dg.sensor(
     minimum_interval_seconds=300,
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -286,7 +334,8 @@ def stale_partitions_sensor(
     counts = {"current": 0, "stale_in_flight": 0, "waiting": 0, "not_judged": 0, "held": 0}
     rerun_on = tile_year.rerun_causes()
     held_why: dict[str, list[str]] = {}
-    for tile, year in sorted(candidates):
+    judged, sweep, sweep_note = judging_window(candidates, cursor.get(SWEEP_KEY))
+    for tile, year in judged:
         state = tile_year_state(stores, tile, year, current, unknown=unknown, scenes=scenes.lister)
         # Recorded by Dagster, gone from the store.
         for st in [*state.stages.values(), *state.derived.values()]:
@@ -327,8 +376,10 @@ def stale_partitions_sensor(
         not_judged += f"; {held_msg}"
     if not groups:
         return dg.SensorResult(
-            skip_reason=dg.SkipReason(_counts_message(counts, flight) + not_judged + scenes.note()),
-            cursor=json.dumps({"inflight": inflight, "seen": seen, **scenes.cursor()}),
+            skip_reason=dg.SkipReason(
+                _counts_message(counts, flight) + sweep_note + not_judged + scenes.note()
+            ),
+            cursor=json.dumps({"inflight": inflight, "seen": seen, **sweep, **scenes.cursor()}),
         )
     order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
     requests: list[dg.RunRequest] = []
@@ -358,9 +409,11 @@ def stale_partitions_sensor(
             context.log.info(
                 f"stale: {', '.join(selection)} for {len(block)} tile(s) of {year} ({why})"
             )
+    if sweep_note:
+        context.log.info(sweep_note.removeprefix("; "))
     return dg.SensorResult(
         run_requests=requests,
-        cursor=json.dumps({"inflight": inflight, "seen": seen, **scenes.cursor()}),
+        cursor=json.dumps({"inflight": inflight, "seen": seen, **sweep, **scenes.cursor()}),
     )
 
 

@@ -43,11 +43,20 @@ from agrifm_pipeline.defs.resources import (
 from agrifm_pipeline.defs.staleness import current_fingerprints, source_scenes, stage_stores
 from agrifm_pipeline.errors import CheckpointError, InputContractError
 from agrifm_pipeline.inference import prefetch
+from agrifm_pipeline.mapping import (
+    MapProduct,
+    load_embeddings,
+    make_class_map,
+    make_similarity,
+    parse_query,
+    read_labels,
+)
 from agrifm_pipeline.runtime import retain_freed_memory
 from agrifm_pipeline.settings import load_settings
 from agrifm_pipeline.storage import Version, ZarrStore
 from agrifm_pipeline.tiles import Tile
 from agrifm_pipeline.tileyear import (
+    QUANT_ATTRS,
     TileYearSettings,
     acquire,
     band_frames,
@@ -63,9 +72,11 @@ from agrifm_pipeline.tileyear import (
     normalise_tile,
     normalized_dataset,
     preview_png,
+    quantised_dataset,
     valid_frames,
     with_coverage,
 )
+from agrifm_pipeline.tileyear.cog import cog_bytes, cog_quantisation
 
 # partition key, tile, year: one tile-year of a step's run
 TileYear = tuple[str, Tile, int]
@@ -553,71 +564,157 @@ def previews(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.Mate
 
 def region_mosaics(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.MaterializeResult:
     """Each region-year's mosaic of its tiles' current grids (a group per UTM zone)."""
-    src, store = storage.store(stages.GRID.asset), storage.store(stages.MOSAIC.asset)
-    registry = storage.registry()
+    return region_products(context, storage, stages.MOSAIC)
+
+
+def _region_grids(
+    storage: ZarrStorage, key: str
+) -> tuple[str, int, list[Tile], dict[int, xr.Dataset], dict[str, Any]]:
+    """A region-year's current tile grids merged per UTM zone (epsg -> mosaic dataset),
+    and the lineage every region product of them records (the grid versions read)."""
+    src = storage.store(stages.GRID.asset)
+    region, year = split_key(key, REGION_DIM)
+    tiles = [Tile.from_id(t) for t in storage.registry().tiles_of(region)]
+    currents = {t.id: src.current(year, t.id) for t in tiles}
+    missing = [t for t, v in currents.items() if v is None]
+    if missing:
+        raise InputContractError(
+            f"region {region} {year}: no embedding grid yet for {len(missing)} of its "
+            f"{len(tiles)} tiles ({', '.join(missing[:5])}{'…' if len(missing) > 5 else ''}); "
+            f"backfill {stages.GRID.asset} for those tile-years first"
+        )
+    by_zone: dict[int, list[Tile]] = {}
+    for t in tiles:
+        by_zone.setdefault(t.epsg, []).append(t)
+    zones: dict[int, xr.Dataset] = {}
+    shas: set[str] = set()
+    tile_lineage: dict[str, dict[str, Any]] = {}
+    read: dict[str, str] = {}
+    for epsg, zone_tiles in sorted(by_zone.items()):
+        opened = []
+        for t in zone_tiles:
+            v = currents[t.id]
+            assert v is not None
+            opened.append(src.open_version(v, verify=True))
+            read[t.id] = v.id
+            tile_lineage[t.id] = src.lineage(year, t.id, v.id)
+        shas.update(str(o.attrs.get("checkpoint_sha256", "")) for o in opened)
+        merged = mosaic([o["embedding"] for o in opened]).to_dataset()
+        merged.attrs["checkpoint_sha256"] = ",".join(sorted(shas))
+        zones[epsg] = merged
+    first = next(iter(tile_lineage.values()), {})
+    lineage = {
+        "region": region,
+        "year": year,
+        "tile": region,
+        "tiles": [t.id for t in tiles],
+        "zones": sorted(by_zone),
+        "checkpoint_sha256": sorted(shas),
+        "cell_size_m": float(abs(next(iter(zones.values())).rio.transform().a)),
+        "package_version": __version__,
+        "created_at": _now(),
+        # what every tile's grid shares (the frames, normalisation and model), from the first
+        "settings": first.get("settings", {}),
+        "embedding": first.get("embedding", {}) if len(shas) == 1 else {},
+        "fingerprints_of_tiles": {
+            t: lin.get("fingerprints", {}) for t, lin in tile_lineage.items()
+        },
+        "inputs": {stages.GRID.asset: {"versions": read}},
+    }
+    return region, year, tiles, zones, lineage
+
+
+def region_products(
+    context: dg.AssetExecutionContext, storage: ZarrStorage, row: stages.Stage
+) -> dg.MaterializeResult:
+    """Each region-year's ``row`` product (one of :data:`stages.REGION_PRODUCTS`) from its
+    tiles' current grids: the float32 mosaic, the int8 mosaic (a group per UTM zone
+    either way), or a COG per UTM zone."""
     keys = context.partition_keys
     for key in keys:
-        region, year = split_key(key, REGION_DIM)
-        tiles = [Tile.from_id(t) for t in registry.tiles_of(region)]
-        currents = {t.id: src.current(year, t.id) for t in tiles}
-        missing = [t for t, v in currents.items() if v is None]
-        if missing:
-            raise InputContractError(
-                f"region {region} {year}: no embedding grid yet for {len(missing)} of its "
-                f"{len(tiles)} tiles ({', '.join(missing[:5])}{'…' if len(missing) > 5 else ''}); "
-                f"backfill {stages.GRID.asset} for those tile-years first"
-            )
-        by_zone: dict[int, list[Tile]] = {}
-        for t in tiles:
-            by_zone.setdefault(t.epsg, []).append(t)
-        groups: dict[str, xr.Dataset] = {}
-        shas: set[str] = set()
-        tile_lineage: dict[str, dict[str, Any]] = {}
-        read: dict[str, str] = {}
-        for epsg, zone_tiles in sorted(by_zone.items()):
-            opened = []
-            for t in zone_tiles:
-                v = currents[t.id]
-                assert v is not None
-                opened.append(src.open_version(v, verify=True))
-                read[t.id] = v.id
-                tile_lineage[t.id] = src.lineage(year, t.id, v.id)
-            shas.update(str(o.attrs.get("checkpoint_sha256", "")) for o in opened)
-            merged = mosaic([o["embedding"] for o in opened]).to_dataset()
-            name = "" if len(by_zone) == 1 else f"utm_{epsg}"
-            groups[name] = merged
-        lineage = {
-            "asset": stages.MOSAIC.asset,
-            "region": region,
-            "year": year,
-            "tile": region,
-            "tiles": [t.id for t in tiles],
-            "zones": sorted(by_zone),
-            "checkpoint_sha256": sorted(shas),
-            "package_version": __version__,
-            "run_id": context.run.run_id,
-            "created_at": _now(),
-            "fingerprints_of_tiles": {
-                t: lin.get("fingerprints", {}) for t, lin in tile_lineage.items()
-            },
-            "inputs": {stages.GRID.asset: {"versions": read}},
-        }
-        version = store.write_groups(year, region, groups, lineage)
+        region, year, tiles, zones, lineage = _region_grids(storage, key)
+        lineage = {"asset": row.asset, **lineage, "run_id": context.run.run_id}
+        one = len(zones) == 1
+        if row.store == "files":
+            files = {
+                str(row.file).format(epsg=epsg): cog_bytes(
+                    quantised_dataset(ds), {"asset": row.asset, "region": region, "year": year}
+                )
+                for epsg, ds in zones.items()
+            }
+            lineage["files"] = sorted(files)
+            lineage["quantisation"] = cog_quantisation()
+            lineage["dimensions"] = _dims(zones)
+            version = storage.files(row.asset).put_objects(year, region, files, lineage)
+            where = {"files": ", ".join(sorted(files))}
+        else:
+            made = {
+                epsg: ds if row is stages.MOSAIC else quantised_dataset(ds)
+                for epsg, ds in zones.items()
+            }
+            groups = {("" if one else f"utm_{epsg}"): ds for epsg, ds in made.items()}
+            if row is not stages.MOSAIC:
+                lineage["quantisation"] = _quantisation_record(next(iter(made.values())))
+            lineage["dimensions"] = _dims(zones)
+            version = storage.store(row.asset).write_groups(year, region, groups, lineage)
+            where = {
+                "gdal_path": f'ZARR:"{version.gdal_path}":/embedding'
+                if one
+                else f'ZARR:"{version.gdal_path}/utm_<epsg>":/embedding'
+            }
         storage.catalog().record(version, lineage)
         context.add_asset_metadata(
             {
                 "path": dg.MetadataValue.path(version.url),
                 "version": version.id,
                 "n_tiles": len(tiles),
-                "zones": str(sorted(by_zone)),
-                "checkpoint_sha256": ",".join(sorted(shas)),
-                "gdal_path": f'ZARR:"{version.gdal_path}":/embedding'
-                if len(by_zone) == 1
-                else f'ZARR:"{version.gdal_path}/utm_<epsg>":/embedding',
+                "zones": str(sorted(zones)),
+                "checkpoint_sha256": ",".join(lineage["checkpoint_sha256"]),
+                **where,
             },
             partition_key=key,
         )
     return dg.MaterializeResult(metadata={"partitions_in_run": len(keys)})
+
+
+def _quantisation_record(ds: xr.Dataset) -> dict[str, Any]:
+    """What an int8 product's lineage says of its codes (the scheme's own attributes)."""
+    return {**{k: ds.attrs[k] for k in QUANT_ATTRS if k in ds.attrs}, "dtype": "int8"}
+
+
+def _dims(zones: dict[int, xr.Dataset]) -> int:
+    """The embedding dimension of a region's zone grids."""
+    return int(next(iter(zones.values()))["embedding"].shape[0])
+
+
+# -- the int8 tile grids ---------------------------------------------------------------------------
+
+
+def int8_grids(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.MaterializeResult:
+    """Each tile-year's int8 grid (:func:`quantised_dataset`) from its current float32 grid."""
+    src = storage.store(stages.GRID.asset)
+    items = tile_years(context)
+    for key, tile, year in items:
+        ds, grid_version = _upstream(src, tile, year)
+        lineage = _file_lineage(
+            context,
+            stages.GRID_INT8.asset,
+            src.lineage(year, tile.id, grid_version.id),
+            grid_version,
+        )
+        q = quantised_dataset(ds)
+        lineage["quantisation"] = _quantisation_record(q)
+        lineage["output"] = {
+            **lineage.get("output", {}),
+            "shape": list(q["embedding"].shape),
+            "dtype": "int8",
+        }
+        version = storage.store(stages.GRID_INT8.asset).write(year, tile.id, q, lineage)
+        storage.catalog().record(version, lineage)
+        meta = summary(lineage, version)
+        meta["quantisation"] = str(q.attrs["quantisation"])
+        context.add_asset_metadata(meta, partition_key=key)
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
 
 # -- the audit -------------------------------------------------------------------------------------
@@ -655,3 +752,121 @@ def audit_table(
             "audit": dg.MetadataValue.md(markdown_table(rows)),
         }
     )
+
+
+# -- maps on request: similarity and classes -------------------------------------------------------
+
+
+def map_source(storage: ZarrStorage, product: str) -> Any:
+    """The store of the region product a map reads (``product``: one of the region
+    products' assets); a clear error naming them for any other."""
+    names = [s.asset for s in stages.REGION_PRODUCTS]
+    if product not in names:
+        raise InputContractError(
+            f"product {product!r} is not a region product; use one of {', '.join(names)}"
+        )
+    return storage.stage_store(product)
+
+
+def _map_metadata(made: MapProduct, main: str, caption: str) -> dict[str, Any]:
+    """What the UI shows of a map: its files, the embedding version, the PNG inline."""
+    b64 = base64.b64encode(made.png).decode()
+    emb = made.lineage["embedding"]
+    return {
+        "path": dg.MetadataValue.path(made.files[main]),
+        "version": made.version.id,
+        "files": dg.MetadataValue.json(made.files),
+        "embedding_asset": emb["asset"],
+        "embedding_version": emb["version"],
+        "checkpoint_sha256": ",".join(emb["checkpoint_sha256"]),
+        "map": dg.MetadataValue.md(f"{caption}\n\n![map](data:image/png;base64,{b64})"),
+        "lineage": dg.MetadataValue.json(json.loads(json.dumps(made.lineage, default=str))),
+    }
+
+
+def similarity_maps(
+    context: dg.AssetExecutionContext,
+    storage: ZarrStorage,
+    *,
+    at: str,
+    polygon: str,
+    product: str,
+    metric: str,
+) -> dg.MaterializeResult:
+    """Each region-year's similarity to the configured point or polygon."""
+    query = parse_query(at, polygon)
+    src, out = map_source(storage, product), storage.files(stages.SIMILARITY.asset)
+    keys = context.partition_keys
+    for key in keys:
+        region, year = split_key(key, REGION_DIM)
+        emb = load_embeddings(src, year, region)
+        made = make_similarity(
+            emb, query, out, metric=metric, catalog=storage.catalog(), run_id=context.run.run_id
+        )
+        meta = _map_metadata(
+            made,
+            str(stages.SIMILARITY.file),
+            f"**{region} {year}** — {metric} cosine similarity to the {query.kind} "
+            f"{query.text} (outlined red), from {emb.asset} {emb.version.id}",
+        )
+        meta.update({f"similarity_{k}": v for k, v in made.report.items() if v is not None})
+        context.add_asset_metadata(meta, partition_key=key)
+        context.log.info(f"{key}: similarity written to {made.version.url}")
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(keys)})
+
+
+def class_maps(
+    context: dg.AssetExecutionContext,
+    storage: ZarrStorage,
+    *,
+    labels: str,
+    label_property: str,
+    group_by: str,
+    model: str,
+    k: int,
+    folds: int,
+    product: str,
+) -> dg.MaterializeResult:
+    """Each region-year's class map from the configured labels, cross-validated by field."""
+    if not labels:
+        raise InputContractError(
+            "class_map needs config: labels (a GeoJSON of labelled polygons) and "
+            "label_property (the property naming each polygon's class)"
+        )
+    read = read_labels(labels, label_property, group_by or None)
+    src, out = map_source(storage, product), storage.files(stages.CLASSES.asset)
+    keys = context.partition_keys
+    for key in keys:
+        region, year = split_key(key, REGION_DIM)
+        emb = load_embeddings(src, year, region)
+        made = make_class_map(
+            emb, read, out, model=model, k=k, folds=folds, catalog=storage.catalog(),
+            run_id=context.run.run_id,
+        )  # fmt: skip
+        rep = made.report
+        rows = "\n".join(
+            f"| {name} | {v['fields']} | {v['cells']} | "
+            + (f"{v['accuracy']:.0%}" if v["accuracy"] is not None else "-")
+            + " |"
+            for name, v in rep["per_class"].items()
+        )
+        meta = _map_metadata(
+            made,
+            str(stages.CLASSES.file),
+            f"**{region} {year}** — {model}; accuracy {rep['accuracy']:.1%} (balanced "
+            f"{rep['balanced_accuracy']:.1%}, chance {rep['chance_balanced_accuracy']:.1%}), "
+            f"{rep['folds']}-fold cross-validation holding out whole fields",
+        )
+        meta.update(
+            {
+                "accuracy": rep["accuracy"],
+                "balanced_accuracy": rep["balanced_accuracy"],
+                "chance_balanced_accuracy": rep["chance_balanced_accuracy"],
+                "per_class": dg.MetadataValue.md(
+                    "| class | fields | cells | accuracy |\n|---|---|---|---|\n" + rows
+                ),
+            }
+        )
+        context.add_asset_metadata(meta, partition_key=key)
+        context.log.info(f"{key}: classes written to {made.version.url}")
+    return dg.MaterializeResult(metadata={"partitions_in_run": len(keys)})

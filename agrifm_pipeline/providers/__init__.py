@@ -12,6 +12,7 @@ from agrifm_pipeline.providers.base import CloudMask, FrameRecord, FrameStack, P
 PROVIDERS: dict[str, tuple[str, str]] = {
     "gee": ("agrifm_pipeline.providers.gee", "EarthEngineProvider"),
     "local": ("agrifm_pipeline.providers.local", "LocalProvider"),
+    "stac": ("agrifm_pipeline.providers.stac", "StacProvider"),
     "synthetic": ("agrifm_pipeline.providers.synthetic", "SyntheticProvider"),
 }
 PROVIDER_NAMES = tuple(PROVIDERS)
@@ -46,7 +47,8 @@ def real_data_providers() -> tuple[str, ...]:
 
 def make_provider(name: str, **options: Any) -> Provider:
     """Build a provider by name: ``gee`` (Earth Engine), ``local`` (``root=`` a directory or
-    STAC catalog), ``synthetic`` (``seed=``). Options go to the provider's constructor."""
+    STAC catalog), ``stac`` (a STAC API: ``profile=`` earth-search, planetary-computer or
+    custom), ``synthetic`` (``seed=``). Options go to the provider's constructor."""
     if name == "local" and "root" not in options:
         raise BackendError(
             "backend='local' needs provider_options={'root': <directory of YYYY-MM-DD.tif scenes "

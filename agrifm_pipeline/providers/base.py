@@ -82,10 +82,15 @@ class FrameRecord:
     clear_fraction: float = 0.0  # share of pixels with at least one clear observation
     backfilled: bool = False
     backfill_source: str | None = None  # "whole_range" or "frame:<i>"
+    # How the window's source items fared, where a provider counts them (the STAC
+    # provider: found, merged, over_cloudy_pct, skipped_by_scl, read, failed).
+    items: dict[str, int] | None = None
 
     def as_record(self) -> dict[str, Any]:
         rec = asdict(self)
         rec["start"], rec["end"] = self.start.isoformat(), self.end.isoformat()
+        if self.items is None:
+            del rec["items"]
         return rec
 
 

@@ -410,6 +410,7 @@ class EarthEngineProvider:
     """Sentinel-2 frame stacks from Earth Engine (see the module docstring)."""
 
     name = "gee"
+    source_title = "Earth Engine"  # in the stale sensor's words on what it listed
 
     synthetic = False
 

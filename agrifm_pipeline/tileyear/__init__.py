@@ -20,12 +20,18 @@ imports only the ones above it):
 * :mod:`~agrifm_pipeline.tileyear.products` — what is made from a stored grid: the
   chip table (:func:`chip_table`), the preview PNG (:func:`preview_png`), the mosaic
   (:func:`mosaic`).
+* :mod:`~agrifm_pipeline.tileyear.quantise` — the int8 product of a grid or mosaic
+  (:func:`quantise`, :func:`quantised_dataset`), and float vectors back from any product
+  (:func:`dequantise`, :func:`read_embeddings`).
+* :mod:`~agrifm_pipeline.tileyear.cog` — that product as a Cloud-Optimized GeoTIFF
+  (:func:`cog_bytes`; :func:`read_cog` reads it back).
 
 Every public name is re-exported here (``from agrifm_pipeline.tileyear import X``);
 to monkeypatch one, patch it in the module that defines it.
 """
 
 from agrifm_pipeline.tileyear.acquisition import acquire, frame_stack_dataset, scene_index
+from agrifm_pipeline.tileyear.cog import cog_bytes
 from agrifm_pipeline.tileyear.embed import (
     cell_coverage,
     coverage_attrs,
@@ -55,13 +61,29 @@ from agrifm_pipeline.tileyear.products import (
     pca3,
     preview_png,
 )
+from agrifm_pipeline.tileyear.quantise import (
+    NODATA,
+    QUANT_ATTRS,
+    SCHEMES,
+    Quantised,
+    dequantise,
+    dequantised,
+    quantise,
+    quantised_dataset,
+    read_cog,
+    read_embeddings,
+)
 from agrifm_pipeline.tileyear.settings import DEFAULT_MIN_CHIP_COVERAGE, TileYearSettings
 
 __all__ = [
     "DEFAULT_MIN_CHIP_COVERAGE",
     "FILL_RGB",
     "HATCH_RGB",
+    "NODATA",
+    "QUANT_ATTRS",
+    "SCHEMES",
     "STATS",
+    "Quantised",
     "TileYearSettings",
     "acquire",
     "band_frames",
@@ -69,9 +91,12 @@ __all__ = [
     "chip_coverage",
     "chip_statistics",
     "chip_table",
+    "cog_bytes",
     "coverage_attrs",
     "coverage_caption",
     "covered_chips",
+    "dequantise",
+    "dequantised",
     "embedding_grid",
     "encoded_mask",
     "features_with_gaps",
@@ -82,6 +107,10 @@ __all__ = [
     "normalized_dataset",
     "pca3",
     "preview_png",
+    "quantise",
+    "quantised_dataset",
+    "read_cog",
+    "read_embeddings",
     "scene_index",
     "tile_chips",
     "valid_frames",

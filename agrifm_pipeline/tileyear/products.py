@@ -86,15 +86,20 @@ def chip_table(
     return gdf
 
 
-def _stretch(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """Per-channel 2-98 % stretch (over ``valid`` pixels) to uint8; the rest dark grey."""
+def _stretch(
+    rgb: np.ndarray, valid: np.ndarray | None = None, *, joint: bool = False
+) -> np.ndarray:
+    """2-98 % stretch (over ``valid`` pixels) to uint8; the rest dark grey. Per channel,
+    or with ``joint`` one range for every channel (true colour keeps its hue: a stretch
+    per channel greys out colours whose channels rise and fall together)."""
     valid = np.ones(rgb.shape[:2], dtype=bool) if valid is None else valid
     out = np.full(rgb.shape, 40, dtype=np.uint8)
     if not valid.any():
         return out
+    both = np.percentile(rgb[valid].astype(np.float64), [2, 98]) if joint else None
     for i in range(rgb.shape[-1]):
         ch = rgb[..., i].astype(np.float64)
-        lo, hi = np.percentile(ch[valid], [2, 98])
+        lo, hi = both if both is not None else np.percentile(ch[valid], [2, 98])
         scaled = np.full(ch.shape, 128.0) if hi <= lo else (ch - lo) / (hi - lo) * 255
         out[..., i] = np.where(valid, np.clip(scaled, 0, 255), 40).astype(np.uint8)
     return out
@@ -230,7 +235,7 @@ def preview_png(
     sample = frames[:, idx, ::step, ::step]
     median = _median_frame(sample)  # (3, h, w)
     has_data = np.asarray((sample != nodata).any(axis=(0, 1)))
-    rgb = _stretch(np.moveaxis(median, 0, -1), valid=has_data)
+    rgb = _stretch(np.moveaxis(median, 0, -1), valid=has_data, joint=True)
     comps = pca3(grid)
     cells = np.isfinite(comps).all(axis=-1)
     pca = _stretch(np.nan_to_num(comps), valid=cells)

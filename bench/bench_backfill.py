@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""A large backfill launched over a seeded instance (``bench_continent.py --dir DIR``), the
+daemon killed while it creates the runs and started again: how fast runs are queued,
+the daemon's longest stall and its memory, and that nothing is requested twice or lost.
+
+    python bench/bench_backfill.py --dir /tmp/cont_125k --n 100000 [--kill-after 60]
+        [--json bench/results/bench_backfill_125k.json]
+
+The instance's ``max_concurrent_runs`` is set to 0 for the test: the backfill daemon
+creates and queues the runs (what is measured), none is launched, so no work is done
+(the simulated work of a cluster is the queue draining at its own rate; a run's
+duration does not change how the backfill daemon requests). The backfill is the UI's:
+an asset backfill of every tile-year asset over the ``--n`` first tile-years (tiles in
+partition order, years from the seeded year down), each run at most
+``MAX_PARTITIONS_PER_RUN`` tile-years (the assets' backfill policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_continent import TINY, Out, _resources, load, peak_rss  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--year", type=int, default=2024)
+    ap.add_argument("--kill-after", type=float, default=60.0)
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    tmp = Path(args.dir)
+    home = tmp / "dagster"
+    os.environ["AGRIFM_BENCH_TMP"] = str(tmp)
+    os.environ["DAGSTER_HOME"] = str(home)
+    yaml = (home / "dagster.yaml").read_text()
+    (home / "dagster.yaml").write_text(
+        yaml.replace("max_concurrent_runs: 8", "max_concurrent_runs: 0")
+    )
+    (tmp / "workspace.yaml").write_text(
+        "load_from:\n  - python_module:\n      module_name: bench_continent_defs\n"
+        f"      working_directory: {ROOT / 'bench'}\n"
+    )
+    import dagster as dg
+    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+
+    from agrifm_pipeline.definitions import build_defs
+    from agrifm_pipeline.defs.assets import tile_year_assets
+    from agrifm_pipeline.defs.partitions import tile_year_key
+
+    out = Out(args.json, n=args.n, dir=str(tmp), command=" ".join(["python", *sys.argv]))
+    defs = build_defs(_resources(tmp, TINY))
+    graph = defs.resolve_asset_graph()
+    with dg.DagsterInstance.get() as instance:
+        tiles = instance.get_dynamic_partitions("tiles")
+        keys: list[str] = []
+        year = args.year
+        while len(keys) < args.n:
+            keys += [str(tile_year_key(t, year)) for t in tiles[: args.n - len(keys)]]
+            year -= 1
+        selection = [k for a in tile_year_assets for k in a.keys]
+        t = time.perf_counter()
+        backfill_id = make_new_backfill_id()
+        backfill = PartitionBackfill.from_asset_partitions(
+            backfill_id=backfill_id,
+            asset_graph=graph,
+            partition_names=keys,
+            asset_selection=selection,
+            backfill_timestamp=time.time(),
+            tags={},
+            dynamic_partitions_store=instance,
+            all_partitions=False,
+            title="bench",
+            description=None,
+            run_config=None,
+        )
+        instance.add_backfill(backfill)
+        out.put(
+            "launch_backfill", {"s": round(time.perf_counter() - t, 1), "tile_years": len(keys)}
+        )
+
+        def start() -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "dagster._daemon", "run", "-w", str(tmp / "workspace.yaml")],
+                stdout=open(tmp / "daemon.log", "a"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def n_runs() -> int:
+            return instance.get_runs_count(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+
+        daemon = start()
+        t0 = time.perf_counter()
+        series: list[tuple[float, int]] = []
+        killed_at = None
+        peak = 0.0
+        done = False
+        while time.perf_counter() - t0 < args.timeout:
+            time.sleep(5)
+            now = time.perf_counter() - t0
+            n = n_runs()
+            series.append((round(now, 1), n))
+            peak = max(peak, peak_tree(daemon.pid))
+            if killed_at is None and now >= args.kill_after:
+                os.killpg(daemon.pid, signal.SIGKILL)  # the daemon and its code server
+                daemon.wait()
+                killed_at = (round(now, 1), n)
+                time.sleep(5)
+                daemon = start()
+                continue
+            bf = instance.get_backfill(backfill_id)
+            data = bf.asset_backfill_data
+            requested = data.requested_subset.num_partitions_and_non_partitioned_assets
+            target = data.target_subset.num_partitions_and_non_partitioned_assets
+            if requested >= target or bf.status != BulkActionStatus.REQUESTED:
+                done = True
+                break
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(60)
+        total = time.perf_counter() - t0
+        # Nothing twice, nothing lost: every run's range, expanded.
+        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        pdef = graph.get(selection[0]).partitions_def
+        seen: dict[tuple[str, str], int] = {}
+        for r in runs:
+            start_key = r.tags.get("dagster/asset_partition_range_start")
+            end_key = r.tags.get("dagster/asset_partition_range_end")
+            if start_key is None:
+                pks = [r.tags["dagster/partition"]]
+            else:
+                pks = pdef.get_partition_keys_in_range(
+                    dg.PartitionKeyRange(start_key, end_key), dynamic_partitions_store=instance
+                )
+            for a in r.asset_selection or []:
+                for pk in pks:
+                    seen[(a.to_user_string(), str(pk))] = (
+                        seen.get((a.to_user_string(), str(pk)), 0) + 1
+                    )
+        want = {(k.to_user_string(), pk) for k in selection for pk in keys}
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(series) if b[1] == a[1]]
+        steps = [b for a, b in itertools.pairwise(series) if b[1] > a[1]]
+        rate = None
+        if len(series) > 2 and series[-1][1]:
+            rate = round(
+                60 * series[-1][1] / (series[-1][0] - (killed_at[0] if killed_at else 0) + 1), 1
+            )
+        out.put(
+            "backfill",
+            {
+                "completed_requesting": done,
+                "s_until_every_run_queued": round(total, 1),
+                "runs": len(runs),
+                "killed_at_s_runs": killed_at,
+                "runs_per_minute_overall": round(60 * len(runs) / total, 1),
+                "runs_per_minute_after_restart": rate,
+                "longest_stretch_without_a_new_run_s": max(gaps, default=0),
+                "partitions_requested_twice": sum(1 for v in seen.values() if v > 1),
+                "partitions_lost": len(want - set(seen)),
+                "partitions_outside_target": len(set(seen) - want),
+                "daemon_peak_rss_mb": round(peak, 1),
+                "series_tail": series[-5:],
+                "steps": len(steps),
+            },
+        )
+        out.put("load_at_end", {"uptime": load()})
+
+
+def peak_tree(pid: int) -> float:
+    """Current VmHWM of the daemon and its children (its code server, its daemons' threads)."""
+    total = 0.0
+    try:
+        kids = subprocess.run(
+            ["pgrep", "-s", str(pid)], capture_output=True, text=True
+        ).stdout.split()
+    except OSError:
+        kids = []
+    for p in {str(pid), *kids}:
+        got = peak_rss(int(p))
+        total += got or 0
+    return total
+
+
+if __name__ == "__main__":
+    main()
