@@ -413,7 +413,7 @@ def ui(home: Path, tmp: Path, tile: str, year: int) -> dict[str, Any]:
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "DAGSTER_HOME": str(home), "AGRIFM_BENCH_TMP": str(tmp)}
-    log = open(tmp / "webserver.log", "w")
+    log = open(tmp / "webserver.log", "w")  # noqa: SIM115 - the webserver writes it until it stops
     proc = subprocess.Popen(
         [
             sys.executable,
