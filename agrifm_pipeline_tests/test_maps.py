@@ -35,10 +35,12 @@ from pyproj import Transformer
 from agrifm_pipeline import stages
 from agrifm_pipeline.cli import main
 from agrifm_pipeline.definitions import build_defs
+from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.partitions import region_year_key, tile_year_key
 from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
 from agrifm_pipeline.defs.resources import S2Source
-from agrifm_pipeline.defs.sensors import register_regions
+from agrifm_pipeline.defs.sensors import map_remake_sensor, register_regions
+from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
 from agrifm_pipeline.errors import InputContractError
 from agrifm_pipeline.mapping import (
     Samples,
@@ -119,6 +121,7 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "field": truth.field[px // 2 :: px, px // 2 :: px][:h, :w],
         "crop": truth.crop[px // 2 :: px, px // 2 :: px][:h, :w],
         "labels": labels,
+        "resources": resources,
     }
 
 
@@ -367,3 +370,103 @@ def test_every_region_product_reads_as_the_same_vectors(region: dict[str, Any]) 
         assert np.nanmin(cos) > 0.999, row.asset
     with pytest.raises(InputContractError, match="no partition"):
         load_embeddings(storage.stage_store(stages.MOSAIC.asset), YEAR - 1, REGION)
+
+
+def _map_audit(region: dict[str, Any]) -> dict[str, Any]:
+    """The audit's rows of the region's mosaic and maps, by asset."""
+    res = region["resources"]
+    current, unknown, _ = current_fingerprints(res["tile_year"], res["s2"], res["model"])
+    rows = audit_rows(region["instance"], stage_stores(region["storage"]), current, unknown=unknown)
+    wanted = (stages.MOSAIC.asset, *(s.asset for s in stages.MAPS))
+    return {r.asset: r for r in rows if r.asset in wanted and (r.tile, r.year) == (REGION, YEAR)}
+
+
+def _remake_requests(region: dict[str, Any], cursor: str | None = None) -> dg.SensorResult:
+    ctx = dg.build_sensor_context(
+        instance=region["instance"], resources=region["resources"], cursor=cursor
+    )
+    result = map_remake_sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def test_maps_are_audited_and_remade_when_their_mosaic_changes(
+    region: dict[str, Any], tmp_path: Path
+) -> None:
+    """A map is current while the mosaic version it read is the current one; a new mosaic
+    makes it stale (the audit names both versions) and the sensor requests it again with
+    the config its lineage recorded, unless its labels file changed since; once re-made
+    it is current again. (Last in the module: it leaves a new mosaic version behind.)"""
+    defs, instance, storage = region["defs"], region["instance"], region["storage"]
+    key = str(region_year_key(REGION, YEAR))
+    _, row, col = _largest_field(region)
+    lon, lat = _lonlat(region, row, col)
+    labels = tmp_path / "labels.geojson"
+    labels.write_bytes(Path(region["labels"]).read_bytes())
+    similar = {"at": f"{lon},{lat}", "polygon": "", "product": stages.MOSAIC.asset,
+               "metric": "cosine"}  # fmt: skip
+    classes = {"labels": str(labels), "label_property": "crop", "group_by": "", "model": "knn",
+               "k": 3, "folds": 3, "product": stages.MOSAIC.asset}  # fmt: skip
+    job = defs.resolve_implicit_global_asset_job_def()
+    made = job.execute_in_process(
+        instance=instance,
+        partition_key=key,
+        asset_selection=[dg.AssetKey(s.asset) for s in stages.MAPS],
+        run_config={"ops": {stages.SIMILARITY.asset: {"config": similar},
+                            stages.CLASSES.asset: {"config": classes}}},
+    )  # fmt: skip
+    assert made.success
+    first = _map_audit(region)
+    assert {a: r.status for a, r in first.items()} == dict.fromkeys(first, "current")
+    assert set(first) == {stages.MOSAIC.asset, stages.SIMILARITY.asset, stages.CLASSES.asset}
+    skipped = _remake_requests(region)
+    assert not skipped.run_requests and "every map is made from" in str(skipped.skip_reason)
+
+    # A new mosaic version (the mosaic made again): both maps stale, naming the versions.
+    old = first[stages.MOSAIC.asset].version
+    again = defs.resolve_job_def("mosaic_regions").execute_in_process(
+        instance=instance, partition_key=key, asset_selection=[dg.AssetKey(stages.MOSAIC.asset)]
+    )
+    assert again.success
+    stale = _map_audit(region)
+    new = stale[stages.MOSAIC.asset].version
+    assert new != old and stale[stages.MOSAIC.asset].status == "current"
+    for asset in (stages.SIMILARITY.asset, stages.CLASSES.asset):
+        assert stale[asset].status == "stale", stale[asset]
+        assert stale[asset].why == (
+            f"made from {stages.MOSAIC.asset} version {old}; the current one is {new}"
+        )
+
+    # Labels changed since: only the similarity map is requested; the class map is not.
+    labels.write_bytes(labels.read_bytes() + b"\n")
+    one = _remake_requests(region)
+    (req,) = one.run_requests or []
+    assert req.asset_selection == [dg.AssetKey(stages.SIMILARITY.asset)]
+    assert req.partition_key == key
+    assert req.run_config == {"ops": {stages.SIMILARITY.asset: {"config": similar}}}
+    assert one.cursor is not None and stages.CLASSES.asset in one.cursor  # reported once
+    # The labels as they were: both requested, each with the config its lineage recorded.
+    labels.write_bytes(labels.read_bytes()[:-1])
+    both = _remake_requests(region, one.cursor)
+    requested = list(both.run_requests or [])
+    by_asset = {(r.asset_selection or [])[0].to_user_string(): r for r in requested}
+    assert set(by_asset) == {stages.SIMILARITY.asset, stages.CLASSES.asset}
+    assert by_asset[stages.CLASSES.asset].run_config == {
+        "ops": {stages.CLASSES.asset: {"config": classes}}
+    }
+    for r in requested:
+        ran = job.execute_in_process(
+            instance=instance,
+            partition_key=r.partition_key,
+            asset_selection=r.asset_selection,
+            run_config=r.run_config,
+        )
+        assert ran.success
+    after = _map_audit(region)
+    assert {a: r.status for a, r in after.items()} == dict.fromkeys(after, "current")
+    for asset in (stages.SIMILARITY.asset, stages.CLASSES.asset):
+        assert after[asset].version != stale[asset].version
+        lineage = storage.files(asset).lineage(YEAR, REGION)
+        assert lineage["inputs"][stages.MOSAIC.asset]["version"] == new
+    assert not _remake_requests(region, both.cursor).run_requests
+    region["emb"] = load_embeddings(storage.store(stages.MOSAIC.asset), YEAR, REGION)

@@ -45,7 +45,9 @@ def audit_rows(
 ) -> list[AuditRow]:
     """Every materialised or stored partition of every stored asset in ``stores``, with
     its state: the three stages, the chip tables and previews (their tile-years), and
-    the region mosaics (a row per region and year, the region in the ``tile`` column).
+    the region mosaics (a row per region and year, the region in the ``tile`` column),
+    and the maps made from a product (a row per region or tile and year), judged by the
+    product version they read.
 
     Dagster's record (latest materialisation per partition) and the store are read
     side by side; where they disagree the row says how. Every row that is not
@@ -95,7 +97,88 @@ def audit_rows(
             rows += _mosaic_rows(
                 instance, stores, states, tiles=tiles, year=year, asset=product.asset
             )
+    by_key = {(r.asset, r.tile, r.year): r for r in rows}
+    for made in stages.MAPS:  # similarity and class maps: judged by the product they read
+        if made.asset in stores:
+            rows += _map_rows(instance, stores, by_key, tiles=tiles, year=year, asset=made.asset)
     return rows
+
+
+def _map_rows(
+    instance: Any,
+    stores: dict[str, Any],
+    judged: dict[tuple[str, str, int], AuditRow],
+    *,
+    tiles: set[str] | None,
+    year: int | None,
+    asset: str,
+) -> list[AuditRow]:
+    """A row per map (a region's or a tile's, each year): current exactly when the
+    product version it read (its lineage's ``inputs``) is still that product's current
+    version and that product is not stale itself (``judged``: the rows already made,
+    by asset, name and year); else stale, naming the version that changed."""
+    latest = latest_materialisations(instance, asset)
+    maps = IndexedReader(stores[asset], pointers=True)
+    keys = {split_key(pk, REGION_DIM) for pk in latest}
+    keys |= {(ref.tile, int(ref.year)) for ref in maps.partitions()}
+    rows = []
+    for name, y in sorted(keys, key=lambda k: (k[1], k[0])):
+        if year is not None and y != year:
+            continue
+        lineage, corrupt, vid = _current_lineage(maps, y, name)  # type: ignore[arg-type]
+        st = StageState(asset, lineage is not None, lineage=lineage or {})
+        st.corrupt, st.version = corrupt, vid
+        inputs = st.lineage.get("inputs", {})
+        grids = inputs.get(stages.GRID.asset, {}).get("versions") or {name: ""}
+        if tiles is not None and lineage is not None and not set(grids) & tiles:
+            continue
+        row = _audit_row(latest, st, name, y, "embedding", str(region_year_key(name, y)))
+        if row is None:
+            continue
+        if row.status == "present":
+            if corrupt:
+                row.status, row.why = "corrupt", corrupt
+            elif reasons := _map_reasons(stores, judged, inputs, name, y):
+                row.status, row.why = "stale", "; ".join(reasons)
+            else:
+                row.status = "current"
+            shas = st.lineage.get("checkpoint_sha256", [])
+            row.checkpoint_sha256 = ",".join(shas) if isinstance(shas, list) else str(shas)
+        rows.append(row)
+    return rows
+
+
+def _map_reasons(
+    stores: dict[str, Any],
+    judged: dict[tuple[str, str, int], AuditRow],
+    inputs: dict[str, Any],
+    name: str,
+    year: int,
+) -> list[str]:
+    """Why a map whose lineage read ``inputs`` (a product version of the same name and
+    year) is stale: its product has a newer current version, is gone, or is stale."""
+    read = {
+        a: rec["version"] for a, rec in inputs.items() if isinstance(rec, dict) and "version" in rec
+    }
+    if not read:
+        return ["does not name the product version it was made from (written by an older release)"]
+    reasons = []
+    for product, version in sorted(read.items()):
+        if product not in stores:
+            reasons.append(f"made from {product}, which is not a stored product here")
+            continue
+        try:
+            v = stores[product].current(year, name)
+        except StorageError as exc:
+            reasons.append(f"{product}: {exc}")
+            continue
+        if v is None:
+            reasons.append(f"made from {product} version {version}, gone from the store")
+        elif v.id != version:
+            reasons.append(f"made from {product} version {version}; the current one is {v.id}")
+        elif (up := judged.get((product, name, year))) is not None and up.status == "stale":
+            reasons.append(f"{product} is stale ({up.why})")
+    return reasons
 
 
 def latest_materialisations(instance: Any, asset: str, page: int = 5000) -> Latest:

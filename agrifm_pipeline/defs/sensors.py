@@ -5,7 +5,9 @@
   whenever one of those grids is re-made;
 * ``stale_partitions_sensor``: exactly the stale assets of exactly the stale tile-years,
   judged with :mod:`agrifm_pipeline.defs.staleness`, batched many per run;
-* ``checkpoint_sensor``: an observation of the checkpoint whenever its sha256 changes.
+* ``checkpoint_sensor``: an observation of the checkpoint whenever its sha256 changes;
+* ``map_remake_sensor``: a map (similarity, classes) again, with the config its lineage
+  recorded, once the region product it read has a newer current version.
 """
 
 import bisect
@@ -41,6 +43,7 @@ from agrifm_pipeline.defs.staleness import (
     stage_stores,
     stale_causes,
 )
+from agrifm_pipeline.mapping.products import replay_config
 from agrifm_pipeline.registry import RegionChange
 from agrifm_pipeline.storage import IndexedReader
 
@@ -467,9 +470,83 @@ def checkpoint_sensor(
     return dg.SensorResult(run_requests=[observe], cursor=sha)
 
 
+# -- maps made from a product -----------------------------------------------------------------------
+
+REGION_PRODUCT_ASSETS = frozenset(s.asset for s in stages.REGION_PRODUCTS)
+
+
+@dg.sensor(
+    minimum_interval_seconds=120,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[key_of(s) for s in stages.MAPS],
+    description=(
+        "Requests a region-year's similarity or class map again, with the config its lineage "
+        "recorded (query, or labels and classifier, and the product read), once the region "
+        "product it was made from has a newer current version; a map whose config cannot be "
+        "replayed (its labels file gone or changed) is reported, not requested."
+    ),
+)
+def map_remake_sensor(
+    context: dg.SensorEvaluationContext, storage: ZarrStorage
+) -> dg.SensorResult | dg.SkipReason:
+    known = set(context.instance.get_dynamic_partitions(regions_partitions.name or "regions"))
+    # Cursor: the un-replayable maps already reported (one line each, not one per tick).
+    reported = set(json.loads(context.cursor)) if context.cursor else set()
+    still: set[str] = set()
+    products: dict[str, IndexedReader] = {}
+    requests = []
+    for row in stages.MAPS:
+        files = storage.stage_store(row.asset)
+        maps = IndexedReader(files)
+        for ref in maps.partitions():
+            region, year = ref.tile, int(ref.year)
+            v = maps.current(year, region)
+            if region not in known or v is None:
+                continue  # a tile's map (made by the CLI) is no Dagster partition
+            inputs = maps.judged_lineage(v).get("inputs", {})
+            read = [(a, r["version"]) for a, r in inputs.items() if "version" in r]
+            if len(read) != 1 or read[0][0] not in REGION_PRODUCT_ASSETS:
+                continue
+            product, made_from = read[0]
+            if product not in products:
+                products[product] = IndexedReader(storage.stage_store(product))
+            now = products[product].current(year, region)
+            if now is None or now.id == made_from:
+                continue
+            config, why = replay_config(files.lineage(year, region, v.id))
+            key = f"{row.asset}:{region}:{year}:{v.id}:{now.id}"
+            if config is None:
+                still.add(key)
+                if key not in reported:
+                    context.log.warning(
+                        f"{row.asset} {region} {year} was made from {product} {made_from}, now "
+                        f"{now.id}; not re-made: {why}"
+                    )
+                continue
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"map:{key}",
+                    asset_selection=[key_of(row)],
+                    partition_key=str(region_year_key(region, year)),
+                    run_config={"ops": {row.asset: {"config": config}}},
+                    tags={"agrifm/reason": f"{product} now {now.id} (made from {made_from})"},
+                )
+            )
+            context.log.info(f"{row.asset} {region} {year}: re-made from {product} {now.id}")
+    cursor = json.dumps(sorted(still))
+    if not requests:
+        why = f"; {len(still)} cannot be replayed (see the log)" if still else ""
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"every map is made from its product's current version{why}"),
+            cursor=cursor,
+        )
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
 all_sensors = [
     region_files_sensor,
     region_mosaic_sensor,
     stale_partitions_sensor,
     checkpoint_sensor,
+    map_remake_sensor,
 ]

@@ -26,7 +26,12 @@ from agrifm_pipeline.mapping.classify import (
     sample,
 )
 from agrifm_pipeline.mapping.embeddings import Embeddings, Grid, load_embeddings
-from agrifm_pipeline.mapping.products import MapProduct, make_class_map, make_similarity
+from agrifm_pipeline.mapping.products import (
+    MapProduct,
+    make_class_map,
+    make_similarity,
+    replay_config,
+)
 from agrifm_pipeline.mapping.similar import Query, SimilarityMap, parse_query, similarity
 
 __all__ = [
@@ -45,6 +50,7 @@ __all__ = [
     "make_similarity",
     "parse_query",
     "read_labels",
+    "replay_config",
     "sample",
     "similarity",
 ]

@@ -35,12 +35,14 @@ class Labels:
     property: str
     classes: tuple[str, ...]
     sha256: str
+    group_by: str | None = None  # the property naming a polygon's field (None: each is one)
 
     def record(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "sha256": self.sha256,
             "property": self.property,
+            "group_by": self.group_by,
             "classes": list(self.classes),
             "n_polygons": len(self.frame),
             "n_fields": int(self.frame["group"].nunique()),
@@ -87,7 +89,7 @@ def read_labels(path: str | Path, prop: str, group_by: str | None = None) -> Lab
         )
     if len(classes) >= CLASS_NODATA:
         raise InputContractError(f"labels file {path}: {len(classes)} classes; at most 254")
-    return Labels(out, str(path), prop, classes, hashlib.sha256(raw).hexdigest())
+    return Labels(out, str(path), prop, classes, hashlib.sha256(raw).hexdigest(), group_by or None)
 
 
 @dataclass

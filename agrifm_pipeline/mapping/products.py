@@ -11,14 +11,18 @@ classifier, so that ``gc`` keeps what it was made from and the audit can tell it
     make_class_map    embeddings + labels  -> classes.tif, confidence.tif, classes.png,
                                               report.json (cross-validated), labels.geojson
                                               (the labels as used: label, field, polygon)
+    replay_config     a map's lineage      -> the config that makes it again (the sensor's
+                                              re-make once its product has a new version)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,13 +132,60 @@ def make_similarity(
         png = png or picture
     objects["query.geojson"] = query_json(query)
     lineage = _lineage(stages.SIMILARITY, emb, run_id)
-    lineage["query"] = query.record()
+    lineage["query"] = {**query.record(), "metric": metric}
     lineage["similarity"] = stats
     version, files = _commit(out, catalog, emb, objects, lineage)
     t2 = time.perf_counter()
     return MapProduct(
         version, files, stats, png, lineage, {"compute_s": t1 - t0, "write_s": t2 - t1}
     )
+
+
+def replay_config(lineage: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The config that re-makes a map as its (whole) ``lineage`` recorded it: the query
+    and metric of a similarity map, the labels, property, grouping and classifier of a
+    class map, and the region product read; ``(None, why)`` when it cannot be replayed
+    (a tile's map, a lineage written before the config was recorded, a labels file that
+    is gone or whose sha256 changed)."""
+    asset = lineage.get("asset")
+    product = lineage.get("embedding", {}).get("asset")
+    if product not in {s.asset for s in stages.REGION_PRODUCTS}:
+        return None, f"made from {product!r}, not a region product"
+    old = "does not record the config it was made with (written by an older release)"
+    if asset == stages.SIMILARITY.asset:
+        query = lineage.get("query") or {}
+        if not query.get("metric") or query.get("kind") not in ("point", "polygon"):
+            return None, old
+        point = query["kind"] == "point"
+        return {
+            "at": str(query["given"]) if point else "",
+            "polygon": "" if point else str(query["wkt"]),  # WKT in WGS84: no file needed
+            "product": product,
+            "metric": str(query["metric"]),
+        }, ""
+    if asset == stages.CLASSES.asset:
+        labels, clf = lineage.get("labels") or {}, lineage.get("classifier") or {}
+        if "group_by" not in labels or not clf.get("model") or not labels.get("sha256"):
+            return None, old
+        path = Path(str(labels["path"]))
+        if not path.is_file():
+            return None, f"its labels file {path} no longer exists"
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        if sha != labels["sha256"]:
+            return None, (
+                f"its labels file {path} changed since (sha256 {sha[:12]}…, made with "
+                f"{str(labels['sha256'])[:12]}…); make it again with the labels meant"
+            )
+        return {
+            "labels": str(path),
+            "label_property": str(labels["property"]),
+            "group_by": str(labels["group_by"] or ""),
+            "model": str(clf["model"]),
+            "k": int(clf["k"]) if clf.get("k") is not None else 5,
+            "folds": int(clf.get("folds", 5)),
+            "product": product,
+        }, ""
+    return None, f"{asset!r} is not a map"
 
 
 def make_class_map(
