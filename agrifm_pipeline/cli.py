@@ -277,6 +277,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         + "\n  ".join(out["grid"])
     )
     print(f"region mosaic:\n  {out['mosaic']}")
+    if out.get("mosaic_cogs"):
+        print(
+            "region mosaic as int8 Cloud-Optimized GeoTIFF (GDAL 3.6+, QGIS; "
+            "gdal_translate -unscale -ot Float32 gives the floats):\n  "
+            + "\n  ".join(out["mosaic_cogs"])
+        )
     print("chip vectors (GeoParquet):\n  " + "\n  ".join(out["chips"]))
     print("previews (PNG):\n  " + "\n  ".join(out["previews"]))
     for line in open_commands(

@@ -439,6 +439,14 @@ def _materialise(
         storage.files(stages.PREVIEW.asset),
     )
 
+    def _cogs(store: Any, year: int, name: str) -> list[str]:
+        """The current COGs of a region-year (one per UTM zone), as paths GDAL opens."""
+        version = store.current(year, name)
+        if version is None:
+            return []
+        names = sorted(store.manifest(version)["objects"])
+        return [f"{version.gdal_path}/{n}" for n in names if n.endswith(".tif")]
+
     def current(store: Any, name: str, suffix: str = "") -> str:
         version = store.current(year, name)
         return f"{version.url}{suffix}" if version is not None else ""
@@ -455,6 +463,7 @@ def _materialise(
         "catalog": f"{storage.root.rstrip('/')}/catalog.json",
         "grid": [current(grids, t) for t in tiles],
         "mosaic": current(storage.store(stages.MOSAIC.asset), region),
+        "mosaic_cogs": _cogs(storage.files(stages.MOSAIC_COG.asset), year, region),
         "chips": [current(chips, t, f"/{stages.CHIPS.file}") for t in tiles],
         "previews": [current(previews, t, f"/{stages.PREVIEW.file}") for t in tiles],
         "coverage": [coverage_caption(grids.open(year, t).attrs) for t in tiles],

@@ -144,6 +144,13 @@ def test_main_job_demo_on_local_defaults(demo_run: DemoRun, monkeypatch, capsys)
     (mosaic,) = [line.strip() for line in out.splitlines() if "region_mosaic.zarr/" in line][:1]
     ds = xr.open_zarr(mosaic, decode_coords="all")
     assert str(ds.rio.crs) == "EPSG:32631" and ds["embedding"].shape == (1024, 7, 7)
+    # The mosaic's COG opens with any GDAL (rasterio's here), georeferenced, every band.
+    import rasterio
+
+    (cog,) = [line.strip() for line in out.splitlines() if "region_mosaic_cog/" in line]
+    with rasterio.open(cog) as src:
+        assert src.crs.to_epsg() == 32631 and src.count == 1024 and src.shape == (7, 7)
+        assert src.transform == ds.rio.transform()
     grid = next(
         line.strip() for line in out.splitlines() if "agrifm_embedding_grid.zarr/2019/" in line
     )
