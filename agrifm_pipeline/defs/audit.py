@@ -117,20 +117,47 @@ def _map_rows(
     product version it read (its lineage's ``inputs``) is still that product's current
     version and that product is not stale itself (``judged``: the rows already made,
     by asset, name and year); else stale, naming the version that changed."""
+
+    def tiles_read(inputs: dict[str, Any], name: str) -> set[str]:
+        return set(inputs.get(stages.GRID.asset, {}).get("versions") or {name: ""})
+
+    return _region_rows(
+        instance,
+        stores[asset],
+        asset,
+        tiles=tiles,
+        year=year,
+        tiles_read=tiles_read,
+        reasons=lambda inputs, name, y: _map_reasons(stores, judged, inputs, name, y),
+    )
+
+
+def _region_rows(
+    instance: Any,
+    store: Any,
+    asset: str,
+    *,
+    tiles: set[str] | None,
+    year: int | None,
+    tiles_read: Any,
+    reasons: Any,
+) -> list[AuditRow]:
+    """A row per region-year (or named) partition of ``asset``, Dagster's record beside
+    the store's: ``tiles_read(inputs, name)`` says which tiles its lineage read (for the
+    ``tiles`` filter), ``reasons(inputs, name, year)`` why it is stale (none: current)."""
     latest = latest_materialisations(instance, asset)
-    maps = IndexedReader(stores[asset], pointers=True)
+    reader = IndexedReader(store, pointers=True)
     keys = {split_key(pk, REGION_DIM) for pk in latest}
-    keys |= {(ref.tile, int(ref.year)) for ref in maps.partitions()}
+    keys |= {(ref.tile, int(ref.year)) for ref in reader.partitions()}
     rows = []
     for name, y in sorted(keys, key=lambda k: (k[1], k[0])):
         if year is not None and y != year:
             continue
-        lineage, corrupt, vid = _current_lineage(maps, y, name)  # type: ignore[arg-type]
+        lineage, corrupt, vid = _current_lineage(reader, y, name)  # type: ignore[arg-type]
         st = StageState(asset, lineage is not None, lineage=lineage or {})
         st.corrupt, st.version = corrupt, vid
         inputs = st.lineage.get("inputs", {})
-        grids = inputs.get(stages.GRID.asset, {}).get("versions") or {name: ""}
-        if tiles is not None and lineage is not None and not set(grids) & tiles:
+        if tiles is not None and lineage is not None and not tiles_read(inputs, name) & tiles:
             continue
         row = _audit_row(latest, st, name, y, "embedding", str(region_year_key(name, y)))
         if row is None:
@@ -138,8 +165,8 @@ def _map_rows(
         if row.status == "present":
             if corrupt:
                 row.status, row.why = "corrupt", corrupt
-            elif reasons := _map_reasons(stores, judged, inputs, name, y):
-                row.status, row.why = "stale", "; ".join(reasons)
+            elif why := reasons(inputs, name, y):
+                row.status, row.why = "stale", "; ".join(why)
             else:
                 row.status = "current"
             shas = st.lineage.get("checkpoint_sha256", [])
@@ -256,35 +283,21 @@ def _mosaic_rows(
     """A row per region mosaic (or other region product, ``asset``): stale when a tile's
     grid was re-made since (or is gone, or stale itself), missing-in-store when only
     Dagster has it."""
-    latest = latest_materialisations(instance, asset)
-    mosaics = IndexedReader(stores[asset], pointers=True)
     grids = stores[stages.GRID.asset]
-    keys = {split_key(pk, REGION_DIM) for pk in latest}
-    keys |= {(ref.tile, int(ref.year)) for ref in mosaics.partitions()}
-    rows = []
-    for region, y in sorted(keys, key=lambda k: (k[1], k[0])):
-        if year is not None and y != year:
-            continue
-        lineage, corrupt, vid = _current_lineage(mosaics, y, region)  # type: ignore[arg-type]
-        st = StageState(asset, lineage is not None, lineage=lineage or {})
-        st.corrupt, st.version = corrupt, vid
-        made = st.lineage.get("inputs", {}).get(grids.asset, {}).get("versions", {})
-        if tiles is not None and lineage is not None and not set(made) & tiles:
-            continue
-        row = _audit_row(latest, st, region, y, "embedding", str(region_year_key(region, y)))
-        if row is None:
-            continue
-        if row.status == "present":
-            if corrupt:
-                row.status, row.why = "corrupt", corrupt
-            elif reasons := _mosaic_reasons(grids, states, made, y):
-                row.status, row.why = "stale", "; ".join(reasons)
-            else:
-                row.status = "current"
-            shas = st.lineage.get("checkpoint_sha256", [])
-            row.checkpoint_sha256 = ",".join(shas) if isinstance(shas, list) else str(shas)
-        rows.append(row)
-    return rows
+
+    def made(inputs: dict[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = inputs.get(grids.asset, {}).get("versions", {})
+        return out
+
+    return _region_rows(
+        instance,
+        stores[asset],
+        asset,
+        tiles=tiles,
+        year=year,
+        tiles_read=lambda inputs, _name: set(made(inputs)),
+        reasons=lambda inputs, _name, y: _mosaic_reasons(grids, states, made(inputs), y),
+    )
 
 
 def _mosaic_reasons(

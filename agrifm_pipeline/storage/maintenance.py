@@ -64,7 +64,7 @@ def verify_stores(
     and reports. One damaged document never stops the others: it is a problem of its
     own partition. ``on_problem(problem)`` is told each problem as it is found."""
     report = VerifyReport()
-    writable = all(s.writable() for s in stores[:1])
+    writable = not stores or stores[0].writable()  # one root: one probe
     report.read_only = not writable
 
     def found(p: Problem) -> None:
