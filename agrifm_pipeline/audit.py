@@ -22,11 +22,14 @@ exactly as current as the grid they were made from.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Mapping
+import io
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from agrifm_pipeline import stages as table
 from agrifm_pipeline.errors import CheckpointError
@@ -298,20 +301,35 @@ def _ts(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
 
 
-def format_table(rows: list[AuditRow], fmt: str = "table") -> str:
-    import csv
-    import io
-    import json
-
-    dicts = [r.as_dict() for r in rows]
-    if fmt == "json":
-        return json.dumps(dicts, indent=2)
+def write_rows(rows: Iterable[AuditRow], fmt: str, out: TextIO) -> int:
+    """``rows`` written to ``out`` one at a time as CSV or as a JSON array (the same text
+    :func:`format_table` makes, and a newline): nothing is held but the row being
+    written. Returns how many were written."""
+    n = 0
     if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(AUDIT_COLUMNS))
+        w = csv.DictWriter(out, fieldnames=list(AUDIT_COLUMNS))
         w.writeheader()
-        w.writerows(dicts)
-        return buf.getvalue()
+        for r in rows:
+            w.writerow(r.as_dict())
+            n += 1
+        return n
+    if fmt != "json":
+        raise ValueError(f"format {fmt!r}: stream csv or json")
+    for r in rows:
+        out.write("[\n  " if n == 0 else ",\n  ")
+        out.write(json.dumps(r.as_dict(), indent=2).replace("\n", "\n  "))
+        n += 1
+    out.write("\n]\n" if n else "[]\n")
+    return n
+
+
+def format_table(rows: list[AuditRow], fmt: str = "table") -> str:
+
+    if fmt in ("json", "csv"):
+        buf = io.StringIO()
+        write_rows(rows, fmt, buf)
+        return buf.getvalue().removesuffix("\n") if fmt == "json" else buf.getvalue()
+    dicts = [r.as_dict() for r in rows]
     cols = ["asset", "tile", "year", "status", "checkpoint_sha256", "n_frames", "norm_mode",
             "image_size", "made_at", "run_id", "why", "disagreement"]  # fmt: skip
     cells = [[_cell(d[c], c) for c in cols] for d in dicts]

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -383,8 +384,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
-    from agrifm_pipeline.audit import format_table
-    from agrifm_pipeline.defs.audit import audit_rows
+    from agrifm_pipeline.audit import AuditRow, format_table, write_rows
+    from agrifm_pipeline.defs.audit import iter_audit_rows
     from agrifm_pipeline.defs.resources import AgriFMModel, ZarrStorage
     from agrifm_pipeline.defs.staleness import current_fingerprints, source_scenes, stage_stores
 
@@ -395,7 +396,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     current, unknown, sha = current_fingerprints(res["tile_year"], res["s2"], model)
     tiles = set(storage.registry().tiles_of(args.region)) if args.region else None
     with dg.DagsterInstance.get() as instance:
-        rows = audit_rows(
+        judged = iter_audit_rows(
             instance,
             stage_stores(storage),
             current,
@@ -405,11 +406,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
             scenes=source_scenes(res["s2"], res["tile_year"]).lister,  # changed source scenes
             not_judged=sha.removeprefix("unknown: ") if unknown else "",
         )
-    for r in rows:  # every row that is not current says why
-        if r.status == "unknown" and not r.why:
-            r.why = f"not judged: {sha.removeprefix('unknown: ')}"
-        elif r.status != "current" and not r.why:
-            r.why = r.disagreement or r.status
+
+        def explained(rows: Iterable[AuditRow]) -> Iterator[AuditRow]:
+            for r in rows:  # every row that is not current says why
+                if r.status == "unknown" and not r.why:
+                    r.why = f"not judged: {sha.removeprefix('unknown: ')}"
+                elif r.status != "current" and not r.why:
+                    r.why = r.disagreement or r.status
+                yield r
+
+        if args.format != "table":  # streamed: a continent's rows are never all in memory
+            write_rows(explained(judged), args.format, sys.stdout)
+            return 0
+        rows = list(explained(judged))
     print(format_table(rows, args.format))
     if args.format == "table":
         counts: dict[str, int] = {}

@@ -19,7 +19,13 @@ from agrifm_pipeline.defs.schedules import all_schedules
 from agrifm_pipeline.defs.sensors import all_sensors
 from agrifm_pipeline.errors import SettingsError
 from agrifm_pipeline.providers import PROVIDER_NAMES
-from agrifm_pipeline.settings import CHIP_PX_ENV, CHIPS_PER_SIDE_ENV, check_tile_geometry
+from agrifm_pipeline.settings import (
+    BLOCK_SIDE_ENV,
+    CHIP_PX_ENV,
+    CHIPS_PER_SIDE_ENV,
+    canonical_block_side,
+    check_tile_geometry,
+)
 
 embed_tile_years = dg.define_asset_job(
     "embed_tile_years",
@@ -104,7 +110,8 @@ def _check_stac_env(given: dict[str, Any]) -> None:
 
 def _tile_year_from_env(env: Mapping[str, str]) -> TileYearConfig:
     """The tile geometry: ``AGRIFM_PIPELINE_CHIP_PX`` / ``_CHIPS_PER_SIDE`` (the demo's
-    home sets them for its one-chip grid), else the design's 4 x 4 chips of 224 px.
+    home sets them for its one-chip grid), else the design's 4 x 4 chips of 224 px; and
+    the partition unit, ``AGRIFM_PIPELINE_BLOCK_SIDE`` (1: a tile).
     Checked here, naming the variables: the region sensor tiles with these values."""
     raw = {
         "chip_px": env.get(CHIP_PX_ENV, "").strip(),
@@ -118,6 +125,9 @@ def _tile_year_from_env(env: Mapping[str, str]) -> TileYearConfig:
         chips_per_side_name=CHIPS_PER_SIDE_ENV,
     )
     checked: dict[str, Any] = {"chip_px": chip_px, "chips_per_side": chips_per_side}
+    raw["block_side"] = env.get(BLOCK_SIDE_ENV, "").strip()
+    if raw["block_side"]:
+        checked["block_side"] = canonical_block_side(raw["block_side"], name=BLOCK_SIDE_ENV)
     return TileYearConfig(**{k: v for k, v in checked.items() if raw[k]})
 
 

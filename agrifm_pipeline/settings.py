@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agrifm_pipeline.errors import SettingsError
+from agrifm_pipeline.tiles import MAX_BLOCK_SIDE
 
 if TYPE_CHECKING:
     from agrifm_pipeline.storage.fs import StorageLocation
@@ -199,6 +200,23 @@ def check_min_chip_coverage(value: float, *, name: str = "min_chip_coverage") ->
             "(0 encodes every chip, even all-fill ones)"
         )
     return value
+
+
+BLOCK_SIDE_ENV = "AGRIFM_PIPELINE_BLOCK_SIDE"
+
+
+def canonical_block_side(value: Any, *, name: str = "block_side") -> int:
+    """Tiles per side of a Dagster partition: 1 (a partition per tile-year, the default)
+    up to :data:`~agrifm_pipeline.tiles.MAX_BLOCK_SIDE` (a block of side x side tiles per
+    partition, for regions past ~10,000 tiles; see docs/scaling.md)."""
+    return _parse_int(
+        name,
+        value,
+        1,
+        MAX_BLOCK_SIDE,
+        "a block's tiles are one partition, and one run does them all; 64 x 64 tiles is "
+        "already a country",
+    )
 
 
 CHIP_PX_ENV = "AGRIFM_PIPELINE_CHIP_PX"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -175,6 +176,12 @@ def test_main_job_demo_on_local_defaults(demo_run: DemoRun, monkeypatch, capsys)
     rows = json.loads(capsys.readouterr().out)
     assert {r["asset"] for r in rows} >= {"s2_frame_stack", "agrifm_embedding_grid"}
     assert all(r["why"] for r in rows if r["status"] != "current"), rows
+    # CSV is streamed row by row: the same rows, in the same order.
+    assert main(["audit", "--home", str(home), "--format", "csv"]) == 0
+    as_csv = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["asset"], r["tile"], r["year"], r["status"], r["why"]) for r in as_csv] == [
+        (r["asset"], r["tile"], str(r["year"]), r["status"], r["why"]) for r in rows
+    ]
     assert main(["audit", "--home", str(home)]) == 0
     summary = capsys.readouterr().err
     after = summary.split("current checkpoint ", 1)[1].split("\n")[0]

@@ -10,7 +10,7 @@ What is seeded (writing records directly; no array is computed beyond one real t
 * one real tile-year (synthetic source, the tiny reference checkpoint, one 32 px chip per
   tile: tiles of 320 m, so that a region of 125,000 tiles is a box of 113 x 113 km; the
   control plane's work depends on the number of tiles, not on their size);
-* the store: for every other tile, each of the five tile-year assets' pointer and manifest
+* the store: for every other tile, each of the six tile-year assets' pointer and manifest
   (the lineage of the real tile-year rewritten for the tile, every fingerprint current),
   and each asset-year's index written once from them (what `verify` would rebuild);
 * the Dagster instance (Postgres): one materialisation event per partition, written with
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-ZARR = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid")
+ZARR = ("s2_frame_stack", "normalized_tensors", "agrifm_embedding_grid", "agrifm_embedding_int8")
 FILES = {"chip_embeddings": "chips.parquet", "embedding_preview": "preview.png"}
 TILE_M = 320  # 32 px chips at 10 m, one chip per tile
 
@@ -114,7 +114,7 @@ def changed_checkpoint(src: Path, dst: Path) -> None:
 
 
 def seed_store(storage: Any, ids: list[str], year: int, template: dict[str, Any]) -> dict:
-    """Pointers and manifests of every tile's five partitions, then each index once."""
+    """Pointers and manifests of every tile's six partitions, then each index once."""
     import hashlib
 
     from agrifm_pipeline.lineage import lineage_record
@@ -159,21 +159,36 @@ def seed_store(storage: Any, ids: list[str], year: int, template: dict[str, Any]
     return versions
 
 
-def seed_events(instance: Any, ids: list[str], year: int, versions: dict) -> None:
+def seed_events(
+    instance: Any, ids: list[str], year: int, versions: dict, block_side: int = 1
+) -> int:
+    """One materialisation per partition (a tile's, or a block's naming each of its
+    tiles' versions, as a block run records them); returns how many per asset."""
     import dagster as dg
     from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
     from dagster._core.events.log import EventLogEntry
     from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 
     from agrifm_pipeline.defs.partitions import tile_year_key
+    from agrifm_pipeline.tiles import partition_unit
 
+    units: dict[str, list[str]] = {}
+    for tile in ids:
+        units.setdefault(partition_unit(tile, block_side), []).append(tile)
     for asset in (*ZARR, *FILES):
         batch = []
-        for tile in ids:
+        for unit, tiles in units.items():
+            if block_side == 1:
+                metadata: dict[str, Any] = {"version": versions[(asset, unit)]}
+            else:
+                made = {t: versions[(asset, t)] for t in tiles}
+                metadata = {
+                    "tiles_made": len(made),
+                    "versions": dg.MetadataValue.json(made),
+                    "tiles": dg.MetadataValue.json({t: {"version": v} for t, v in made.items()}),
+                }
             mat = dg.AssetMaterialization(
-                dg.AssetKey(asset),
-                partition=str(tile_year_key(tile, year)),
-                metadata={"version": versions[(asset, tile)]},
+                dg.AssetKey(asset), partition=str(tile_year_key(unit, year)), metadata=metadata
             )
             batch.append(
                 EventLogEntry(
@@ -194,39 +209,51 @@ def seed_events(instance: Any, ids: list[str], year: int, versions: dict) -> Non
                 batch = []
         if batch:
             instance.event_log_storage.store_event_batch(batch)
+    return len(units)
 
 
 def audit_child(home: str, tmp: str, year: int, q: Any) -> None:
+    """The audit of the year streamed to a CSV file, as ``agrifm-pipeline audit --format
+    csv > file`` does it, counting statuses on the way."""
     import dagster as dg
 
-    from agrifm_pipeline.defs.audit import audit_rows
+    from agrifm_pipeline.audit import write_rows
+    from agrifm_pipeline.defs.audit import iter_audit_rows
     from agrifm_pipeline.defs.staleness import current_fingerprints, stage_stores
 
     resources = _resources(Path(tmp), TINY)
+    statuses: dict[str, int] = {}
+
+    def counted(rows: Any) -> Any:
+        for r in rows:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+            yield r
+
     with dg.DagsterInstance.from_config(home) as instance:
         current, unknown, _ = current_fingerprints(
             resources["tile_year"], resources["s2"], resources["model"]
         )
         t = time.perf_counter()
-        rows = audit_rows(
+        rows = iter_audit_rows(
             instance, stage_stores(resources["storage"]), current, unknown=unknown, year=year
         )
+        with open(Path(tmp) / "audit.csv", "w", newline="") as fh:
+            n = write_rows(counted(rows), "csv", fh)
         s = time.perf_counter() - t
-        statuses: dict[str, int] = {}
-        for r in rows:
-            statuses[r.status] = statuses.get(r.status, 0) + 1
-    q.put({"s": round(s, 1), "rows": len(rows), "statuses": statuses, "peak_rss_mb": rss_mb()})
+    q.put({"s": round(s, 1), "rows": n, "statuses": statuses, "peak_rss_mb": rss_mb()})
 
 
 TINY = ROOT / "agrifm_pipeline_tests" / "fixtures" / "agrifm" / "tiny_p444.pth"
 
 
-def _resources(tmp: Path, ckpt: Path) -> dict[str, Any]:
+def _resources(tmp: Path, ckpt: Path, block_side: int = 1) -> dict[str, Any]:
     from agrifm_pipeline.defs.resources import AgriFMModel, S2Source, TileYearConfig, ZarrStorage
 
     os.environ["RS_EMBED_AGRIFM_CKPT_MIN_BYTES"] = "1000"
     return {
-        "tile_year": TileYearConfig(chip_px=32, chips_per_side=1, image_size=32, n_frames=4),
+        "tile_year": TileYearConfig(
+            chip_px=32, chips_per_side=1, image_size=32, n_frames=4, block_side=block_side
+        ),
         "s2": S2Source(backend="synthetic"),
         "model": AgriFMModel(checkpoint=str(ckpt), device="cpu"),
         "storage": ZarrStorage(root=str(tmp / "store"), regions_dir=str(tmp / "regions")),
@@ -242,6 +269,12 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a new temporary one)")
     ap.add_argument("--ui", action="store_true", help="time the webserver's pages in Chromium")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip")
+    ap.add_argument(
+        "--block-side",
+        type=int,
+        default=1,
+        help="tiles per side of a partition (1: tile partitions; 8: 64-tile blocks)",
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     os.environ.setdefault("AGRIFM_PIPELINE_MAX_REGION_TILES", str(max(10_000, 2 * args.tiles)))
@@ -250,10 +283,11 @@ def main() -> None:
     import geopandas as gpd
 
     from agrifm_pipeline.definitions import build_defs
-    from agrifm_pipeline.defs.partitions import tile_year_key
+    from agrifm_pipeline.defs.partitions import TILES_TAG, tile_year_key
     from agrifm_pipeline.defs.requests import RANGE_END, RANGE_START
     from agrifm_pipeline.defs.sensors import region_files_sensor, stale_partitions_sensor
     from agrifm_pipeline.storage.versions import POINTER  # noqa: F401
+    from agrifm_pipeline.tiles import partition_unit
 
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="agrifm-continent-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -262,13 +296,14 @@ def main() -> None:
     out = Out(
         args.json,
         tiles=args.tiles,
+        block_side=args.block_side,
         year=args.year,
         dir=str(tmp),
         command=" ".join(["python", *sys.argv]),
         machine={"platform": platform.platform(), "cpus": os.cpu_count()},
         load_at_start=load(),
     )
-    resources = _resources(tmp, TINY)
+    resources = _resources(tmp, TINY, args.block_side)
     storage = resources["storage"]
     year = args.year
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -292,10 +327,12 @@ def main() -> None:
         again = region_files_sensor(dg.build_sensor_context(instance=instance, resources=resources))
         next_s = time.perf_counter() - t
         ids = storage.registry().tiles_of("continent")
+        unit = partition_unit(ids[0], args.block_side)  # the template tile's partition
         out.put(
             "register_region",
             {
                 "tiles": len(ids),
+                "partition_keys": len(instance.get_dynamic_partitions("tiles")),
                 "sensor_tick_s": round(tick_s, 2),
                 "add_partitions_s": round(add_s, 2),
                 "whole_s": round(tick_s + add_s, 2),
@@ -312,8 +349,9 @@ def main() -> None:
         res = defs.resolve_job_def("embed_tile_years").execute_in_process(
             instance=instance,
             tags={
-                RANGE_START: str(tile_year_key(ids[0], year)),
-                RANGE_END: str(tile_year_key(ids[0], year)),
+                RANGE_START: str(tile_year_key(unit, year)),
+                RANGE_END: str(tile_year_key(unit, year)),
+                **({TILES_TAG: ids[0]} if unit != ids[0] else {}),
             },
         )
         assert res.success
@@ -329,7 +367,7 @@ def main() -> None:
         versions = seed_store(storage, ids, year, template)
         store_s = time.perf_counter() - t
         t = time.perf_counter()
-        seed_events(instance, ids[1:], year, versions)
+        n_events = seed_events(instance, ids, year, versions, args.block_side)
         events_s = time.perf_counter() - t
         out.put(
             "seed",
@@ -337,7 +375,8 @@ def main() -> None:
                 "real_tile_year_s": round(real_s, 1),
                 "store_s": round(store_s, 1),
                 "events_s": round(events_s, 1),
-                "partitions": 5 * len(ids),
+                "store_partitions": len(ZARR + tuple(FILES)) * len(ids),
+                "dagster_events": len(ZARR + tuple(FILES)) * n_events,
             },
         )
         # 4. The stale sensor, nothing stale; twice, the cursor carried.
@@ -373,12 +412,12 @@ def main() -> None:
             out.put("audit", got)
         # 6. The UI.
         if args.ui:
-            out.put("ui", ui(home, tmp, ids[0], year))
+            out.put("ui", ui(home, tmp, unit, year))
         # 7. A checkpoint change: every grid stale.
         if "stale" not in skip:
             ck = tmp / "changed.pth"
             changed_checkpoint(TINY, ck)
-            changed = _resources(tmp, ck)
+            changed = _resources(tmp, ck, args.block_side)
             ctx = dg.build_sensor_context(instance=instance, resources=changed, cursor=cursor)
             t = time.perf_counter()
             r = stale_partitions_sensor(ctx)

@@ -19,6 +19,11 @@ built:
     python bench/bench_control_plane.py [--tiles 250 --years 8] [--postgres URL] [--s3]
         [--json bench/results/bench_control_plane.json]
 
+Above 10,000 tiles it is the continent's bench (``bench_continent.py``: one year, on
+Postgres, 8 x 8-tile block partitions unless ``--block-side`` says otherwise):
+
+    python bench/bench_control_plane.py --tiles 125000 --postgres URL [--ui] [--json …]
+
 The instance is SQLite under a temporary directory unless ``--postgres`` gives a
 database URL (``postgresql+psycopg2://…``; it must be empty). With ``--s3`` the
 store, seeded locally, is uploaded to a moto S3 server on 127.0.0.1 and the sensors
@@ -292,7 +297,18 @@ def rejudge(tmp: Path, tiles: int, years: int, s3: Any) -> dict[str, Any]:
     return out
 
 
+# Past this many tiles the bench is the continent's (one year, Postgres, block partitions
+# by default): bench_continent.py, with the arguments given here.
+CONTINENT_TILES = 10_000
+
+
 def main() -> None:
+    if (n := _tiles_asked(sys.argv[1:])) is not None and n > CONTINENT_TILES:
+        rest = sys.argv[1:]
+        if not any(a.startswith("--block-side") for a in rest):
+            rest += ["--block-side", "8"]
+        script = Path(__file__).with_name("bench_continent.py")
+        os.execv(sys.executable, [sys.executable, str(script), *rest])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tiles", type=int, default=250)
     ap.add_argument("--years", type=int, default=8)
@@ -325,6 +341,15 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def _tiles_asked(argv: list[str]) -> int | None:
+    for i, a in enumerate(argv):
+        if a == "--tiles" and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+        if a.startswith("--tiles=") and a[8:].isdigit():
+            return int(a[8:])
+    return None
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def s2_frame_stack(
 ) -> Iterator[dg.MaterializeResult]:
     retain_freed_memory()  # a step's process: before its threads allocate (see runtime)
     # Yielded, not returned: with check specs the step has several outputs.
-    items = steps.tile_years(context)
+    items = steps.tile_years(context, storage)
     if compute.uses_cluster:
         spec = tasks.StepSpec.of(
             context.run.run_id, tile_year, s2, storage, None, (), compute.acquisition_limit
@@ -152,7 +152,7 @@ def normalise_and_embed(
     in this step. Either way each partition is checked once written, and the evaluations
     are recorded after the step's results, each naming the materialization it judged.
     """
-    items = steps.tile_years(context)
+    items = steps.tile_years(context, storage)
     selected = set(context.selected_asset_keys)
     assets = [a for a in (NORMALIZED, EMBEDDING) if a in selected]
     if compute.uses_cluster:

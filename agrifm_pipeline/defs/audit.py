@@ -7,6 +7,7 @@ instance's materialisations and lays the two side by side.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -16,15 +17,21 @@ from agrifm_pipeline.audit import (
     AuditRow,
     SceneLister,
     StageState,
-    TileYearState,
     _current_lineage,
     _ts,
     tile_year_state,
 )
-from agrifm_pipeline.defs.partitions import REGION_DIM, region_year_key, split_key, tile_year_key
+from agrifm_pipeline.defs.partitions import (
+    REGION_DIM,
+    recorded_versions,
+    region_year_key,
+    split_key,
+    tile_year_key,
+)
 from agrifm_pipeline.lineage import Fingerprints
 from agrifm_pipeline.scene_listing import BatchedListing
 from agrifm_pipeline.storage import IndexedReader, PartitionStore, StorageError
+from agrifm_pipeline.tiles import is_block_id
 
 # partition key -> (run id, timestamp, version named in its metadata) of the latest one
 Latest = dict[str, tuple[str, float, str | None]]
@@ -33,6 +40,13 @@ DERIVED = tuple(s.asset for s in stages.DERIVED)
 
 
 def audit_rows(
+    instance: Any, stores: dict[str, Any], current: Fingerprints | None, **options: Any
+) -> list[AuditRow]:
+    """Every row of :func:`iter_audit_rows` (same options), as a list."""
+    return list(iter_audit_rows(instance, stores, current, **options))
+
+
+def iter_audit_rows(
     instance: Any,
     stores: dict[str, Any],
     current: Fingerprints | None,
@@ -42,7 +56,7 @@ def audit_rows(
     unknown: tuple[str, ...] = (),
     scenes: SceneLister | None = None,
     not_judged: str = "",
-) -> list[AuditRow]:
+) -> Iterator[AuditRow]:
     """Every materialised or stored partition of every stored asset in ``stores``, with
     its state: the three stages, the chip tables and previews (their tile-years), and
     the region mosaics (a row per region and year, the region in the ``tile`` column),
@@ -52,6 +66,11 @@ def audit_rows(
     Dagster's record (latest materialisation per partition) and the store are read
     side by side; where they disagree the row says how. Every row that is not
     current says why. ``not_judged``: why the stages in ``unknown`` are not judged.
+
+    Rows come as they are judged, a year at a time (tile order within it): what is kept
+    meanwhile is the keys, Dagster's latest record of each, the year's pointers, and a
+    few fields per grid and per stale row (what the mosaics and maps are judged by),
+    never the rows or their lineages, so a continent streams to a file.
     """
     assets = [*(s.asset for s in stages.FINGERPRINTED), *(a for a in DERIVED if a in stores)]
     latest = {a: latest_materialisations(instance, a) for a in assets}
@@ -67,12 +86,20 @@ def audit_rows(
     if isinstance(scenes, BatchedListing):  # Earth Engine: every tile-year listed ahead, batched
         scenes.prefetch(keys)
     unjudged = f"not judged: {not_judged}" if not_judged else "not judged"
-    rows: list[AuditRow] = []
-    states: dict[tuple[str, int], TileYearState] = {}
+    grids: dict[tuple[str, int], StageState] = {}  # each tile-year's grid, without its lineage
+    stale: dict[tuple[str, str, int], str] = {}  # (asset, name, year) -> why, stale rows only
+    done_year: int | None = None
     for t, y in sorted(keys, key=lambda k: (k[1], k[0])):
-        state = states[(t, y)] = tile_year_state(
-            stores, t, y, current, unknown=unknown, scenes=scenes
-        )
+        if done_year is not None and y != done_year:
+            for reader in stores.values():
+                reader.forget(done_year)  # that year's pointers: judged, not needed again
+        done_year = y
+        state = tile_year_state(stores, t, y, current, unknown=unknown, scenes=scenes)
+        grid = state.stages["embedding"]
+        grids[(t, y)] = StageState(
+            grid.asset, grid.present, reasons=grid.reasons, corrupt=grid.corrupt,
+            version=grid.version,
+        )  # fmt: skip
         judged = [(stage, st) for stage, st in state.stages.items()]
         judged += [("embedding", st) for st in state.derived.values()]
         for stage, st in judged:
@@ -91,23 +118,26 @@ def audit_rows(
                     row.status, row.why = "stale", "; ".join(st.reasons)
                 else:
                     row.status = "current"
-            rows.append(row)
+            if row.status == "stale":
+                stale[(row.asset, row.tile, row.year)] = row.why
+            yield row
     for product in stages.REGION_PRODUCTS:  # the mosaic and its int8 and COG forms
         if product.asset in stores:
-            rows += _mosaic_rows(
-                instance, stores, states, tiles=tiles, year=year, asset=product.asset
-            )
-    by_key = {(r.asset, r.tile, r.year): r for r in rows}
+            for row in _mosaic_rows(
+                instance, stores, grids, tiles=tiles, year=year, asset=product.asset
+            ):
+                if row.status == "stale":
+                    stale[(row.asset, row.tile, row.year)] = row.why
+                yield row
     for made in stages.MAPS:  # similarity and class maps: judged by the product they read
         if made.asset in stores:
-            rows += _map_rows(instance, stores, by_key, tiles=tiles, year=year, asset=made.asset)
-    return rows
+            yield from _map_rows(instance, stores, stale, tiles=tiles, year=year, asset=made.asset)
 
 
 def _map_rows(
     instance: Any,
     stores: dict[str, Any],
-    judged: dict[tuple[str, str, int], AuditRow],
+    stale: dict[tuple[str, str, int], str],
     *,
     tiles: set[str] | None,
     year: int | None,
@@ -115,8 +145,8 @@ def _map_rows(
 ) -> list[AuditRow]:
     """A row per map (a region's or a tile's, each year): current exactly when the
     product version it read (its lineage's ``inputs``) is still that product's current
-    version and that product is not stale itself (``judged``: the rows already made,
-    by asset, name and year); else stale, naming the version that changed."""
+    version and that product is not stale itself (``stale``: why each stale row already
+    made is, by asset, name and year); else stale, naming the version that changed."""
 
     def tiles_read(inputs: dict[str, Any], name: str) -> set[str]:
         return set(inputs.get(stages.GRID.asset, {}).get("versions") or {name: ""})
@@ -128,7 +158,7 @@ def _map_rows(
         tiles=tiles,
         year=year,
         tiles_read=tiles_read,
-        reasons=lambda inputs, name, y: _map_reasons(stores, judged, inputs, name, y),
+        reasons=lambda inputs, name, y: _map_reasons(stores, stale, inputs, name, y),
     )
 
 
@@ -177,7 +207,7 @@ def _region_rows(
 
 def _map_reasons(
     stores: dict[str, Any],
-    judged: dict[tuple[str, str, int], AuditRow],
+    stale: dict[tuple[str, str, int], str],
     inputs: dict[str, Any],
     name: str,
     year: int,
@@ -203,8 +233,8 @@ def _map_reasons(
             reasons.append(f"made from {product} version {version}, gone from the store")
         elif v.id != version:
             reasons.append(f"made from {product} version {version}; the current one is {v.id}")
-        elif (up := judged.get((product, name, year))) is not None and up.status == "stale":
-            reasons.append(f"{product} is stale ({up.why})")
+        elif (why := stale.get((product, name, year))) is not None:
+            reasons.append(f"{product} is stale ({why})")
     return reasons
 
 
@@ -220,6 +250,12 @@ def latest_materialisations(instance: Any, asset: str, page: int = 5000) -> Late
             if key is None or key in out:
                 continue
             mat = rec.asset_materialization
+            unit, sep, year = key.partition("|")
+            if sep and is_block_id(unit):  # a block: each of its tiles' latest
+                if mat is not None:
+                    for tile, made in recorded_versions(unit, mat.metadata).items():
+                        out.setdefault(f"{tile}|{year}", (rec.run_id, rec.timestamp, made))
+                continue
             version = mat.metadata.get("version") if mat is not None else None
             out[key] = (rec.run_id, rec.timestamp, None if version is None else str(version.value))
         if not result.has_more:
@@ -274,7 +310,7 @@ def _audit_row(
 def _mosaic_rows(
     instance: Any,
     stores: dict[str, PartitionStore],
-    states: dict[tuple[str, int], TileYearState],
+    judged: dict[tuple[str, int], StageState],
     *,
     tiles: set[str] | None,
     year: int | None,
@@ -296,13 +332,13 @@ def _mosaic_rows(
         tiles=tiles,
         year=year,
         tiles_read=lambda inputs, _name: set(made(inputs)),
-        reasons=lambda inputs, _name, y: _mosaic_reasons(grids, states, made(inputs), y),
+        reasons=lambda inputs, _name, y: _mosaic_reasons(grids, judged, made(inputs), y),
     )
 
 
 def _mosaic_reasons(
     grids: PartitionStore,
-    states: dict[tuple[str, int], TileYearState],
+    judged: dict[tuple[str, int], StageState],
     made: dict[str, str],
     year: int,
 ) -> list[str]:
@@ -311,9 +347,8 @@ def _mosaic_reasons(
         return ["does not name the grid versions it was made from (written by an older release)"]
     reasons = []
     for tile, version in sorted(made.items()):
-        state = states.get((tile, year))
-        if state is not None:
-            grid = state.stages["embedding"]
+        grid = judged.get((tile, year))
+        if grid is not None:
             now = grid.version if grid.present else None
         else:
             try:

@@ -53,8 +53,10 @@ def range_run_request(
     asset_selection: Sequence[dg.AssetKey],
     reason: str,
     tags: dict[str, str] | None = None,
+    n_tile_years: int | None = None,
 ) -> dg.RunRequest:
-    """One run over a rectangle: ``tiles`` (consecutive in partition order) x ``year``."""
+    """One run over a rectangle: ``tiles`` (consecutive tiles-dimension keys in partition
+    order: tiles, or blocks doing ``n_tile_years`` tiles) x ``year``."""
     start, end = tile_year_key(tiles[0], year), tile_year_key(tiles[-1], year)
     return dg.RunRequest(
         asset_selection=list(asset_selection),
@@ -62,7 +64,7 @@ def range_run_request(
             RANGE_START: str(start),
             RANGE_END: str(end),
             "agrifm/reason": reason[:200],
-            "agrifm/n_tile_years": str(len(tiles)),
+            "agrifm/n_tile_years": str(len(tiles) if n_tile_years is None else n_tile_years),
             **(tags or {}),
         },
     )

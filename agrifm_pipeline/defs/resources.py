@@ -40,6 +40,7 @@ from agrifm_pipeline.storage import (
     ZarrStore,
     storage_options_from_env,
 )
+from agrifm_pipeline.tiles import MAX_BLOCK_SIDE
 from agrifm_pipeline.tileyear import DEFAULT_MIN_CHIP_COVERAGE, TileYearSettings
 
 
@@ -105,6 +106,17 @@ class TileYearConfig(dg.ConfigurableResource):
     chip_px: int = Field(default=224, description="chip side in pixels")
     chips_per_side: int = Field(default=4, description="chips per tile side")
     scale_m: float = Field(default=10.0, description="pixel size in metres (UTM)")
+    block_side: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_BLOCK_SIDE,
+        description=(
+            "tiles per side of a tiles-dimension partition (AGRIFM_PIPELINE_BLOCK_SIDE): 1 = "
+            "one partition per tile-year; n = one per block of n x n tiles (a continent: 8), "
+            "each tile still its own versions in the store. Read when a region's tiles "
+            "become partitions; a tile already a partition stays one"
+        ),
+    )
     collection: str = "COPERNICUS/S2_SR_HARMONIZED"
     cloudy_pct: float = Field(
         default=30.0, description="scene filter: CLOUDY_PIXEL_PERCENTAGE <= this"

@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ from agrifm_pipeline.defs.assets import PREVIOUS_CHECKPOINT_TAG, tile_year_asset
 from agrifm_pipeline.defs.keys import CHECKPOINT, MOSAIC, MOSAIC_COG, MOSAIC_INT8, key_of
 from agrifm_pipeline.defs.partitions import (
     MAX_PARTITIONS_PER_RUN,
+    TILES_TAG,
+    TileUnits,
     region_year_key,
     regions_partitions,
     split_key,
@@ -46,14 +49,20 @@ from agrifm_pipeline.defs.staleness import (
 from agrifm_pipeline.mapping.products import replay_config
 from agrifm_pipeline.registry import RegionChange
 from agrifm_pipeline.storage import IndexedReader
+from agrifm_pipeline.tiles import is_block_id
 
 # -- region files and mosaics ----------------------------------------------------------------------
+
+
+# A region past this many tiles as tile partitions strains Dagster (docs/scaling.md).
+BLOCKS_ADVISED_ABOVE = 10_000
 
 
 def register_regions(
     instance: dg.DagsterInstance, tile_year: TileYearConfig, storage: ZarrStorage
 ) -> tuple[list[RegionChange], list[str], list[str]]:
-    """Scan the regions directory; return (changes, new tile keys, new region keys).
+    """Scan the regions directory; return (changes, new tiles-dimension keys (tiles or
+    blocks), new region keys).
 
     Shared by the sensor and the demo command. Nothing is ever deleted: a
     removed region is marked ``removed`` and its tiles stay partitions.
@@ -65,11 +74,12 @@ def register_regions(
         scale_m=tile_year.scale_m,
     )
     registry = storage.registry()
-    known_tiles = set(instance.get_dynamic_partitions(tiles_partitions.name or "tiles"))
+    known_tiles = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
     known_regions = set(instance.get_dynamic_partitions(regions_partitions.name or "regions"))
     # Everything registered but not yet a partition (also heals a tick that died
-    # after updating the registry and before its partition requests landed).
-    new_tiles = sorted(set(registry.owners()) - known_tiles)
+    # after updating the registry and before its partition requests landed): a tile, or
+    # its block with block_side > 1, unless a known key already holds it.
+    new_tiles = TileUnits(registry.owners(), known_tiles).new_keys(tile_year.block_side)
     new_regions = sorted(set(registry.active_regions()) - known_regions)
     return changes, new_tiles, new_regions
 
@@ -90,6 +100,12 @@ def region_files_sensor(
             context.log.error(f"region {ch.region}: {ch.message}")
         else:
             context.log.info(f"region {ch.region} {ch.status}: {len(ch.tiles)} tiles")
+            if tile_year.block_side == 1 and len(ch.tiles) > BLOCKS_ADVISED_ABOVE:
+                context.log.warning(
+                    f"region {ch.region} has {len(ch.tiles):,} tiles, each a partition per "
+                    f"year; past ~{BLOCKS_ADVISED_ABOVE:,} tiles set AGRIFM_PIPELINE_BLOCK_SIDE"
+                    "=8 (64-tile blocks) before registering it (docs/scaling.md)"
+                )
     requests = []
     if new_tiles:
         requests.append(tiles_partitions.build_add_request(new_tiles))
@@ -291,6 +307,28 @@ def _by_year(key: tuple[str, int]) -> tuple[int, str]:
     return key[1], key[0]
 
 
+def _run_batches(
+    units: TileUnits, order: Sequence[str], tiles: list[str], year: int
+) -> list[tuple[str | None, list[str]]]:
+    """Stale ``tiles`` of ``year`` as runs: (None, consecutive tile partitions, at most
+    MAX_PARTITIONS_PER_RUN) where tiles are partitions; (block, its stale tiles) where a
+    block is, one block-year a run, the run doing only those tiles."""
+    plain: list[str] = []
+    by_block: dict[str, list[str]] = {}
+    for t in tiles:
+        unit = units.unit(t)
+        if unit is None or unit == t:
+            plain.append(t)
+        else:
+            by_block.setdefault(unit, []).append(t)
+    out: list[tuple[str | None, list[str]]] = [
+        (None, run)
+        for _, run in tile_rectangles(order, [(t, year) for t in plain], MAX_PARTITIONS_PER_RUN)
+    ]
+    out += [(b, sorted(ts)) for b, ts in sorted(by_block.items())]
+    return out
+
+
 @dg.sensor(
     minimum_interval_seconds=300,
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -325,11 +363,13 @@ def stale_partitions_sensor(
     scenes = source_scenes(s2, tile_year, tick=cursor)
     seen = dict(cursor.get("seen", {}))
     stores = judging_stores(stage_stores(storage), instance, seen)
+    order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
+    units = TileUnits(storage.registry().owners() if any(map(is_block_id, order)) else (), order)
     materialised: dict[str, set[tuple[str, int]]] = {}
     for asset in (s.asset for s in stages.TILE_YEAR):
-        materialised[asset] = {
-            split_key(pk) for pk in instance.get_materialized_partitions(dg.AssetKey(asset))
-        }
+        made = (split_key(pk) for pk in instance.get_materialized_partitions(dg.AssetKey(asset)))
+        # A block materialised stands for each of its registered tiles.
+        materialised[asset] = {(t, y) for unit, y in made for t in units.tiles(unit)}
     candidates = set().union(*materialised.values())
     scenes.prefetch(candidates, stores)  # Earth Engine: this tick's share, batched
     groups: dict[tuple[tuple[str, ...], int], list[str]] = {}
@@ -384,11 +424,10 @@ def stale_partitions_sensor(
             ),
             cursor=json.dumps({"inflight": inflight, "seen": seen, **sweep, **scenes.cursor()}),
         )
-    order = instance.get_dynamic_partitions(tiles_partitions.name or "tiles")
     requests: list[dg.RunRequest] = []
     for (selection, year), tiles in sorted(groups.items()):
         why = "; ".join(sorted(reasons.get(selection[0], set())))[:180]
-        for _, block in tile_rectangles(order, [(t, year) for t in tiles], MAX_PARTITIONS_PER_RUN):
+        for unit, block in _run_batches(units, order, tiles, year):
             req_id = uuid.uuid4().hex[:16]
             ended = sorted(
                 {flight.retried[(t, year)] for t in block if (t, year) in flight.retried}
@@ -400,13 +439,17 @@ def stale_partitions_sensor(
                 "tiles": list(block),
                 "t": time.time(),
             }
+            tags = {REQUEST_TAG: req_id}
+            if unit is not None:  # a block partition: only these of its tiles
+                tags[TILES_TAG] = ",".join(block)
             requests.append(
                 range_run_request(
                     year,
-                    block,
+                    block if unit is None else [unit],
                     asset_selection=[dg.AssetKey(a) for a in selection],
                     reason=f"stale {selection[0]}{again}: {why}",
-                    tags={REQUEST_TAG: req_id},
+                    tags=tags,
+                    n_tile_years=len(block),
                 )
             )
             context.log.info(

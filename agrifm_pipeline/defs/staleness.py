@@ -16,7 +16,7 @@ import dagster as dg
 from agrifm_pipeline import stages
 from agrifm_pipeline.audit import SceneLister, current_checkpoint_sha
 from agrifm_pipeline.checkpoint import resolve_checkpoint
-from agrifm_pipeline.defs.partitions import split_key
+from agrifm_pipeline.defs.partitions import recorded_versions, split_key
 from agrifm_pipeline.defs.resources import (
     AgriFMModel,
     S2Source,
@@ -214,8 +214,8 @@ def materialised_since(
                 tile, year = split_key(rec.partition_key)
             except ValueError:
                 continue
-            version = mat.metadata.get("version")
-            fresh[(str(year), tile)] = str(version.value) if version is not None else None
+            for t, version in recorded_versions(tile, mat.metadata).items():
+                fresh[(str(year), t)] = version
         if not page.has_more:
             return fresh, after
         cursor = page.cursor

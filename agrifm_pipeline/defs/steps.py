@@ -17,8 +17,10 @@ import datetime as dt
 import functools
 import io
 import json
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -32,7 +34,13 @@ from agrifm_pipeline.checkpoint import resolve_checkpoint
 from agrifm_pipeline.defs.audit import audit_rows
 from agrifm_pipeline.defs.checks import evaluate_partition, targeting
 from agrifm_pipeline.defs.keys import EMBEDDING, FRAMES, NORMALIZED, key_of
-from agrifm_pipeline.defs.partitions import REGION_DIM, split_key
+from agrifm_pipeline.defs.partitions import (
+    REGION_DIM,
+    TILES_TAG,
+    TileUnits,
+    split_key,
+    tile_year_key,
+)
 from agrifm_pipeline.defs.resources import (
     AgriFMModel,
     S2Source,
@@ -54,7 +62,7 @@ from agrifm_pipeline.mapping import (
 from agrifm_pipeline.runtime import retain_freed_memory
 from agrifm_pipeline.settings import load_settings
 from agrifm_pipeline.storage import Version, ZarrStore
-from agrifm_pipeline.tiles import Tile
+from agrifm_pipeline.tiles import Tile, is_block_id
 from agrifm_pipeline.tileyear import (
     QUANT_ATTRS,
     TileYearSettings,
@@ -86,11 +94,84 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def tile_years(context: dg.AssetExecutionContext) -> list[TileYear]:
-    """The tile-years of the step's run, in partition order."""
-    return [
-        (key, Tile.from_id(t), y) for key in context.partition_keys for t, y in [split_key(key)]
-    ]
+@dataclass
+class _Blocks:
+    """A run over block partitions: each tile-year's partition, and what each block's
+    tiles have published so far (per asset)."""
+
+    owner: dict[str, str]  # tile-year key -> the block-year key it is done under
+    made: dict[tuple[Any, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+_BLOCKS: weakref.WeakKeyDictionary[Any, _Blocks] = weakref.WeakKeyDictionary()
+
+
+def tile_years(context: dg.AssetExecutionContext, storage: ZarrStorage) -> list[TileYear]:
+    """The tile-years of the step's run, in partition order: a block partition stands for
+    its registered tiles (those the run's ``agrifm/tiles`` tag names, when it has one).
+    Each item's key is its tile-year key; :func:`publish` and :func:`record_checks` put
+    what is said of it on the partition it belongs to."""
+    only = context.run.tags.get(TILES_TAG)
+    wanted = set(only.split(",")) if only else None
+    units: TileUnits | None = None
+    owner: dict[str, str] = {}
+    out: list[TileYear] = []
+    for key in context.partition_keys:
+        unit, year = split_key(key)
+        if not is_block_id(unit):
+            out.append((str(key), Tile.from_id(unit), year))
+            continue
+        if units is None:
+            units = TileUnits(storage.registry().owners())
+        tiles = [t for t in units.tiles(unit) if wanted is None or t in wanted]
+        if not tiles:
+            context.log.warning(f"{key}: no registered tile of block {unit} to do")
+        for t in tiles:
+            item = str(tile_year_key(t, year))
+            owner[item] = str(key)
+            out.append((item, Tile.from_id(t), year))
+    if owner:
+        _BLOCKS[context] = _Blocks(owner)
+    return out
+
+
+def publish(
+    context: Any, metadata: dict[str, Any], key: str, asset_key: dg.AssetKey | None = None
+) -> None:
+    """A tile-year's metadata onto its partition: the tile-year's own, or its block's,
+    where each tile is a row (``tiles``: its plain fields; ``versions``: tile -> version,
+    what the sensors and the audit read) and the fields every tile shares are the
+    block's own."""
+    blocks = _BLOCKS.get(context)
+    owner = blocks.owner.get(key) if blocks is not None else None
+    if blocks is None or owner is None:
+        context.add_asset_metadata(metadata, partition_key=key, asset_key=asset_key)
+        return
+    tile, _ = split_key(key)
+    made = blocks.made.setdefault((asset_key, owner), {})
+    made[tile] = {k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))}
+    context.add_asset_metadata(block_metadata(made), partition_key=owner, asset_key=asset_key)
+
+
+def block_metadata(made: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A block partition's metadata from its tiles' (tile -> plain fields)."""
+    rows = list(made.values())
+    shared = {
+        k: v
+        for k, v in rows[0].items()
+        if k not in PER_TILE and all(r.get(k) == v for r in rows[1:])
+    }
+    per_tile = {t: {k: v for k, v in r.items() if k not in shared} for t, r in sorted(made.items())}
+    return {
+        **shared,
+        "tiles_made": len(made),
+        "versions": dg.MetadataValue.json({t: r.get("version") for t, r in per_tile.items()}),
+        "tiles": dg.MetadataValue.json(per_tile),
+    }
+
+
+# Fields of one tile-year's metadata that are its own even when every tile agrees.
+PER_TILE = frozenset({"version", "gdal_path", "manifest_sha256"})
 
 
 def _base_lineage(
@@ -207,8 +288,56 @@ def record_checks(
     the check's per-partition status in the UI counts it (see ``checks.targeting``)."""
     selected = context.selected_asset_check_keys
     chosen = [e for e in evaluations if e.asset_check_key in selected]
+    blocks = _BLOCKS.get(context)
+    if blocks is not None:
+        chosen = per_block(chosen, blocks.owner)
     for evaluation in targeting(context.instance, context.run.run_id, chosen):
         context.log_event(evaluation)
+
+
+def per_block(
+    evaluations: list[dg.AssetCheckEvaluation], owner: dict[str, str]
+) -> list[dg.AssetCheckEvaluation]:
+    """Evaluations of tile-years done under block partitions as one per block and check:
+    passed when every tile passed, the failing tiles named (each tile's own evaluation
+    is in the audit's reach: re-judged from the store by ``agrifm-pipeline verify``)."""
+    out: list[dg.AssetCheckEvaluation] = []
+    groups: dict[tuple[dg.AssetCheckKey, str], list[dg.AssetCheckEvaluation]] = {}
+    for e in evaluations:
+        block = owner.get(str(e.partition))
+        if block is None:
+            out.append(e)
+        else:
+            groups.setdefault((e.asset_check_key, block), []).append(e)
+    for (_, block), group in groups.items():
+        failed = [e for e in group if not e.passed]
+        names = [split_key(str(e.partition))[0] for e in failed]
+        first = failed[0] if failed else group[0]
+        meta: dict[str, Any] = {
+            "tiles_judged": len(group),
+            "tiles_failed": len(failed),
+            "failed_tiles": dg.MetadataValue.json(names),
+        }
+        if failed:
+            meta["first_failure"] = dg.MetadataValue.json(
+                {
+                    "tile": names[0],
+                    **{k: str(getattr(v, "value", v)) for k, v in first.metadata.items()},
+                }
+            )
+        out.append(
+            dg.AssetCheckEvaluation(
+                asset_key=first.asset_key,
+                check_name=first.check_name,
+                passed=not failed,
+                metadata=meta,
+                severity=first.severity,
+                description=(first.description or "")
+                + (f" Failed on {len(failed)} of {len(group)} tiles." if failed else ""),
+                partition=block,
+            )
+        )
+    return out
 
 
 def check_in_step(
@@ -221,8 +350,8 @@ def check_in_step(
     """Every check of ``assets`` judged on each partition ``keys`` the step wrote."""
     for asset in assets:
         store = storage.store(asset.path[-1])
-        for key in keys:
-            record_checks(context, evaluate_partition(asset, store, key, tile_year))
+        judged = [e for key in keys for e in evaluate_partition(asset, store, key, tile_year)]
+        record_checks(context, judged)  # together: a block's tiles make one evaluation
 
 
 # -- the checkpoint --------------------------------------------------------------------------------
@@ -290,9 +419,7 @@ def acquire_in_step(
     workers = max(1, min(s2.workers(), len(items)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for key, lineage, version in pool.map(one, items):
-            context.add_asset_metadata(
-                summary(lineage, version), partition_key=key, asset_key=FRAMES
-            )
+            publish(context, summary(lineage, version), key, FRAMES)
             context.log.info(f"{key}: frames written to {version.url}")
 
 
@@ -334,7 +461,7 @@ def _normalise(
     ds = normalized_dataset(tensor, cfg, keep_tensors=keep, valid=valid)
     version = storage.store(stages.TENSORS.asset).write(year, tile.id, ds, lineage)
     storage.catalog().record(version, lineage)
-    context.add_asset_metadata(summary(lineage, version), partition_key=key, asset_key=NORMALIZED)
+    publish(context, summary(lineage, version), key, NORMALIZED)
     return (key, tile, year, lineage, version), tensor, valid
 
 
@@ -399,7 +526,7 @@ def _write_embedding(
     meta = summary(lineage, version)
     meta["valid_fraction"] = ds.attrs["valid_fraction"]
     meta["chips_encoded"] = f"{ds.attrs['n_chips_encoded']} of {ds.attrs['n_chips']}"
-    context.add_asset_metadata(meta, partition_key=key, asset_key=EMBEDDING)
+    publish(context, meta, key, EMBEDDING)
 
 
 def normalise_and_embed_items(
@@ -495,7 +622,7 @@ def chip_tables(
     cfg = tile_year.resolve()
     src = storage.store(stages.GRID.asset)
     name = str(stages.CHIPS.file)
-    items = tile_years(context)
+    items = tile_years(context, storage)
     for key, tile, year in items:
         ds, grid_version = _upstream(src, tile, year)
         lineage = _file_lineage(
@@ -511,7 +638,7 @@ def chip_tables(
         meta["path"] = dg.MetadataValue.path(f"{version.url}/{name}")
         meta["n_chips"] = len(gdf)
         meta["chips_encoded"] = int(gdf["encoded"].sum())
-        context.add_asset_metadata(meta, partition_key=key)
+        publish(context, meta, key)
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
 
@@ -519,7 +646,7 @@ def previews(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.Mate
     """Each tile-year's preview (PNG) from its current grid and frame stack."""
     grids, stacks = storage.store(stages.GRID.asset), storage.store(stages.FRAMES.asset)
     name = str(stages.PREVIEW.file)
-    items = tile_years(context)
+    items = tile_years(context, storage)
     for key, tile, year in items:
         grid, grid_version = _upstream(grids, tile, year)
         rgb = ["B4", "B3", "B2"]
@@ -538,7 +665,8 @@ def previews(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.Mate
         version = storage.files(stages.PREVIEW.asset).put(year, tile.id, name, png, lineage)
         storage.catalog().record(version, lineage)
         b64 = base64.b64encode(png).decode()
-        context.add_asset_metadata(
+        publish(
+            context,
             {
                 "path": dg.MetadataValue.path(f"{version.url}/{name}"),
                 "version": version.id,
@@ -554,7 +682,7 @@ def previews(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.Mate
                 .get("embedding", {})
                 .get("fingerprint", ""),
             },
-            partition_key=key,
+            key,
         )
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
@@ -693,7 +821,7 @@ def _dims(zones: dict[int, xr.Dataset]) -> int:
 def int8_grids(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.MaterializeResult:
     """Each tile-year's int8 grid (:func:`quantised_dataset`) from its current float32 grid."""
     src = storage.store(stages.GRID.asset)
-    items = tile_years(context)
+    items = tile_years(context, storage)
     for key, tile, year in items:
         ds, grid_version = _upstream(src, tile, year)
         lineage = _file_lineage(
@@ -713,7 +841,7 @@ def int8_grids(context: dg.AssetExecutionContext, storage: ZarrStorage) -> dg.Ma
         storage.catalog().record(version, lineage)
         meta = summary(lineage, version)
         meta["quantisation"] = str(q.attrs["quantisation"])
-        context.add_asset_metadata(meta, partition_key=key)
+        publish(context, meta, key)
     return dg.MaterializeResult(metadata={"partitions_in_run": len(items)})
 
 

@@ -33,7 +33,13 @@ from agrifm_pipeline.defs.resources import (
     ZarrStorage,
     run_fingerprints,
 )
-from agrifm_pipeline.defs.steps import TileYear, acquire_one, normalise_and_embed_items, summary
+from agrifm_pipeline.defs.steps import (
+    TileYear,
+    acquire_one,
+    normalise_and_embed_items,
+    publish,
+    summary,
+)
 from agrifm_pipeline.settings import load_settings
 from agrifm_pipeline.tiles import Tile
 
@@ -140,7 +146,7 @@ def run_tasks(
     checks: list[dg.AssetCheckEvaluation] = []
     for rec in records:
         for asset, key, meta in rec.metadata:
-            context.add_asset_metadata(meta, partition_key=key, asset_key=asset)
+            publish(context, meta, key, asset)
         checks += rec.checks
         w = rec.worker
         again = " (committed before its worker died; reused)" if rec.reused else ""

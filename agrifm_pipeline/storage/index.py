@@ -231,6 +231,11 @@ class IndexedReader:
         self._indexes[y] = idx
         return idx
 
+    def forget(self, year: str | int) -> None:
+        """Drop what was read of ``year`` (read again if asked again): a reader going
+        through the years one by one keeps one year's partitions at a time."""
+        self._indexes.pop(str(year), None)
+
     def _from_pointers(self, year: str, listed: set[str]) -> dict[str, Version]:
         docs, broken = self.store._read_pointers(year, list(listed))
         self.reads["pointer"] += len(listed)

@@ -16,8 +16,10 @@ import json
 import os
 import posixpath
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +54,27 @@ HISTORY_LEN = 32  # committed versions remembered in the pointer
 # may still be being written by a live writer, so sweeps leave it alone.
 ORPHAN_GRACE_S = 6 * 3600
 _VERSION = re.compile(r"^v(\d{8}T\d{6}\d{6})Z-[0-9a-f]{8}$")
-_MANIFEST_CACHE: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+# Manifests read lately (versions never change), least recently used dropped first: a
+# sensor judging a continent's window each tick re-reads few, and the process stays small.
+MANIFEST_CACHE_SIZE = 20_000
+_MANIFEST_CACHE: OrderedDict[tuple[str, str, str, str], dict[str, Any]] = OrderedDict()
+_MANIFEST_LOCK = threading.Lock()
+
+
+def _cached(key: tuple[str, str, str, str]) -> dict[str, Any] | None:
+    with _MANIFEST_LOCK:
+        got = _MANIFEST_CACHE.get(key)
+        if got is not None:
+            _MANIFEST_CACHE.move_to_end(key)
+        return got
+
+
+def _remember(key: tuple[str, str, str, str], manifest: dict[str, Any]) -> None:
+    with _MANIFEST_LOCK:
+        _MANIFEST_CACHE[key] = manifest
+        _MANIFEST_CACHE.move_to_end(key)
+        while len(_MANIFEST_CACHE) > MANIFEST_CACHE_SIZE:
+            _MANIFEST_CACHE.popitem(last=False)
 
 
 def new_version_id() -> str:
@@ -565,7 +587,7 @@ class VersionedStore:
         """The lineage of a version (the current one by default), from its manifest;
         a version's manifest is read once per process (versions never change)."""
         if version:
-            cached = _MANIFEST_CACHE.get((self.url, str(year), str(tile), version))
+            cached = _cached((self.url, str(year), str(tile), version))
             if cached is not None:
                 out: dict[str, Any] = cached.get("lineage", {})
                 return out
@@ -581,12 +603,10 @@ class VersionedStore:
 
     def _cached_manifest(self, v: Version) -> dict[str, Any]:
         key = (self.url, v.year, v.tile, v.id)
-        got = _MANIFEST_CACHE.get(key)
+        got = _cached(key)
         if got is None:
             got = self.manifest(v)
-            if len(_MANIFEST_CACHE) > 200_000:
-                _MANIFEST_CACHE.clear()
-            _MANIFEST_CACHE[key] = got  # versions are immutable: cached for good
+            _remember(key, got)  # versions are immutable: good while it is kept
         return got
 
     def _check(self, v: Version, verify: bool) -> tuple[dict[str, bytes], list[Problem]]:
