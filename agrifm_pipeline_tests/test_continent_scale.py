@@ -10,7 +10,7 @@ from agrifm_pipeline.defs.partitions import (
     tile_year_key,
     tile_year_partitions,
 )
-from agrifm_pipeline.defs.sensors import judging_window
+from agrifm_pipeline.defs.sensors import _by_shard, judging_window
 
 
 @pytest.mark.parametrize("tile", ["32631_320m_E1800_N17000", "31U_x", "a-b.c"])
@@ -47,11 +47,15 @@ def test_window_sweeps_round_every_tile_year_once_per_round():
     assert ticks == 5  # ceil(3000 / 700)
     assert sorted(seen[: len(keys)]) == sorted(keys)  # nothing skipped, nothing twice
     assert len(set(seen[: len(keys)])) == len(keys)
-    # the next round starts again at the beginning, wrapped
-    assert seen[len(keys)] == min(keys, key=lambda k: (k[1], k[0]))
+    # the next round starts again at the beginning, wrapped; windows go in (year, index
+    # shard, tile) order, so that each reads few shards of each year's index
+    assert seen[len(keys)] == min(keys, key=_by_shard)
+    assert seen[:700] == sorted(keys, key=_by_shard)[:700]
 
 
 def test_window_resumes_after_a_tile_year_that_is_gone():
     keys = {(f"t{i:02d}", 2020) for i in range(30)}
-    window, _, _ = judging_window(keys - {("t10", 2020)}, [2020, "t10"], limit=5)
-    assert window == [(f"t{i}", 2020) for i in range(11, 16)]
+    ordered = sorted(keys, key=_by_shard)
+    gone = ordered[10]
+    window, _, _ = judging_window(keys - {gone}, [2020, gone[0]], limit=5)
+    assert window == ordered[11:16]

@@ -96,8 +96,26 @@ def test_a_reader_reads_one_index_and_one_listing_per_year(store_kind, monkeypat
     got = {t: reader.current(2019, t) for t in TILES}
     assert {t: v.id for t, v in got.items()} == {t: store.index(2019)[t].id for t in TILES}  # type: ignore[index]
     assert counts == {"pointer": 0, "manifest": 0}
-    assert reader.reads["index"] == 1 and reader.reads["listing"] == 1
+    # Shard by shard, each once (never the whole index at once), and one listing.
+    assert reader.reads["listing"] == 1 and reader.reads["index"] == 0
+    assert reader.reads["shard"] == len({0, *(index_shard(t) for t in TILES)})
     assert reader.current(2018, TILES[0]) is None and reader.current(2019, "32631_640m_X") is None
+
+
+def test_a_reader_reads_only_the_shards_of_what_it_judges(tmp_path: Path) -> None:
+    store = ZarrStore(tmp_path, "grid")
+    store.index_size_hint = lambda: 100_000  # 128 shards: a continent-year's layout
+    tiles = [f"32631_640m_E{e:04d}_N8784" for e in range(890, 1090)]
+    for i, t in enumerate(tiles):
+        store.write(2019, t, _grid(i), _lineage(t, i))
+    window = tiles[:5]
+    reader = IndexedReader(store)
+    reader.load(2019, window)  # one batch
+    assert reader.reads["shard"] == len({0, *(index_shard(t, 128) for t in window)}) <= 6
+    assert all(reader.current(2019, t).id == store.current(2019, t).id for t in window)  # type: ignore[union-attr]
+    assert reader.reads["shard"] <= 6 and reader.reads["index"] == 0
+    # What is not in a shard read so far is read when asked for.
+    assert reader.current(2019, tiles[-1]).id == store.current(2019, tiles[-1]).id  # type: ignore[union-attr]
 
 
 def test_a_partition_deleted_by_hand_is_gone_for_the_reader(store_kind: StoreKind) -> None:
@@ -262,3 +280,61 @@ def test_threads_of_one_process_lose_no_index_entry(store_kind: StoreKind) -> No
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda t: store.write(2019, t, _grid(1), _lineage(t, 1)), work))
     assert set(work) <= set(store.index(2019) or {})
+
+
+def test_a_years_shards_grow_with_what_it_holds() -> None:
+    from agrifm_pipeline.storage import PER_SHARD, shards_for
+
+    assert shards_for(0) == shards_for(8 * PER_SHARD) == INDEX_SHARDS
+    assert shards_for(8 * PER_SHARD + 1) == 16
+    assert shards_for(125_316) == 128  # a continent-year: ~980 partitions a shard
+    assert shards_for(10**9) == 1024
+    # A tile's shard under 2N is its shard under N, or that plus N.
+    for t in TILES:
+        assert index_shard(t, 16) % 8 == index_shard(t, 8)
+
+
+def test_a_years_index_is_sized_for_the_hint_and_resized_by_a_rebuild(
+    store_kind: StoreKind,
+) -> None:
+    from agrifm_pipeline.storage import _INDEXED_YEARS
+
+    store = store_kind.zarr()
+    store.index_size_hint = lambda: 20_000  # e.g. the registered tiles
+    for i, t in enumerate(TILES[:4]):
+        store.write(2019, t, _grid(i), _lineage(t, i))
+    heads = [json.loads(store._read(store.index_path(2019, i)) or b"{}") for i in range(32)]
+    assert {h["of"] for h in heads} == {32} and all(h["complete"] for h in heads)
+    assert sorted(store.index(2019) or {}) == TILES[:4]
+    # verify's rebuild sizes it for what it holds: back to 8; the 24 others are gone.
+    store.index_size_hint = None
+    assert store.rebuild_index(2019) == 4
+    assert store._read(store.index_path(2019, 8)) is None
+    # A writer that still knew 32 shards finds out and enters its partition under 8.
+    _INDEXED_YEARS[(store.url, "2019")] = 32
+    v = store.write(2019, TILES[4], _grid(4), _lineage(TILES[4], 4))
+    idx = store.index(2019)
+    assert idx is not None and sorted(idx) == TILES[:5] and idx[TILES[4]].id == v.id
+    assert _INDEXED_YEARS[(store.url, "2019")] == 8
+
+
+def test_shards_of_two_layouts_are_no_index(tmp_path: Path) -> None:
+    store = ZarrStore(tmp_path, "grid")
+    for i, t in enumerate(TILES[:3]):
+        store.write(2019, t, _grid(i), _lineage(t, i))
+    path = Path(store.index_path(2019, 3))
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "of": 16}))
+    assert store.index(2019) is None  # only a cache: the readers rebuild it
+    reader = IndexedReader(store)
+    assert sorted(reader.index(2019) or {}) == TILES[:3]
+    assert {json.loads(p.read_text())["of"] for p in path.parent.glob("*.json")} == {8}
+
+
+def test_a_shard_removed_by_hand_is_made_again_by_the_next_commit(tmp_path: Path) -> None:
+    store = ZarrStore(tmp_path, "grid")
+    store.write(2019, TILES[0], _grid(0), _lineage(TILES[0], 0))
+    Path(store.index_path(2019, index_shard(TILES[1]))).unlink()
+    v = store.write(2019, TILES[1], _grid(1), _lineage(TILES[1], 1))
+    idx = store.index(2019)
+    assert idx is not None and sorted(idx) == TILES[:2] and idx[TILES[1]].id == v.id

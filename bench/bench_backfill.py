@@ -10,9 +10,9 @@ The instance's ``max_concurrent_runs`` is set to 0 for the test: the backfill da
 creates and queues the runs (what is measured), none is launched, so no work is done
 (the simulated work of a cluster is the queue draining at its own rate; a run's
 duration does not change how the backfill daemon requests). The backfill is the UI's:
-an asset backfill of every tile-year asset over the ``--n`` first tile-years (tiles in
-partition order, years from the seeded year down), each run at most
-``MAX_PARTITIONS_PER_RUN`` tile-years (the assets' backfill policy).
+an asset backfill of every tile-year asset over the ``--n`` first tile-years (tiles, or
+blocks with ``--block-side``, in partition order, years from the seeded year down), each
+run at most what the assets' backfill policy allows (16 tiles, or one 8 x 8 block).
 """
 
 from __future__ import annotations
@@ -41,15 +41,34 @@ def main() -> None:
     ap.add_argument("--kill-after", type=float, default=60.0)
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--block-side",
+        type=int,
+        default=1,
+        help="the seeded instance's block side (8 for a continent seeded with blocks)",
+    )
+    ap.add_argument(
+        "--submit-workers",
+        type=int,
+        default=0,
+        help="the daemon's threads submitting a backfill's runs (backfills: num_submit_workers)",
+    )
     args = ap.parse_args()
     tmp = Path(args.dir)
     home = tmp / "dagster"
     os.environ["AGRIFM_BENCH_TMP"] = str(tmp)
     os.environ["DAGSTER_HOME"] = str(home)
-    yaml = (home / "dagster.yaml").read_text()
-    (home / "dagster.yaml").write_text(
-        yaml.replace("max_concurrent_runs: 8", "max_concurrent_runs: 0")
-    )
+    # The definitions' backfill policy (tile-years per run) follows the block side; the
+    # daemon's code server inherits it.
+    os.environ["AGRIFM_PIPELINE_BLOCK_SIDE"] = str(args.block_side)
+    yaml = (home / "dagster.yaml").read_text().split("\n# bench_backfill\n")[0]
+    yaml = yaml.replace("max_concurrent_runs: 8", "max_concurrent_runs: 0")
+    if args.submit_workers:
+        yaml += (
+            "\n# bench_backfill\nbackfills:\n  use_threads: true\n"
+            f"  num_submit_workers: {args.submit_workers}\n"
+        )
+    (home / "dagster.yaml").write_text(yaml)
     (tmp / "workspace.yaml").write_text(
         "load_from:\n  - python_module:\n      module_name: bench_continent_defs\n"
         f"      working_directory: {ROOT / 'bench'}\n"
@@ -60,17 +79,31 @@ def main() -> None:
 
     from agrifm_pipeline.definitions import build_defs
     from agrifm_pipeline.defs.assets import tile_year_assets
-    from agrifm_pipeline.defs.partitions import tile_year_key
+    from agrifm_pipeline.defs.partitions import TileUnits, tile_year_key
 
-    out = Out(args.json, n=args.n, dir=str(tmp), command=" ".join(["python", *sys.argv]))
-    defs = build_defs(_resources(tmp, TINY))
+    out = Out(
+        args.json,
+        n=args.n,
+        block_side=args.block_side,
+        submit_workers=args.submit_workers,
+        dir=str(tmp),
+        command=" ".join(["python", *sys.argv]),
+    )
+    resources = _resources(tmp, TINY, args.block_side)
+    defs = build_defs(resources)
     graph = defs.resolve_asset_graph()
     with dg.DagsterInstance.get() as instance:
-        tiles = instance.get_dynamic_partitions("tiles")
+        units = instance.get_dynamic_partitions("tiles")
+        size = TileUnits(resources["storage"].registry().owners(), units)
         keys: list[str] = []
+        tile_years = 0
         year = args.year
-        while len(keys) < args.n:
-            keys += [str(tile_year_key(t, year)) for t in tiles[: args.n - len(keys)]]
+        while tile_years < args.n:  # the first units, years from the seeded one down
+            for u in units:
+                if tile_years >= args.n:
+                    break
+                keys.append(str(tile_year_key(u, year)))
+                tile_years += len(size.tiles(u))
             year -= 1
         selection = [k for a in tile_year_assets for k in a.keys]
         t = time.perf_counter()
@@ -90,7 +123,12 @@ def main() -> None:
         )
         instance.add_backfill(backfill)
         out.put(
-            "launch_backfill", {"s": round(time.perf_counter() - t, 1), "tile_years": len(keys)}
+            "launch_backfill",
+            {
+                "s": round(time.perf_counter() - t, 1),
+                "partitions": len(keys),
+                "tile_years": tile_years,
+            },
         )
 
         def start() -> subprocess.Popen:
@@ -152,6 +190,16 @@ def main() -> None:
                         seen.get((a.to_user_string(), str(pk)), 0) + 1
                     )
         want = {(k.to_user_string(), pk) for k in selection for pk in keys}
+        # What the backfill has marked requested: each must have its run (else it is lost:
+        # marked, never launched); what it has not is still to come, not lost.
+        data = instance.get_backfill(backfill_id).asset_backfill_data
+        marked = {
+            (akpk.asset_key.to_user_string(), str(akpk.partition_key))
+            for akpk in data.requested_subset.iterate_asset_partitions()
+        }
+        tile_years_queued = sum(
+            len(size.tiles(str(pk).split("|")[0])) for pk in {p for _, p in seen}
+        )
         gaps = [b[0] - a[0] for a, b in itertools.pairwise(series) if b[1] == a[1]]
         steps = [b for a, b in itertools.pairwise(series) if b[1] > a[1]]
         rate = None
@@ -169,8 +217,13 @@ def main() -> None:
                 "runs_per_minute_overall": round(60 * len(runs) / total, 1),
                 "runs_per_minute_after_restart": rate,
                 "longest_stretch_without_a_new_run_s": max(gaps, default=0),
+                "tile_years_queued": tile_years_queued,
+                "tile_years_per_minute": round(60 * tile_years_queued / total, 1),
                 "partitions_requested_twice": sum(1 for v in seen.values() if v > 1),
-                "partitions_lost": len(want - set(seen)),
+                "partitions_marked_requested_without_a_run": len(marked - set(seen)),
+                "partitions_in_runs_not_marked": len(set(seen) - marked),
+                "partitions_still_to_request": len(want - marked),
+                "partitions_lost": len(want - set(seen)) if done else len(marked - set(seen)),
                 "partitions_outside_target": len(set(seen) - want),
                 "daemon_peak_rss_mb": round(peak, 1),
                 "series_tail": series[-5:],

@@ -119,7 +119,7 @@ def seed_store(storage: Any, ids: list[str], year: int, template: dict[str, Any]
 
     from agrifm_pipeline.lineage import lineage_record
     from agrifm_pipeline.storage.fs import _loads  # noqa: F401
-    from agrifm_pipeline.storage.index import _index_entry
+    from agrifm_pipeline.storage.index import _index_entry, shards_for
     from agrifm_pipeline.storage.versions import MANIFEST, POINTER, new_version_id
 
     entries: dict[str, dict[str, Any]] = {a: {} for a in (*ZARR, *FILES)}
@@ -155,7 +155,7 @@ def seed_store(storage: Any, ids: list[str], year: int, template: dict[str, Any]
             versions[(asset, tile)] = vid
     for asset, ent in entries.items():
         store = storage.stage_store(asset)
-        store._merge_index(str(year), ent, complete=True, replace=True)
+        store._merge_index(str(year), ent, shards=shards_for(len(ent)), complete=True, replace=True)
     return versions
 
 
@@ -275,6 +275,12 @@ def main() -> None:
         default=1,
         help="tiles per side of a partition (1: tile partitions; 8: 64-tile blocks)",
     )
+    ap.add_argument(
+        "--reuse", action="store_true", help="judge what an earlier run seeded in --dir again"
+    )
+    ap.add_argument(
+        "--reindex", action="store_true", help="rebuild each asset-year's index first (verify)"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     os.environ.setdefault("AGRIFM_PIPELINE_MAX_REGION_TILES", str(max(10_000, 2 * args.tiles)))
@@ -307,78 +313,96 @@ def main() -> None:
     storage = resources["storage"]
     year = args.year
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        # 1. Register the region through the region sensor, as the daemon would.
-        box, _cols, _rows = region_box(args.tiles)
-        regions = Path(storage.regions_dir)
-        regions.mkdir(parents=True, exist_ok=True)
-        gpd.GeoDataFrame({"name": ["continent"]}, geometry=[box], crs="EPSG:32632").to_file(
-            regions / "continent.geojson", driver="GeoJSON"
-        )
-        t = time.perf_counter()
-        result = region_files_sensor(
-            dg.build_sensor_context(instance=instance, resources=resources)
-        )
-        tick_s = time.perf_counter() - t
-        t = time.perf_counter()
-        for req in getattr(result, "dynamic_partitions_requests", None) or []:
-            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-        add_s = time.perf_counter() - t
-        t = time.perf_counter()
-        again = region_files_sensor(dg.build_sensor_context(instance=instance, resources=resources))
-        next_s = time.perf_counter() - t
-        ids = storage.registry().tiles_of("continent")
-        unit = partition_unit(ids[0], args.block_side)  # the template tile's partition
-        out.put(
-            "register_region",
-            {
-                "tiles": len(ids),
-                "partition_keys": len(instance.get_dynamic_partitions("tiles")),
-                "sensor_tick_s": round(tick_s, 2),
-                "add_partitions_s": round(add_s, 2),
-                "whole_s": round(tick_s + add_s, 2),
-                "next_tick_s": round(next_s, 2),
-                "next_tick": getattr(again, "skip_message", None) or str(again)[:100],
-            },
-        )
-        if "seed" in skip:  # registration only (e.g. at 125,000 tiles on a busy host)
-            out.put("load_at_end", {"uptime": load()})
-            return
-        # 2. One real tile-year, the template.
-        t = time.perf_counter()
-        defs = build_defs(resources)
-        res = defs.resolve_job_def("embed_tile_years").execute_in_process(
-            instance=instance,
-            tags={
-                RANGE_START: str(tile_year_key(unit, year)),
-                RANGE_END: str(tile_year_key(unit, year)),
-                **({TILES_TAG: ids[0]} if unit != ids[0] else {}),
-            },
-        )
-        assert res.success
-        template = {}
-        for asset in (*ZARR, *FILES):
-            store = storage.stage_store(asset)
-            pointer = store.pointer(year, ids[0])
-            v = store.current(year, ids[0])
-            template[asset] = (store.manifest(v), pointer)
-        real_s = time.perf_counter() - t
-        # 3. The store and the instance, as the finished run leaves them.
-        t = time.perf_counter()
-        versions = seed_store(storage, ids, year, template)
-        store_s = time.perf_counter() - t
-        t = time.perf_counter()
-        n_events = seed_events(instance, ids, year, versions, args.block_side)
-        events_s = time.perf_counter() - t
-        out.put(
-            "seed",
-            {
-                "real_tile_year_s": round(real_s, 1),
-                "store_s": round(store_s, 1),
-                "events_s": round(events_s, 1),
-                "store_partitions": len(ZARR + tuple(FILES)) * len(ids),
-                "dagster_events": len(ZARR + tuple(FILES)) * n_events,
-            },
-        )
+        if not args.reuse:
+            # 1. Register the region through the region sensor, as the daemon would.
+            box, _cols, _rows = region_box(args.tiles)
+            regions = Path(storage.regions_dir)
+            regions.mkdir(parents=True, exist_ok=True)
+            gpd.GeoDataFrame({"name": ["continent"]}, geometry=[box], crs="EPSG:32632").to_file(
+                regions / "continent.geojson", driver="GeoJSON"
+            )
+            t = time.perf_counter()
+            result = region_files_sensor(
+                dg.build_sensor_context(instance=instance, resources=resources)
+            )
+            tick_s = time.perf_counter() - t
+            t = time.perf_counter()
+            for req in getattr(result, "dynamic_partitions_requests", None) or []:
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            add_s = time.perf_counter() - t
+            t = time.perf_counter()
+            again = region_files_sensor(
+                dg.build_sensor_context(instance=instance, resources=resources)
+            )
+            next_s = time.perf_counter() - t
+            ids = storage.registry().tiles_of("continent")
+            unit = partition_unit(ids[0], args.block_side)  # the template tile's partition
+            out.put(
+                "register_region",
+                {
+                    "tiles": len(ids),
+                    "partition_keys": len(instance.get_dynamic_partitions("tiles")),
+                    "sensor_tick_s": round(tick_s, 2),
+                    "add_partitions_s": round(add_s, 2),
+                    "whole_s": round(tick_s + add_s, 2),
+                    "next_tick_s": round(next_s, 2),
+                    "next_tick": getattr(again, "skip_message", None) or str(again)[:100],
+                },
+            )
+            if "seed" in skip:  # registration only (e.g. at 125,000 tiles on a busy host)
+                out.put("load_at_end", {"uptime": load()})
+                return
+            # 2. One real tile-year, the template.
+            t = time.perf_counter()
+            defs = build_defs(resources)
+            res = defs.resolve_job_def("embed_tile_years").execute_in_process(
+                instance=instance,
+                tags={
+                    RANGE_START: str(tile_year_key(unit, year)),
+                    RANGE_END: str(tile_year_key(unit, year)),
+                    **({TILES_TAG: ids[0]} if unit != ids[0] else {}),
+                },
+            )
+            assert res.success
+            template = {}
+            for asset in (*ZARR, *FILES):
+                store = storage.stage_store(asset)
+                pointer = store.pointer(year, ids[0])
+                v = store.current(year, ids[0])
+                template[asset] = (store.manifest(v), pointer)
+            real_s = time.perf_counter() - t
+            # 3. The store and the instance, as the finished run leaves them.
+            t = time.perf_counter()
+            versions = seed_store(storage, ids, year, template)
+            store_s = time.perf_counter() - t
+            t = time.perf_counter()
+            n_events = seed_events(instance, ids, year, versions, args.block_side)
+            events_s = time.perf_counter() - t
+            out.put(
+                "seed",
+                {
+                    "real_tile_year_s": round(real_s, 1),
+                    "store_s": round(store_s, 1),
+                    "events_s": round(events_s, 1),
+                    "store_partitions": len(ZARR + tuple(FILES)) * len(ids),
+                    "dagster_events": len(ZARR + tuple(FILES)) * n_events,
+                },
+            )
+        else:  # an instance and store seeded by an earlier run, as they are
+            ids = storage.registry().tiles_of("continent")
+            unit = partition_unit(ids[0], args.block_side)
+        if args.reindex:  # what `agrifm-pipeline verify` does to each index: rebuilt
+            from agrifm_pipeline.storage.index import _INDEXED_YEARS
+
+            t = time.perf_counter()
+            counts = {a: storage.stage_store(a).rebuild_index(year) for a in (*ZARR, *FILES)}
+            shards = {
+                a: _INDEXED_YEARS.get((storage.stage_store(a).url, str(year))) for a in counts
+            }
+            out.put(
+                "reindex",
+                {"s": round(time.perf_counter() - t, 1), "partitions": counts, "shards": shards},
+            )
         # 4. The stale sensor, nothing stale; twice, the cursor carried.
         cursor = None
         for name in ("stale_tick_nothing_stale_1", "stale_tick_nothing_stale_2"):

@@ -35,6 +35,8 @@ from agrifm_pipeline.tiles import is_block_id
 
 # partition key -> (run id, timestamp, version named in its metadata) of the latest one
 Latest = dict[str, tuple[str, float, str | None]]
+# Tile-years whose pointers the audit holds at once (per asset): its memory, whatever the year.
+AUDIT_BLOCK = 5000
 # The files derived from a tile-year's grid: judged by the versions they were made from.
 DERIVED = tuple(s.asset for s in stages.DERIVED)
 
@@ -79,7 +81,7 @@ def iter_audit_rows(
     keys: set[tuple[str, int]] = set()
     for asset in assets:
         keys.update(split_key(pk) for pk in latest[asset])
-        keys.update((ref.tile, int(ref.year)) for ref in stores[asset].partitions())
+        keys.update((ref.tile, int(ref.year)) for ref in stores[asset].listed())
     keys = {
         (t, y) for t, y in keys if (tiles is None or t in tiles) and (year is None or y == year)
     }
@@ -88,12 +90,17 @@ def iter_audit_rows(
     unjudged = f"not judged: {not_judged}" if not_judged else "not judged"
     grids: dict[tuple[str, int], StageState] = {}  # each tile-year's grid, without its lineage
     stale: dict[tuple[str, str, int], str] = {}  # (asset, name, year) -> why, stale rows only
-    done_year: int | None = None
-    for t, y in sorted(keys, key=lambda k: (k[1], k[0])):
-        if done_year is not None and y != done_year:
-            for reader in stores.values():
-                reader.forget(done_year)  # that year's pointers: judged, not needed again
-        done_year = y
+    ordered = sorted(keys, key=lambda k: (k[1], k[0]))
+    for i, (t, y) in enumerate(ordered):
+        if i % AUDIT_BLOCK == 0 or ordered[i - 1][1] != y:
+            # The next block of a year's tiles: its pointers read in one batch per asset,
+            # the previous block's (and a year done with) let go.
+            block = [k[0] for k in ordered[i : i + AUDIT_BLOCK] if k[1] == y]
+            for asset in assets:
+                stores[asset].release(y)
+                if i and ordered[i - 1][1] != y:
+                    stores[asset].forget(ordered[i - 1][1])
+                stores[asset].load(y, block)
         state = tile_year_state(stores, t, y, current, unknown=unknown, scenes=scenes)
         grid = state.stages["embedding"]
         grids[(t, y)] = StageState(

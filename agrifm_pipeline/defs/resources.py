@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 from pydantic import Field
@@ -330,6 +330,9 @@ ZARR_ASSETS = tuple(s.asset for s in stages.TABLE if s.store == "zarr")
 FILE_ASSETS = tuple(s.asset for s in stages.TABLE if s.store == "files")
 
 
+Store = TypeVar("Store", bound=PartitionStore)
+
+
 class ZarrStorage(dg.ConfigurableResource):
     """Where outputs live: a local directory or any fsspec URL (s3://, gs://, …).
 
@@ -368,12 +371,21 @@ class ZarrStorage(dg.ConfigurableResource):
     )
 
     def store(self, asset: str) -> ZarrStore:
-        return ZarrStore(
+        store = ZarrStore(
             self.root, asset, zarr_format=self.zarr_format, storage_options=self.storage_options
         )
+        return self._sized(store)
 
     def files(self, asset: str) -> FileStore:
-        return FileStore(self.root, asset, storage_options=self.storage_options)
+        return self._sized(FileStore(self.root, asset, storage_options=self.storage_options))
+
+    def _sized(self, store: Store) -> Store:
+        """A tile-year asset's index is sized, when a year's is first made, for the
+        registered tiles (asked once per year and process)."""
+        row = stages.BY_ASSET.get(store.asset)
+        if row is not None and row.partitions == "tile-year":
+            store.index_size_hint = lambda: len(self.registry().owners())
+        return store
 
     def stage_store(self, name: str) -> PartitionStore:
         """A stored asset's partitions (``name``: the asset or its stage), in the kind of

@@ -48,7 +48,7 @@ from agrifm_pipeline.defs.staleness import (
 )
 from agrifm_pipeline.mapping.products import replay_config
 from agrifm_pipeline.registry import RegionChange
-from agrifm_pipeline.storage import IndexedReader
+from agrifm_pipeline.storage import MAX_INDEX_SHARDS, IndexedReader, index_shard
 from agrifm_pipeline.tiles import is_block_id
 
 # -- region files and mosaics ----------------------------------------------------------------------
@@ -281,17 +281,20 @@ SWEEP_KEY = "sweep"
 def judging_window(
     candidates: set[tuple[str, int]], after: list[Any] | None, limit: int | None = None
 ) -> tuple[list[tuple[str, int]], dict[str, Any], str]:
-    """The tile-years this tick judges, in (year, tile) order: every one while there are at
-    most ``limit``; else ``limit`` of them starting after ``after`` (the last one the
-    previous tick judged, ``[year, tile]``), wrapping round. Returns them, what the
+    """The tile-years this tick judges: every one while there are at most ``limit`` (in
+    (year, tile) order); else ``limit`` of them in (year, index shard, tile) order (see
+    :func:`_by_shard`) starting after ``after`` (the last one the previous tick judged,
+    ``[year, tile]``), wrapping round. Returns them, what the
     cursor keeps ({} without a sweep) and what the tick's message adds ("" without)."""
     limit = JUDGE_PER_TICK if limit is None else limit
-    ordered = sorted(candidates, key=_by_year)
-    if len(ordered) <= limit:
-        return [(t, y) for t, y in ordered], {}, ""
+    if len(candidates) <= limit:
+        return sorted(candidates, key=_by_year), {}, ""
+    ordered = sorted(candidates, key=_by_shard)
     start = 0
     if after:
-        start = bisect.bisect_right(ordered, (int(after[0]), str(after[1])), key=_by_year)
+        start = bisect.bisect_right(
+            ordered, _by_shard((str(after[1]), int(after[0]))), key=_by_shard
+        )
     window = (ordered[start:] + ordered[:start])[:limit]
     last = window[-1]
     ticks = -(-len(ordered) // limit)
@@ -305,6 +308,13 @@ def judging_window(
 
 def _by_year(key: tuple[str, int]) -> tuple[int, str]:
     return key[1], key[0]
+
+
+def _by_shard(key: tuple[str, int]) -> tuple[int, int, str]:
+    """(year, index shard, tile): a window of consecutive tile-years in this order falls in
+    few shards of each year's index (a shard under N is its shard under 1024, modulo N),
+    so a tick reads those shards, not the whole index."""
+    return key[1], index_shard(key[0], MAX_INDEX_SHARDS), key[0]
 
 
 def _run_batches(
@@ -378,6 +388,12 @@ def stale_partitions_sensor(
     rerun_on = tile_year.rerun_causes()
     held_why: dict[str, list[str]] = {}
     judged, sweep, sweep_note = judging_window(candidates, cursor.get(SWEEP_KEY))
+    by_year: dict[int, list[str]] = {}
+    for tile, year in judged:
+        by_year.setdefault(year, []).append(tile)
+    for asset in (s.asset for s in stages.TILE_YEAR):  # the window's index shards, batched
+        for year, tiles in by_year.items():
+            stores[asset].load(year, tiles)
     for tile, year in judged:
         state = tile_year_state(stores, tile, year, current, unknown=unknown, scenes=scenes.lister)
         # Recorded by Dagster, gone from the store.
