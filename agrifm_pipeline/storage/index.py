@@ -316,6 +316,7 @@ class IndexedReader:
         # pointers: years read a block of tiles at a time (tile -> version, tiles asked)
         self._pointer_years: dict[str, tuple[dict[str, Version], set[str]]] = {}
         self._listings: dict[str, set[str]] = {}
+        self._index_ids: dict[str, dict[str, str]] = {}  # year -> tile -> indexed version
         self._broken: set[tuple[str, str]] = set()
         self.reads = {"index": 0, "listing": 0, "pointer": 0, "repaired": 0, "shard": 0}
 
@@ -438,7 +439,14 @@ class IndexedReader:
     def forget(self, year: str | int) -> None:
         """Drop what was read of ``year`` (read again if asked again): a reader going
         through the years one by one keeps one year's partitions at a time."""
-        for held in (self._indexes, self._years, self._pointer_years, self._listings):
+        held_per_year = (
+            self._indexes,
+            self._years,
+            self._pointer_years,
+            self._listings,
+            self._index_ids,
+        )
+        for held in held_per_year:
             held.pop(str(year), None)
 
     def _from_pointers(self, year: str, listed: Collection[str]) -> dict[str, Version]:
@@ -451,21 +459,20 @@ class IndexedReader:
         if behind:
             self.reads["repaired"] += len(behind)
             self.store._index_enter(year, behind)
+            self._index_ids.setdefault(year, {}).update((t, out[t].id) for t in behind)
         return out
 
     def _indexed_versions(self, year: str, tiles: list[str]) -> dict[str, str]:
-        """tile -> the version the index names, from the shards that hold ``tiles``; {}
-        without a usable index (every pointer is then entered again)."""
-        head = self.store._shard_head(year)
-        if head is None or not isinstance(head.get("partitions"), dict):
-            return {}
-        shards = int(head["of"])
-        need = {index_shard(t, shards) for t in tiles} - {0}
-        got = self.store.index_shards(year, shards, need) if need else {}
-        if got is None:
-            return {}
-        entries = {**head["partitions"], **got}
-        return {t: str(entries[t].get("version")) for t in tiles if t in entries}
+        """tile -> the version the index names; {} without a usable index (every pointer
+        is then entered again). The year's index is read once and only its version ids
+        kept (tens of bytes a partition), whatever block of tiles is asked next."""
+        if year not in self._index_ids:
+            idx = self.store.index(year)
+            self._index_ids[year] = (
+                {t: str(e.get("version")) for t, e in idx.entries.items()} if idx else {}
+            )
+        ids = self._index_ids[year]
+        return {t: ids[t] for t in tiles if t in ids}
 
     def current(self, year: str | int, tile: str) -> Version | None:
         key = (str(year), str(tile))
