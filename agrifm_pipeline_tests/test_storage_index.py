@@ -338,3 +338,22 @@ def test_a_shard_removed_by_hand_is_made_again_by_the_next_commit(tmp_path: Path
     v = store.write(2019, TILES[1], _grid(1), _lineage(TILES[1], 1))
     idx = store.index(2019)
     assert idx is not None and sorted(idx) == TILES[:2] and idx[TILES[1]].id == v.id
+
+
+def test_an_index_of_an_earlier_layout_is_rebuilt_not_misread(tmp_path: Path) -> None:
+    from agrifm_pipeline.storage import shard_key
+
+    # A block's tiles share a shard; names that are not tile ids are their own key.
+    assert shard_key(TILES[0]) == shard_key(TILES[5]) == "32631_640m_8x8_E0111_N1098"
+    assert len({index_shard(t, 1024) for t in TILES[:6]}) == 1
+    assert shard_key("france") == "france"
+    store = ZarrStore(tmp_path, "grid")
+    v = {t: store.write(2019, t, _grid(i), _lineage(t, i)) for i, t in enumerate(TILES)}
+    for path in Path(store.index_path(2019)).glob("*.json"):  # as an older release wrote it
+        doc = json.loads(path.read_text())
+        doc.pop("layout")
+        path.write_text(json.dumps(doc))
+    assert store.index(2019) is None
+    reader = IndexedReader(store)
+    assert {t: reader.current(2019, t).id for t in TILES} == {t: x.id for t, x in v.items()}  # type: ignore[union-attr]
+    assert store.index(2019) is not None  # rebuilt in the current layout

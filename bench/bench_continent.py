@@ -240,7 +240,9 @@ def audit_child(home: str, tmp: str, year: int, q: Any) -> None:
         with open(Path(tmp) / "audit.csv", "w", newline="") as fh:
             n = write_rows(counted(rows), "csv", fh)
         s = time.perf_counter() - t
-    q.put({"s": round(s, 1), "rows": n, "statuses": statuses, "peak_rss_mb": rss_mb()})
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a spawned child would
+    # report its parent's peak when that is higher.
+    q.put({"s": round(s, 1), "rows": n, "statuses": statuses, "peak_rss_mb": peak_rss(os.getpid())})
 
 
 TINY = ROOT / "agrifm_pipeline_tests" / "fixtures" / "agrifm" / "tiny_p444.pth"

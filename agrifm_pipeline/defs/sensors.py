@@ -48,7 +48,7 @@ from agrifm_pipeline.defs.staleness import (
 )
 from agrifm_pipeline.mapping.products import replay_config
 from agrifm_pipeline.registry import RegionChange
-from agrifm_pipeline.storage import MAX_INDEX_SHARDS, IndexedReader, index_shard
+from agrifm_pipeline.storage import MAX_INDEX_SHARDS, IndexedReader, index_shard, shard_key
 from agrifm_pipeline.tiles import is_block_id
 
 # -- region files and mosaics ----------------------------------------------------------------------
@@ -310,11 +310,12 @@ def _by_year(key: tuple[str, int]) -> tuple[int, str]:
     return key[1], key[0]
 
 
-def _by_shard(key: tuple[str, int]) -> tuple[int, int, str]:
-    """(year, index shard, tile): a window of consecutive tile-years in this order falls in
-    few shards of each year's index (a shard under N is its shard under 1024, modulo N),
-    so a tick reads those shards, not the whole index."""
-    return key[1], index_shard(key[0], MAX_INDEX_SHARDS), key[0]
+def _by_shard(key: tuple[str, int]) -> tuple[int, int, str, str]:
+    """(year, index shard, 8 x 8 block, tile): a window of consecutive tile-years in this
+    order falls in few shards of each year's index (a shard under N is its shard under
+    1024, modulo N) and holds whole blocks (a block's tiles share a shard), so a tick reads
+    those shards, not the whole index, and requests a block's stale tiles in one run."""
+    return key[1], index_shard(key[0], MAX_INDEX_SHARDS), shard_key(key[0]), key[0]
 
 
 def _run_batches(

@@ -88,6 +88,7 @@ from agrifm_pipeline.storage.index import (
     IndexedReader,
     PartitionStore,
     index_shard,
+    shard_key,
     shards_for,
 )
 from agrifm_pipeline.storage.maintenance import (
@@ -164,6 +165,7 @@ __all__ = [
     "lineage_from_attrs",
     "new_version_id",
     "referenced_versions",
+    "shard_key",
     "shards_for",
     "storage_from_env",
     "storage_options_from_env",

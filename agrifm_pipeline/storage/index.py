@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,7 +148,9 @@ class PartitionStore(VersionedStore):
         """Shard 00 of the year when it is complete and names a usable N, else None."""
         raw = self._read(self.index_path(year, 0))
         doc = _loads(raw, damaged=True) if raw is not None else None
-        if not (doc and doc.get("complete")) or not _usable_shards(doc.get("of")):
+        if not (doc and doc.get("complete") and doc.get("layout") == LAYOUT):
+            return None
+        if not _usable_shards(doc.get("of")):
             return None
         return doc
 
@@ -174,10 +177,16 @@ class PartitionStore(VersionedStore):
             def enter(
                 doc: dict[str, Any] | None, part: dict[str, Any] = part, shard: int = shard
             ) -> dict[str, Any]:
-                if not complete and (doc is None or doc.get("of") != shards):
+                if not complete and (
+                    doc is None or doc.get("of") != shards or doc.get("layout") != LAYOUT
+                ):
                     raise _Resharded  # gone (a smaller N), or laid out for another N
                 kept = {} if replace else dict((doc or {}).get("partitions", {}))
-                if complete and doc is not None and doc.get("of") != shards:
+                if (
+                    complete
+                    and doc is not None
+                    and (doc.get("of") != shards or doc.get("layout") != LAYOUT)
+                ):
                     # laid out for another N: keep only what this shard holds under ours
                     kept = {t: e for t, e in kept.items() if index_shard(t, shards) == shard}
                 parts = kept
@@ -209,6 +218,7 @@ class PartitionStore(VersionedStore):
             "year": year,
             "shard": shard,
             "of": shards,
+            "layout": LAYOUT,
             "complete": complete,
             "partitions": parts,
         }
@@ -238,6 +248,8 @@ class PartitionStore(VersionedStore):
             doc = _loads(raw, damaged=True) if isinstance(raw, bytes | bytearray) else None
             if doc is None or not doc.get("complete") or doc.get("of") != shards:
                 return None  # only a cache: rebuilt from the pointers
+            if doc.get("layout") != LAYOUT:
+                return None
             parts = doc.get("partitions", {})
             if not isinstance(parts, dict):
                 return None
@@ -520,10 +532,25 @@ class IndexedReader:
         return out
 
 
+# How shards are keyed (every shard says it): a tile by its 8 x 8 block of the grid, so
+# that a block's tiles share a shard and a window of whole blocks reads few shards. An
+# index of another layout (written before) is no index: rebuilt from the pointers.
+LAYOUT = "block8"
+_BLOCK8 = re.compile(r"^(\d+_\d+m)_E(\d+)_N(\d+)$")
+
+
+def shard_key(tile: str) -> str:
+    """What a partition's shard is chosen by: a tile id's 8 x 8 block; any other name
+    (a region's) itself."""
+    m = _BLOCK8.match(tile)
+    return f"{m[1]}_8x8_E{int(m[2]) // 8:04d}_N{int(m[3]) // 8:04d}" if m else tile
+
+
 def index_shard(tile: str, shards: int = INDEX_SHARDS) -> int:
     """Which of a year's ``shards`` index documents holds ``tile`` (N a power of two:
-    a tile's shard under 2N is its shard under N or that plus N)."""
-    return int(hashlib.sha256(tile.encode()).hexdigest()[:8], 16) % shards
+    a tile's shard under 2N is its shard under N or that plus N); every tile of an
+    8 x 8 block in the same one."""
+    return int(hashlib.sha256(shard_key(tile).encode()).hexdigest()[:8], 16) % shards
 
 
 def _usable_shards(value: Any) -> bool:
