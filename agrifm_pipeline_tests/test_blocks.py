@@ -261,3 +261,16 @@ def test_a_reader_forgets_a_year_and_reads_it_again(world: World) -> None:
     assert set(reader.index(YEAR) or {}) == set(TILES)
     reader.forget(YEAR)
     assert set(reader.index(YEAR) or {}) == set(TILES) and reader.reads["index"] == 2
+
+
+def test_the_control_plane_bench_hands_a_continent_to_the_continent_bench() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_control_plane.py"
+    spec = importlib.util.spec_from_file_location("bench_control_plane_probe", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    asked = bench._tiles_asked  # type: ignore[attr-defined]
+    assert asked(["--tiles", "125000", "--ui"]) == 125000 > bench.CONTINENT_TILES  # type: ignore[attr-defined]
+    assert asked(["--tiles=250"]) == 250 and asked(["--years", "8"]) is None

@@ -67,6 +67,9 @@ def test_deploy_instance_is_postgres_queued_and_monitored(deploy_home: Path) -> 
         assert settings["free_slots_after_run_end_seconds"] > 0
         queue = instance.get_concurrency_config().run_queue_config
         assert queue is not None and queue.max_concurrent_runs == 8
+        # A continent's backfill is submitted on threads (docs/scaling.md).
+        backfills = instance.get_settings("backfills")
+        assert backfills["use_threads"] is True and backfills["num_submit_workers"] == 4
         # `agrifm-pipeline home` sets the pool limits on this instance too.
         set_pool_limits(instance)
         for pool, limit in POOL_LIMITS.items():
