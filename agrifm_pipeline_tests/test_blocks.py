@@ -199,12 +199,14 @@ def test_stale_tiles_of_a_block_rerun_alone_and_the_rest_keep_their_versions(
 
 def test_the_weekly_refresh_asks_one_run_per_block(world: World) -> None:
     world.register()
-    ctx = dg.build_schedule_context(
+    # Closed here: an unclosed schedule context leaves the instance it entered as the
+    # current definitions-state storage until it is collected, in whatever test runs then.
+    with dg.build_schedule_context(
         instance=world.instance,
         resources=world.resources(),
         scheduled_execution_time=datetime.datetime(YEAR, 6, 1, 3, tzinfo=datetime.UTC),
-    )
-    reqs = current_year_refresh(ctx)
+    ) as ctx:
+        reqs = current_year_refresh(ctx)
     assert isinstance(reqs, list) and len(reqs) == 1
     assert reqs[0].tags[RANGE_START].startswith(BLOCK + "|")
     assert reqs[0].tags["agrifm/n_tile_years"] == "2"

@@ -52,12 +52,12 @@ def _schedule_case(tmp_path: Path, instance: dg.DagsterInstance) -> None:
     pipe = make_pipeline(tmp_path, instance=instance)
     write_region(Path(pipe.storage.regions_dir) / "r.geojson", 573800, 5621900, 575800, 5622900)
     pipe.storage.registry().scan(pipe.storage.regions_dir, chip_px=64, chips_per_side=2, scale_m=10)
-    ctx = dg.build_schedule_context(
+    with dg.build_schedule_context(  # closed: see test_blocks' weekly refresh test
         instance=pipe.instance,
         resources=pipe.resources,
         scheduled_execution_time=dt.datetime(2026, 6, 1, 3, tzinfo=dt.UTC),
-    )
-    reqs = list(current_year_refresh(ctx))
+    ) as ctx:
+        reqs = list(current_year_refresh(ctx))
     assert len(reqs) == 1
     assert reqs[0].tags[RANGE_START] == f"{TILES[0]}|2026"
     assert reqs[0].tags[RANGE_END] == f"{TILES[1]}|2026"

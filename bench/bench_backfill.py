@@ -204,9 +204,8 @@ def main() -> None:
         steps = [b for a, b in itertools.pairwise(series) if b[1] > a[1]]
         rate = None
         if len(series) > 2 and series[-1][1]:
-            rate = round(
-                60 * series[-1][1] / (series[-1][0] - (killed_at[0] if killed_at else 0) + 1), 1
-            )
+            t0_, n0_ = killed_at if killed_at else (0.0, 0)
+            rate = round(60 * (series[-1][1] - n0_) / max(series[-1][0] - t0_, 1.0), 1)
         out.put(
             "backfill",
             {
