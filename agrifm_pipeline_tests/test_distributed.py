@@ -382,3 +382,51 @@ def test_each_worker_loads_the_model_once_for_every_run(cluster: Cluster, tmp_pa
         assert not held or loaded[1][worker] == held, worker
     assert all(held == [] or [k for k, _ in held] == [sha] for held in loaded[1].values())
     assert any(loaded[0].values())
+
+
+def test_a_block_partition_on_the_cluster_puts_each_tile_on_its_block(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """With block partitions, the tasks still do one tile-year each; what they return is
+    recorded on the block (each tile's version in ``versions``, one check evaluation per
+    block), as a run in the step's own process records it."""
+    from agrifm_pipeline.defs.sensors import region_files_sensor
+
+    from .pipeline_helpers import write_region
+
+    write_region(tmp_path / "regions" / "pair.geojson", 573500, 5621800, 575900, 5623000)
+    storage = ZarrStorage(root=str(tmp_path / "store"), regions_dir=str(tmp_path / "regions"))
+    resources = {
+        **make_resources(tmp_path, block_side=2),
+        "storage": storage,
+        "compute": Compute(address=cluster.address),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    tick = region_files_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(tick, dg.SensorResult)
+    for req in tick.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    block = "32631_1280m_2x2_E0224_N2196"
+    assert instance.get_dynamic_partitions("tiles") == [block]
+    key = str(tile_year_key(block, YEARS[0]))
+    result = (
+        build_defs(resources)
+        .resolve_job_def("embed_tile_years")
+        .execute_in_process(
+            instance=instance, raise_on_error=False, tags={RANGE_START: key, RANGE_END: key}
+        )
+    )
+    assert result.success
+    assert _task_workers(instance, result.run_id)["embed"]  # the tiles went to the workers
+    for asset in ASSETS:
+        store = storage.store(asset)
+        made = {t: store.current(YEARS[0], t) for t in TILES}
+        assert all(v is not None for v in made.values()), asset
+        rec = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1
+        ).records[0]
+        meta = rec.asset_materialization.metadata
+        assert meta["versions"].value == {t: v.id for t, v in made.items()}, asset
+    finite = [e for e in result.get_asset_check_evaluations() if e.check_name == "embedding_finite"]
+    assert [str(e.partition) for e in finite] == [key]
+    assert finite[0].passed and finite[0].metadata["tiles_judged"].value == 2
