@@ -152,6 +152,9 @@ def build_defs(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
         sensors=all_sensors,
         schedules=all_schedules,
         resources={**default_resources(), **(resources or {})},
+        # Also the executor of the UI's materialisations and backfills (Dagster's implicit
+        # asset job): one process per run, as for embed_tile_years.
+        executor=dg.in_process_executor,
     )
 
 

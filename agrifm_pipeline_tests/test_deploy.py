@@ -350,6 +350,11 @@ def test_a_tile_year_run_is_one_process_with_its_checks_inside_the_steps() -> No
 
     job = defs.resolve_job_def("embed_tile_years")
     assert job.executor_def is dg.in_process_executor
+    # So is a backfill or a materialisation started in the UI (Dagster's implicit asset
+    # job): with the default multiprocess executor each of its five steps would be a
+    # process importing torch again.
+    ui_job = defs.resolve_implicit_job_def_def_for_assets([dg.AssetKey("s2_frame_stack")])
+    assert ui_job is not None and ui_job.executor_def is dg.in_process_executor
     steps = {node.name for node in job.graph.node_dict.values()}
     assert steps == {
         "s2_frame_stack",

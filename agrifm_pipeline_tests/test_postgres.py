@@ -26,6 +26,7 @@ from agrifm_pipeline.demo import (
     prepare_home,
     set_pool_limits,
 )
+from agrifm_pipeline_tests.daemon_helpers import wait_for
 from agrifm_pipeline_tests.dagster_pool_job import HOLD_TAG
 from agrifm_pipeline_tests.postgres_server import fresh_database
 from agrifm_pipeline_tests.process_group import stop_group
@@ -158,17 +159,6 @@ def _launch(ws: Path, env: dict[str, str], tags: dict[str, str]) -> None:
     )  # fmt: skip
 
 
-def _wait(what: str, predicate, timeout: float, daemon_log: Path):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    tail = daemon_log.read_text()[-4000:] if daemon_log.exists() else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
-
-
 @pytest.fixture
 def daemon() -> Iterator[list[subprocess.Popen]]:
     started: list[subprocess.Popen] = []
@@ -197,14 +187,14 @@ def _killed_run_frees_its_slot(
     _launch(ws, env, {HOLD_TAG: str(pidfile)})
     with dg.DagsterInstance.from_config(str(home)) as instance:
         pid = int(
-            _wait(
+            wait_for(
                 "the first run to hold the slot",
                 lambda: pidfile.exists() and pidfile.read_text(),
                 240,
                 log,
             )
         )
-        claimed = _wait(
+        claimed = wait_for(
             "the slot claim",
             lambda: instance.event_log_storage.get_concurrency_info("agrifm_encoder").claimed_slots,
             60,
@@ -223,7 +213,7 @@ def _killed_run_frees_its_slot(
 
         # Marked failed, slot freed, second run launched and done: within the stated time.
         bound = poll + free_after + 60
-        status = _wait("the second run to finish", finished, bound + 120, log)
+        status = wait_for("the second run to finish", finished, bound + 120, log)
         elapsed = time.monotonic() - killed_at
         assert status == dg.DagsterRunStatus.SUCCESS
         dead = instance.get_run_by_id(held_by)

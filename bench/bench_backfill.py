@@ -74,12 +74,12 @@ def main() -> None:
         f"      working_directory: {ROOT / 'bench'}\n"
     )
     import dagster as dg
-    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
-    from dagster._core.utils import make_new_backfill_id
+    from dagster._core.execution.backfill import BulkActionStatus
 
     from agrifm_pipeline.definitions import build_defs
     from agrifm_pipeline.defs.assets import tile_year_assets
     from agrifm_pipeline.defs.partitions import TileUnits, tile_year_key
+    from agrifm_pipeline_tests.daemon_helpers import add_asset_backfill
 
     out = Out(
         args.json,
@@ -107,21 +107,7 @@ def main() -> None:
             year -= 1
         selection = [k for a in tile_year_assets for k in a.keys]
         t = time.perf_counter()
-        backfill_id = make_new_backfill_id()
-        backfill = PartitionBackfill.from_asset_partitions(
-            backfill_id=backfill_id,
-            asset_graph=graph,
-            partition_names=keys,
-            asset_selection=selection,
-            backfill_timestamp=time.time(),
-            tags={},
-            dynamic_partitions_store=instance,
-            all_partitions=False,
-            title="bench",
-            description=None,
-            run_config=None,
-        )
-        instance.add_backfill(backfill)
+        backfill_id = add_asset_backfill(instance, graph, keys, selection, "bench")
         out.put(
             "launch_backfill",
             {
