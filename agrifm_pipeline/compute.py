@@ -234,11 +234,12 @@ def acquisition_slot(limit: int) -> Iterator[None]:
         yield
 
 
-@dataclass
+@dataclass(eq=False)
 class TaskContext:
     """What the tile-year functions need of a Dagster step's context, inside a task:
     the run's id, the asset, and somewhere to put each partition's metadata (which
-    goes back to the step in the task's result, and the step records it)."""
+    goes back to the step in the task's result, and the step records it). Hashed by
+    identity, as a step's context is (``steps`` keeps per-run state keyed by context)."""
 
     run_id: str
     asset_key: dg.AssetKey

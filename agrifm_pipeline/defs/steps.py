@@ -106,16 +106,6 @@ class _Blocks:
 _BLOCKS: weakref.WeakKeyDictionary[Any, _Blocks] = weakref.WeakKeyDictionary()
 
 
-def _blocks_of(context: Any) -> _Blocks | None:
-    """The block bookkeeping of a step's run, or None: for a run over tile-year
-    partitions, and for a task's context on a worker (whose tile-year metadata goes
-    back to the step, which puts it on the block)."""
-    try:
-        return _BLOCKS.get(context)
-    except TypeError:  # not weakly referable or not hashable: never a step's context
-        return None
-
-
 def tile_years(context: dg.AssetExecutionContext, storage: ZarrStorage) -> list[TileYear]:
     """The tile-years of the step's run, in partition order: a block partition stands for
     its registered tiles (those the run's ``agrifm/tiles`` tag names, when it has one).
@@ -152,7 +142,7 @@ def publish(
     where each tile is a row (``tiles``: its plain fields; ``versions``: tile -> version,
     what the sensors and the audit read) and the fields every tile shares are the
     block's own."""
-    blocks = _blocks_of(context)
+    blocks = _BLOCKS.get(context)
     owner = blocks.owner.get(key) if blocks is not None else None
     if blocks is None or owner is None:
         context.add_asset_metadata(metadata, partition_key=key, asset_key=asset_key)
@@ -298,7 +288,7 @@ def record_checks(
     the check's per-partition status in the UI counts it (see ``checks.targeting``)."""
     selected = context.selected_asset_check_keys
     chosen = [e for e in evaluations if e.asset_check_key in selected]
-    blocks = _blocks_of(context)
+    blocks = _BLOCKS.get(context)
     if blocks is not None:
         chosen = per_block(chosen, blocks.owner)
     for evaluation in targeting(context.instance, context.run.run_id, chosen):
