@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from agrifm_pipeline import definitions as real
+from agrifm_pipeline import definitions as pipeline
 from agrifm_pipeline.defs.assets import tile_year_assets
 
 WORK_ENV = "AGRIFM_SIM_WORK_S"
@@ -54,4 +54,6 @@ def _simulated(real: dg.AssetsDefinition) -> dg.AssetsDefinition:
     return step
 
 
-defs = dg.Definitions(assets=[_simulated(a) for a in tile_year_assets], executor=real.defs.executor)
+defs = dg.Definitions(
+    assets=[_simulated(a) for a in tile_year_assets], executor=pipeline.defs.executor
+)

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -54,8 +55,15 @@ def started() -> Iterator[list[subprocess.Popen]]:
 
 
 def test_a_backfill_resumes_after_its_daemon_is_killed(
-    tmp_path: Path, postgres_url: str, started: list[subprocess.Popen]
+    tmp_path: Path,
+    postgres_url: str,
+    started: list[subprocess.Popen],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    import agrifm_pipeline_tests.backfill_sim_defs as sim
+
     home = tmp_path / "dagster_home"
     home.mkdir()
     cfg = yaml.safe_load((REPO_ROOT / "deploy" / "dagster.yaml").read_text())
@@ -98,18 +106,7 @@ def test_a_backfill_resumes_after_its_daemon_is_killed(
         started.append(proc)
         return proc
 
-    os.environ["DAGSTER_POSTGRES_URL"] = postgres_url  # for this process's instance
-    try:
-        _backfill_through_a_daemon_kill(home, tmp_path, made, log, start_daemon)
-    finally:
-        del os.environ["DAGSTER_POSTGRES_URL"]
-
-
-def _backfill_through_a_daemon_kill(home, tmp_path, made, log, start_daemon) -> None:  # type: ignore[no-untyped-def]
-    from dagster._core.execution.backfill import BulkActionStatus
-
-    import agrifm_pipeline_tests.backfill_sim_defs as sim
-
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", postgres_url)  # this process's instance
     graph = sim.defs.resolve_asset_graph()
     selection = [k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is not None]
     keys = [str(tile_year_key(t, y)) for y in YEARS for t in TILES]
@@ -120,13 +117,18 @@ def _backfill_through_a_daemon_kill(home, tmp_path, made, log, start_daemon) -> 
         def runs() -> list[dg.DagsterRun]:
             return list(instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id})))
 
-        def statuses() -> collections.Counter:
+        def backfill() -> Any:
+            """The backfill; an AssertionError at once where it failed."""
             bf = instance.get_backfill(backfill_id)
             if bf is None or bf.status not in (
                 BulkActionStatus.REQUESTED,
                 BulkActionStatus.COMPLETED_SUCCESS,
             ):
                 raise AssertionError(f"backfill {bf and bf.status}\n{log.read_text()[-6000:]}")
+            return bf
+
+        def statuses() -> collections.Counter:
+            backfill()
             return collections.Counter(r.status for r in runs())
 
         daemon = start_daemon()
@@ -147,18 +149,12 @@ def _backfill_through_a_daemon_kill(home, tmp_path, made, log, start_daemon) -> 
         start_daemon()
 
         def finished() -> bool:
-            statuses()  # fails at once where the backfill failed
-            bf = instance.get_backfill(backfill_id)
-            return (
-                bf is not None
-                and bf.status != BulkActionStatus.REQUESTED
-                and all(r.is_finished for r in runs())
+            return backfill().status != BulkActionStatus.REQUESTED and all(
+                r.is_finished for r in runs()
             )
 
         wait_for("the backfill to complete after the restart", finished, 600, log)
-        backfill = instance.get_backfill(backfill_id)
-        assert backfill is not None
-        assert backfill.status == BulkActionStatus.COMPLETED_SUCCESS, backfill.status
+        assert backfill().status == BulkActionStatus.COMPLETED_SUCCESS
         done = runs()
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in done), statuses()
         assert not any("dagster/retry_number" in r.tags for r in done)  # nothing re-run
